@@ -1,0 +1,325 @@
+"""The one typed training config that the TOML file, the CLI and the GUI all fill.
+
+Option names and defaults are kohya sd-scripts' (`train_network.py`) so that kohya users
+recognise them. A TOML file may put keys at the top level or in any table (kohya's
+`--config_file` flattens tables the same way); an unknown key is an error with a
+did-you-mean.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .errors import ConfigError
+
+
+def opt(default: Any, help: str, **kw: Any) -> Any:
+    """A config field with its one-line help text."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ModelConfig:
+    pretrained_model_name_or_path: str = opt(
+        "", "base model: an SD1.x .safetensors/.ckpt file (LDM layout) or a diffusers folder"
+    )
+    v_parameterization: bool = opt(False, "train with v-prediction (for v-models)")
+    clip_skip: int | None = opt(None, "use the output of the n-th last text-encoder layer (2 = skip one)")
+    max_token_length: int | None = opt(None, "token length of captions: 75 (default), 150 or 225")
+
+
+@dataclass
+class DatasetConfig:
+    train_data_dir: str = opt("", "folder whose subfolders are <repeats>_<prompt>, e.g. '20_usu bear'")
+    reg_data_dir: str | None = opt(None, "regularization folder whose subfolders are <repeats>_<class>, e.g. '1_bear'")
+    caption_extension: str = opt(".caption", "extension of caption files beside images (.caption or .txt)")
+    resolution: str = opt("512,512", "training resolution 'W,H' or a single number for square")
+    enable_bucket: bool = opt(False, "aspect-ratio bucketing")
+    min_bucket_reso: int = opt(256, "smallest bucket side")
+    max_bucket_reso: int = opt(1024, "largest bucket side")
+    bucket_reso_steps: int = opt(64, "bucket side step (multiple of 64 for SD1)")
+    bucket_no_upscale: bool = opt(False, "never upscale images into a bucket")
+    shuffle_caption: bool = opt(False, "shuffle comma-separated caption tags each step")
+    keep_tokens: int = opt(0, "keep the first N caption tags in place when shuffling")
+    flip_aug: bool = opt(False, "random horizontal flip")
+    train_batch_size: int = opt(1, "batch size per device")
+    prior_loss_weight: float = opt(1.0, "loss weight of regularization images")
+    cache_latents: bool = opt(False, "encode every image with the VAE once, before training")
+    cache_latents_to_disk: bool = opt(False, "cache latents as .npz beside the images (implies cache_latents)")
+    cache_text_encoder_outputs: bool = opt(False, "encode captions once (only when the text encoder is not trained)")
+    bad_images: Literal["stop", "skip"] = opt(
+        "stop", "what to do with unreadable images found before training: stop with a list, or skip with a warning"
+    )
+
+
+@dataclass
+class NetworkConfig:
+    network_module: str = opt("networks.lora", "network type (kohya module name); only networks.lora")
+    network_dim: int = opt(4, "LoRA rank (dim)")
+    network_alpha: float = opt(1.0, "LoRA alpha; scale = alpha / dim")
+    conv_dim: int | None = opt(None, "rank for ResNet 3x3 convs (LoCon); off when unset")
+    conv_alpha: float | None = opt(None, "alpha for the 3x3 convs (default 1.0)")
+    network_args: list[str] = opt([], "extra network arguments as key=value (conv_dim, conv_alpha)")
+    network_train_unet_only: bool = opt(False, "train only the U-Net LoRA")
+    network_train_text_encoder_only: bool = opt(False, "train only the text-encoder LoRA")
+    network_weights: str | None = opt(None, "start from the weights of this LoRA file")
+
+
+@dataclass
+class TrainingConfig:
+    learning_rate: float = opt(1e-4, "learning rate")
+    unet_lr: float | None = opt(None, "U-Net LoRA learning rate (default: learning_rate)")
+    text_encoder_lr: float | None = opt(None, "text-encoder LoRA learning rate (default: learning_rate)")
+    optimizer_type: str = opt("AdamW", "AdamW, AdamW8bit, Lion or Prodigy")
+    optimizer_args: list[str] = opt([], "optimizer arguments as key=value, e.g. weight_decay=0.1")
+    lr_scheduler: str = opt(
+        "constant", "constant, linear, cosine, cosine_with_restarts, polynomial or constant_with_warmup"
+    )
+    lr_warmup_steps: float = opt(0, "warm-up steps (a number < 1 is a fraction of all steps)")
+    lr_scheduler_num_cycles: int = opt(1, "restarts of cosine_with_restarts")
+    lr_scheduler_power: float = opt(1.0, "power of the polynomial scheduler")
+    max_grad_norm: float = opt(1.0, "gradient clipping norm (0 = off)")
+    max_train_steps: int = opt(1600, "number of optimizer steps")
+    max_train_epochs: int | None = opt(None, "number of epochs (overrides max_train_steps)")
+    gradient_accumulation_steps: int = opt(1, "steps to accumulate gradients over")
+    gradient_checkpointing: bool = opt(False, "recompute activations to save memory")
+    mixed_precision: Literal["no", "fp16", "bf16"] = opt("no", "no, fp16 or bf16")
+    seed: int | None = opt(None, "random seed; the same seed gives the same run")
+    noise_offset: float | None = opt(None, "noise offset (e.g. 0.1) for darker/brighter images")
+    min_snr_gamma: float | None = opt(None, "Min-SNR weighting gamma (5 is a common choice)")
+
+
+@dataclass
+class OutputConfig:
+    output_dir: str = opt("output", "folder for the LoRA file, states and logs")
+    output_name: str = opt("last", "file name of the LoRA, without extension")
+    save_model_as: Literal["safetensors"] = opt("safetensors", "file format of the LoRA")
+    save_precision: Literal["fp16", "bf16", "float"] = opt("fp16", "precision of the saved LoRA")
+    save_every_n_epochs: int | None = opt(None, "also save <name>-<epoch>.safetensors every N epochs")
+    save_state: bool = opt(False, "save optimizer/scheduler/RNG state with each save, for --resume")
+    resume: str | None = opt(None, "continue from a state folder written by save_state")
+    logging_dir: str | None = opt(None, "TensorBoard log folder")
+    training_comment: str | None = opt(None, "comment stored in the file's metadata")
+    no_metadata: bool = opt(False, "write only the minimum metadata")
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "dataset": DatasetConfig,
+    "network": NetworkConfig,
+    "training": TrainingConfig,
+    "output": OutputConfig,
+}
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    # --- building ---------------------------------------------------------
+    @classmethod
+    def from_dict(cls, flat: dict[str, Any], source: str = "config") -> TrainConfig:
+        cfg = cls()
+        cfg.update(flat, source)
+        return cfg
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> TrainConfig:
+        return cls.from_dict(load_toml_flat(path), source=str(path))
+
+    def update(self, flat: dict[str, Any], source: str = "config") -> None:
+        index = field_index()
+        for key, value in flat.items():
+            if key not in index:
+                raise ConfigError(unknown_key_message(key, source))
+            section, f = index[key]
+            setattr(getattr(self, section), key, coerce(key, f, value, source))
+        self.normalise()
+
+    def normalise(self) -> None:
+        """Fold kohya's network_args into typed fields."""
+        for item in self.network.network_args:
+            if "=" not in item:
+                raise ConfigError(f"network_args: {item!r} is not key=value (e.g. conv_dim=4)")
+            k, v = (s.strip() for s in item.split("=", 1))
+            if k == "conv_dim":
+                self.network.conv_dim = int(v)
+            elif k == "conv_alpha":
+                self.network.conv_alpha = float(v)
+            else:
+                raise ConfigError(f"network_args: unsupported key {k!r}; lorakit knows conv_dim and conv_alpha")
+        self.network.network_args = []
+
+    # --- reading ----------------------------------------------------------
+    def flat(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for section in SECTIONS:
+            out.update(dataclasses.asdict(getattr(self, section)))
+        return out
+
+    def to_toml(self) -> str:
+        """The config as TOML, one table per section, unset (None) options left out."""
+        lines = []
+        for section in SECTIONS:
+            lines.append(f"[{section}]")
+            for key, value in dataclasses.asdict(getattr(self, section)).items():
+                if value is not None:
+                    lines.append(f"{key} = {json.dumps(value)}")
+            lines.append("")
+        return "\n".join(lines)
+
+    def validate(self) -> None:
+        """Checks that need more than one field, run before any long work."""
+        if not self.model.pretrained_model_name_or_path:
+            raise ConfigError("pretrained_model_name_or_path is not set: give the base model file or folder")
+        if not self.dataset.train_data_dir:
+            raise ConfigError("train_data_dir is not set: give the folder that holds '<repeats>_<prompt>' folders")
+        if self.network.network_train_unet_only and self.network.network_train_text_encoder_only:
+            raise ConfigError("network_train_unet_only and network_train_text_encoder_only exclude each other")
+        if self.network.network_module != "networks.lora":
+            raise ConfigError(f"network_module {self.network.network_module!r} is not supported; use networks.lora")
+        if self.network.network_dim < 1:
+            raise ConfigError("network_dim must be at least 1")
+        if self.dataset.bucket_reso_steps % 64:
+            raise ConfigError("bucket_reso_steps must be a multiple of 64 for SD1.x")
+        if self.model.max_token_length not in (None, 75, 150, 225):
+            raise ConfigError("max_token_length must be 75, 150 or 225")
+        if self.model.clip_skip is not None and self.model.clip_skip < 1:
+            raise ConfigError("clip_skip must be 1 or more")
+        if self.dataset.cache_text_encoder_outputs and self.trains_text_encoder:
+            raise ConfigError(
+                "cache_text_encoder_outputs needs a frozen text encoder: add network_train_unet_only"
+            )
+        if self.dataset.cache_latents_to_disk:
+            self.dataset.cache_latents = True
+        resolution_of(self.dataset.resolution)
+
+    @property
+    def trains_text_encoder(self) -> bool:
+        return not self.network.network_train_unet_only and (self.training.text_encoder_lr or self.training.learning_rate) > 0
+
+    @property
+    def trains_unet(self) -> bool:
+        return not self.network.network_train_text_encoder_only and (self.training.unet_lr or self.training.learning_rate) > 0
+
+
+def resolution_of(text: str | int | tuple[int, int]) -> tuple[int, int]:
+    """'512' or '512,768' or (w, h) -> (width, height)."""
+    if isinstance(text, tuple):
+        return text
+    parts = [p.strip() for p in str(text).split(",")]
+    try:
+        nums = [int(p) for p in parts]
+    except ValueError:
+        raise ConfigError(f"resolution {text!r} is not 'W,H' or a single number") from None
+    if len(nums) == 1:
+        nums = nums * 2
+    if len(nums) != 2 or min(nums) < 64:
+        raise ConfigError(f"resolution {text!r} must be 'W,H' (each 64 or more) or a single number")
+    return nums[0], nums[1]
+
+
+# --- field machinery ---------------------------------------------------------
+
+
+def field_index() -> dict[str, tuple[str, dataclasses.Field]]:
+    """Option name -> (section, field). Names are unique across sections."""
+    index = {}
+    for section, klass in SECTIONS.items():
+        hints = typing.get_type_hints(klass)
+        for f in dataclasses.fields(klass):
+            f.type = hints[f.name]
+            index[f.name] = (section, f)
+    return index
+
+
+def unknown_key_message(key: str, source: str) -> str:
+    close = difflib.get_close_matches(key, list(field_index()), n=3, cutoff=0.6)
+    hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    return f"{source}: unknown option {key!r}.{hint} `lorakit train --help` lists every option."
+
+
+def base_type(tp: Any) -> tuple[Any, bool]:
+    """(inner type, optional?) for `X | None`."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], True
+    return tp, False
+
+
+def coerce(key: str, f: dataclasses.Field, value: Any, source: str) -> Any:
+    tp, optional = base_type(f.type)
+    where = f"{source}: option {key!r}"
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "")):
+        if optional:
+            return None
+        raise ConfigError(f"{where} cannot be empty")
+    origin = typing.get_origin(tp)
+    try:
+        if origin is Literal:
+            choices = typing.get_args(tp)
+            if value not in choices:
+                raise ValueError(f"must be one of {', '.join(map(str, choices))}")
+            return value
+        if origin is list:
+            if isinstance(value, str):
+                value = value.split()
+            return [str(v) for v in value]
+        if tp is bool:
+            if isinstance(value, str):
+                if value.lower() in ("true", "1", "yes"):
+                    return True
+                if value.lower() in ("false", "0", "no"):
+                    return False
+                raise ValueError("must be true or false")
+            if not isinstance(value, bool):
+                raise ValueError("must be true or false")
+            return value
+        if tp is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError("must be a whole number")
+            if isinstance(value, bool):
+                raise ValueError("must be a number")
+            return int(value)
+        if tp is float:
+            if isinstance(value, bool):
+                raise ValueError("must be a number")
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where} = {value!r}: {e}") from None
+
+
+def load_toml_flat(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    flat: dict[str, Any] = {}
+
+    def walk(d: dict[str, Any]) -> None:
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v)
+            else:
+                flat[k] = v
+
+    walk(data)
+    return flat
