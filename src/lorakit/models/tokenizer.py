@@ -1,0 +1,66 @@
+"""The SD1.x tokenizer (CLIP ViT-L/14 BPE), shipped with lorakit so nothing is fetched from the Hub.
+
+kohya always uses openai/clip-vit-large-patch14's tokenizer, never one from the checkpoint;
+the vocab/merges here are that tokenizer's, derived by tools/make_clip_tokenizer.py.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+from transformers import CLIPTokenizer
+
+TOKENIZER_DIR = Path(__file__).resolve().parent / "tokenizer"
+MAX_LENGTH = 77
+BOS_ID = 49406
+EOS_ID = 49407
+
+
+@lru_cache(maxsize=1)
+def _files() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    vocab = json.loads((TOKENIZER_DIR / "vocab.json").read_text(encoding="utf-8"))
+    lines = (TOKENIZER_DIR / "merges.txt").read_text(encoding="utf-8").splitlines()
+    merges = [tuple(line.split(" ")) for line in lines[1:] if line]  # line 0: "#version: 0.2"
+    return vocab, merges
+
+
+def _fix(text):
+    import ftfy
+
+    if isinstance(text, str):
+        return ftfy.fix_text(text)
+    if isinstance(text, (list, tuple)) and text and all(isinstance(t, str) for t in text):
+        return [ftfy.fix_text(t) for t in text]
+    return text
+
+
+class SDClipTokenizer(CLIPTokenizer):
+    """CLIPTokenizer that runs ftfy.fix_text first, like CLIP's own tokenizer and the slow
+    transformers 4.x CLIPTokenizer that SD1.x, A1111 and kohya used (curly quotes, full-width
+    letters, ligatures, HTML entities). The transformers 5 tokenizers backend skips this step."""
+
+    def _encode_plus(self, text, text_pair=None, *args, is_split_into_words=False, **kwargs):
+        if not is_split_into_words:
+            text, text_pair = _fix(text), _fix(text_pair)
+        return super()._encode_plus(text, text_pair, *args, is_split_into_words=is_split_into_words, **kwargs)
+
+    def tokenize(self, text, *args, **kwargs):
+        return super().tokenize(_fix(text), *args, **kwargs)
+
+
+def load_tokenizer() -> CLIPTokenizer:
+    """A fresh CLIPTokenizer (SDClipTokenizer): model_max_length 77, BOS 49406, EOS = pad 49407."""
+    vocab, merges = _files()
+    tok = SDClipTokenizer(
+        vocab=dict(vocab),
+        merges=list(merges),
+        unk_token="<|endoftext|>",
+        bos_token="<|startoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        model_max_length=MAX_LENGTH,
+    )
+    assert tok.bos_token_id == BOS_ID and tok.eos_token_id == EOS_ID and tok.pad_token_id == EOS_ID
+    return tok
