@@ -1,0 +1,90 @@
+"""Reading and writing LoRA `.safetensors` files the way kohya does, written atomically."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..errors import ModelError
+
+SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32}
+
+
+def addnet_hash_of_bytes(data: bytes) -> str:
+    """sha256 of the tensor data: the bytes after the 8-byte length and the JSON header.
+
+    This is kohya's `sshs_model_hash` and the hash A1111 shows as "Lora hashes" (first 12 hex)."""
+    (n,) = struct.unpack("<Q", data[:8])
+    return hashlib.sha256(data[8 + n :]).hexdigest()
+
+
+def legacy_hash_of_bytes(data: bytes) -> str:
+    """Old A1111 hash: sha256 of 64 KiB at offset 1 MiB, first 8 hex."""
+    return hashlib.sha256(data[0x100000 : 0x100000 + 0x10000]).hexdigest()[:8]
+
+
+def addnet_hash(path: str | Path) -> str:
+    return addnet_hash_of_bytes(Path(path).read_bytes())
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write to a temp file beside `path`, fsync, then rename: a crash never leaves a truncated file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_lora_file(
+    path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], precision: str = "fp16"
+) -> Path:
+    """Cast to `precision` (alpha included, like kohya), add kohya's sshs_* hashes, write atomically."""
+    from safetensors.torch import save
+
+    dtype = SAVE_DTYPES[precision]
+    tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in tensors.items()}
+    # kohya hashes a serialisation that carries only the ss_* metadata; the data part is the same.
+    probe = save(tensors, {k: v for k, v in metadata.items() if k.startswith("ss_")})
+    metadata = {
+        **metadata,
+        "sshs_model_hash": addnet_hash_of_bytes(probe),
+        "sshs_legacy_hash": legacy_hash_of_bytes(probe),
+    }
+    atomic_write_bytes(path, save(tensors, metadata))
+    return Path(path)
+
+
+def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A kohya LoRA's tensors and metadata, with a clear error for anything else."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"LoRA file {path} does not exist")
+    if path.suffix.lower() != ".safetensors":
+        raise ModelError(f"{path}: lorakit reads LoRAs as .safetensors only (a .pt/.ckpt is a pickle)")
+    data = path.read_bytes()
+    try:
+        tensors = load(data)
+        (n,) = struct.unpack("<Q", data[:8])
+        metadata = json.loads(data[8 : 8 + n]).get("__metadata__", {}) or {}
+    except (SafetensorError, struct.error, ValueError) as e:
+        raise ModelError(f"{path}: not a readable .safetensors file ({e})") from None
+    if not any(k.endswith(".lora_down.weight") for k in tensors):
+        raise ModelError(f"{path}: no kohya LoRA keys (`*.lora_down.weight`) in this file")
+    return tensors, metadata

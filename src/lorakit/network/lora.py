@@ -1,0 +1,135 @@
+"""The trainable LoRA network: peft LoRA layers on kohya's targets, read and written under kohya's names.
+
+peft's LoRA layer is kohya's `LoRAModule` in all that reaches the file: `lora_A` is kohya's
+`lora_down` (a Linear [r,in], or a Conv2d with the original kernel), `lora_B` is `lora_up`
+([out,r], or a 1x1 Conv2d), A is kaiming-uniform(a=sqrt 5), B is zero, and the output is
+`base(x) + B(A(x)) * alpha / r`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+import torch
+import torch.nn as nn
+
+from ..errors import ModelError
+from .targets import Target, te_targets, unet_targets
+
+ADAPTER = "lorakit"
+
+
+class LoRANetwork:
+    def __init__(
+        self,
+        unet: nn.Module,
+        text_encoder: nn.Module,
+        dim: int = 4,
+        alpha: float = 1.0,
+        conv_dim: int | None = None,
+        conv_alpha: float | None = None,
+        train_unet: bool = True,
+        train_text_encoder: bool = True,
+    ):
+        self.unet, self.text_encoder = unet, text_encoder
+        self.targets: list[Target] = []
+        if train_unet:
+            self.targets += unet_targets(unet, dim, alpha, conv_dim, conv_alpha)
+        if train_text_encoder:
+            self.targets += te_targets(text_encoder, dim, alpha)
+        self.by_name = {t.name: t for t in self.targets}
+        self._inject()
+
+    def _inject(self) -> None:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        for model, is_te in ((self.unet, False), (self.text_encoder, True)):
+            targets = [t for t in self.targets if t.is_te == is_te]
+            if not targets:
+                continue
+            # One config per model; per-module rank/alpha through peft's (regex) patterns.
+            base_rank, base_alpha = targets[0].rank, targets[0].alpha
+            config = LoraConfig(
+                r=base_rank,
+                lora_alpha=base_alpha,
+                target_modules=[t.path for t in targets],
+                rank_pattern={re.escape(t.path): t.rank for t in targets if t.rank != base_rank},
+                alpha_pattern={re.escape(t.path): t.alpha for t in targets if t.alpha != base_alpha},
+                lora_dropout=0.0,
+                init_lora_weights=True,
+            )
+            inject_adapter_in_model(config, model, adapter_name=ADAPTER)
+        self.layers = {t.name: self._root(t).get_submodule(t.path) for t in self.targets}
+        for layer in self.layers.values():
+            for p in layer.parameters():
+                p.requires_grad_(False)
+        for p in self.parameters():
+            p.requires_grad_(True)
+
+    def _root(self, t: Target) -> nn.Module:
+        return self.text_encoder if t.is_te else self.unet
+
+    # --- parameters -----------------------------------------------------------
+    def _pairs(self, is_te: bool | None = None) -> Iterable[tuple[str, nn.Module, nn.Module]]:
+        for t in self.targets:
+            if is_te is None or t.is_te == is_te:
+                layer = self.layers[t.name]
+                yield t.name, layer.lora_A[ADAPTER], layer.lora_B[ADAPTER]
+
+    def parameters(self, is_te: bool | None = None) -> list[nn.Parameter]:
+        return [p for _, a, b in self._pairs(is_te) for p in (a.weight, b.weight)]
+
+    def set_multiplier(self, multiplier: float) -> None:
+        """Strength of the whole network (kohya's `multiplier`); 1.0 while training."""
+        for t in self.targets:
+            self.layers[t.name].scaling[ADAPTER] = multiplier * t.alpha / t.rank
+
+    def to(self, device=None, dtype=None) -> LoRANetwork:
+        for p in self.parameters():
+            p.data = p.data.to(device=device, dtype=dtype)
+        return self
+
+    # --- kohya state dict -------------------------------------------------------
+    def kohya_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """`<name>.lora_down.weight`, `<name>.lora_up.weight`, `<name>.alpha` for every module."""
+        out = {}
+        for name, a, b in self._pairs():
+            t = self.by_name[name]
+            out[f"{name}.lora_down.weight"] = a.weight.detach().to("cpu", dtype or a.weight.dtype).contiguous()
+            out[f"{name}.lora_up.weight"] = b.weight.detach().to("cpu", dtype or b.weight.dtype).contiguous()
+            out[f"{name}.alpha"] = torch.tensor(float(t.alpha), dtype=dtype or torch.float32)
+        return out
+
+    def load_kohya_state_dict(self, sd: dict[str, torch.Tensor], source: str = "network_weights") -> None:
+        """Load a kohya file's weights into this network; every key must match in name and shape."""
+        own = self.kohya_state_dict()
+        missing = [k for k in own if k not in sd]
+        unexpected = [k for k in sd if k not in own]
+        if missing or unexpected:
+            raise ModelError(
+                f"{source}: the LoRA does not fit this network ({len(missing)} missing, {len(unexpected)} unexpected "
+                f"keys, e.g. {(missing + unexpected)[:3]}). Use the same network_dim/conv_dim and train targets "
+                "(network_train_unet_only / network_train_text_encoder_only) as the file."
+            )
+        for name, a, b in self._pairs():
+            for key, mod in ((f"{name}.lora_down.weight", a), (f"{name}.lora_up.weight", b)):
+                if sd[key].shape != mod.weight.shape:
+                    raise ModelError(
+                        f"{source}: {key} has shape {tuple(sd[key].shape)}, the network has "
+                        f"{tuple(mod.weight.shape)}: set network_dim/conv_dim to the file's rank"
+                    )
+                with torch.no_grad():
+                    mod.weight.copy_(sd[key].to(mod.weight.dtype))
+            alpha = float(sd[f"{name}.alpha"])
+            if alpha != self.by_name[name].alpha:  # kohya keeps the CLI alpha here (a FIXME); we take the file's
+                t = self.by_name[name]
+                self.by_name[name] = Target(t.name, t.path, t.module, t.rank, alpha, t.is_te)
+                self.targets[self.targets.index(t)] = self.by_name[name]
+        self.set_multiplier(1.0)
+
+    @property
+    def counts(self) -> tuple[int, int]:
+        """(text-encoder modules, UNet modules), as kohya logs them."""
+        te = sum(t.is_te for t in self.targets)
+        return te, len(self.targets) - te

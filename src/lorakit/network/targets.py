@@ -1,0 +1,80 @@
+"""Which modules kohya's `networks.lora` adapts, and the names it gives them.
+
+UNet names are the diffusers module path with '.' -> '_' behind `lora_unet_` (kohya's SD1
+UNet keeps diffusers' names). Text-encoder names come from a fixed kohya list
+(`lora_te_text_model_encoder_layers_N_...`) rather than from the installed transformers'
+module paths, which lost `text_model.` in transformers 5.6.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+UNET_PREFIX = "lora_unet"
+TE_PREFIX = "lora_te"
+
+# Classes whose Linear / Conv2d children kohya targets (by class name, as kohya does).
+UNET_ATTENTION_CLASSES = ("Transformer2DModel",)
+UNET_CONV_CLASSES = ("ResnetBlock2D", "Downsample2D", "Upsample2D")  # LoCon, with conv_dim
+TE_CHILDREN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str  # kohya name, e.g. lora_unet_down_blocks_0_attentions_0_proj_in
+    path: str  # module path inside the UNet / text encoder
+    module: nn.Module
+    rank: int
+    alpha: float
+    is_te: bool
+
+
+def unet_targets(
+    unet: nn.Module, dim: int, alpha: float, conv_dim: int | None = None, conv_alpha: float | None = None
+) -> list[Target]:
+    """kohya's UNet targets: every Linear/Conv2d in the transformer blocks; with conv_dim the
+    ResNet and sampler convs too (3x3 ones at conv_dim/conv_alpha, the rest at dim/alpha)."""
+    classes = UNET_ATTENTION_CLASSES + (UNET_CONV_CLASSES if conv_dim else ())
+    conv_alpha = 1.0 if conv_alpha is None else conv_alpha  # kohya's default, not conv_dim
+    found: dict[str, Target] = {}
+    for parent_path, parent in unet.named_modules():
+        if type(parent).__name__ not in classes:
+            continue
+        for child_path, child in parent.named_modules():
+            if not isinstance(child, nn.Linear | nn.Conv2d) or not child_path:
+                continue
+            path = f"{parent_path}.{child_path}"
+            is_3x3 = isinstance(child, nn.Conv2d) and child.kernel_size != (1, 1)
+            if is_3x3 and not conv_dim:
+                continue
+            rank, a = (conv_dim, conv_alpha) if is_3x3 else (dim, alpha)
+            name = f"{UNET_PREFIX}_{path.replace('.', '_')}"
+            found.setdefault(name, Target(name, path, child, rank, a, is_te=False))
+    return list(found.values())
+
+
+def te_layers(text_encoder: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The encoder layer list and its path, with or without transformers' `text_model` wrapper."""
+    inner = getattr(text_encoder, "text_model", text_encoder)
+    path = "text_model.encoder.layers" if inner is not text_encoder else "encoder.layers"
+    return path, inner.encoder.layers
+
+
+def te_targets(text_encoder: nn.Module, dim: int, alpha: float) -> list[Target]:
+    layers_path, layers = te_layers(text_encoder)
+    out = []
+    for i, layer in enumerate(layers):
+        for child in TE_CHILDREN:
+            module = layer.get_submodule(child)
+            name = f"{TE_PREFIX}_text_model_encoder_layers_{i}_{child.replace('.', '_')}"
+            out.append(Target(name, f"{layers_path}.{i}.{child}", module, dim, alpha, is_te=True))
+    return out
+
+
+def kohya_te_names(num_layers: int = 12) -> list[str]:
+    """The fixed list of kohya text-encoder module names (72 for SD1.x's 12 layers)."""
+    return [
+        f"{TE_PREFIX}_text_model_encoder_layers_{i}_{c.replace('.', '_')}" for i in range(num_layers) for c in TE_CHILDREN
+    ]
