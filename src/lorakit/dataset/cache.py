@@ -1,0 +1,159 @@
+"""Latent cache: each unique image encoded once, kept in memory and optionally as .npz beside it.
+
+Unlike kohya (whose disk cache is valid if its keys exist), a cache file here records a key
+over the image bytes, bucket, resize, crop, flip setting and VAE, and is recomputed when any
+of them change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import DatasetError
+from .buckets import Placement
+from .images import load_image, to_tensor
+
+Encode = Callable[[torch.Tensor], torch.Tensor]
+Progress = Callable[[int, int], None]  # (images done, images to encode)
+
+
+@dataclass
+class CachedLatents:
+    latents: torch.Tensor  # [4, h, w] float32
+    latents_flipped: torch.Tensor | None = None
+
+
+def cache_path(image: Path, bucket: tuple[int, int]) -> Path:
+    """`<stem>_<WWWW>x<HHHH>_lorakit.npz`: kohya's naming with our suffix, so neither reads the other's."""
+    return image.with_name(f"{image.stem}_{bucket[0]:04d}x{bucket[1]:04d}_lorakit.npz")
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def cache_key(image_sha256: str, placement: Placement, vae_fingerprint: str, flip_aug: bool) -> str:
+    parts = [
+        image_sha256,
+        list(placement.bucket),
+        list(placement.resized),
+        list(placement.crop_ltrb),
+        vae_fingerprint,
+        bool(flip_aug),
+    ]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+
+def load_npz(path: Path, key: str, placement: Placement, flip_aug: bool) -> CachedLatents | None:
+    """The cached latents if the file is there, readable and made for exactly this input."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if str(z["key"]) != key:
+                return None
+            latents = torch.from_numpy(np.array(z["latents"], dtype=np.float32))
+            flipped = torch.from_numpy(np.array(z["latents_flipped"], dtype=np.float32)) if flip_aug else None
+    except (OSError, ValueError, KeyError, EOFError):  # missing, truncated, foreign or old file
+        return None
+    w, h = placement.bucket
+    if latents.shape[1:] != (h // 8, w // 8):
+        return None
+    return CachedLatents(latents, flipped)
+
+
+def save_npz(path: Path, key: str, placement: Placement, image_size: tuple[int, int], cached: CachedLatents) -> None:
+    arrays = {
+        "latents": cached.latents.float().numpy(),
+        "original_size": np.array(image_size, dtype=np.int64),
+        "crop_ltrb": np.array(placement.crop_ltrb, dtype=np.int64),
+        "key": np.array(key),
+    }
+    if cached.latents_flipped is not None:
+        arrays["latents_flipped"] = cached.latents_flipped.float().numpy()
+    # Temp file + rename: an interrupted run never leaves a half-written cache behind.
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+    except OSError as e:
+        raise DatasetError(
+            f"cannot write the latent cache beside {path.parent} ({e}); "
+            "make the folder writable or turn off cache_latents_to_disk"
+        ) from e
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def cache_latents(
+    samples: Iterable[tuple[Path, Placement]],
+    encode: Encode,
+    vae_fingerprint: str,
+    to_disk: bool,
+    batch_size: int = 1,
+    flip_aug: bool = False,
+    progress: Progress | None = None,
+) -> dict[Path, CachedLatents]:
+    """Latents for every unique image in `samples` (repeats are encoded once).
+
+    `encode` maps pixels [B, 3, H, W] in [-1, 1] to latents [B, 4, H/8, W/8]; the trainer
+    owns the VAE, its device and dtype, and whether it samples the posterior.
+    """
+    unique: dict[Path, Placement] = {}
+    for path, placement in samples:
+        unique.setdefault(Path(path), placement)
+
+    out: dict[Path, CachedLatents] = {}
+    todo: list[tuple[Path, Placement, str]] = []
+    for path, placement in unique.items():
+        key = ""
+        if to_disk:
+            key = cache_key(file_sha256(path), placement, vae_fingerprint, flip_aug)
+            hit = load_npz(cache_path(path, placement.bucket), key, placement, flip_aug)
+            if hit is not None:
+                out[path] = hit
+                continue
+        todo.append((path, placement, key))
+
+    # Same-bucket images only can share a VAE batch; sorting groups them like kohya does.
+    todo.sort(key=lambda t: (t[1].bucket, str(t[0])))
+    groups: list[list[tuple[Path, Placement, str]]] = []
+    for item in todo:
+        if groups and groups[-1][0][1].bucket == item[1].bucket and len(groups[-1]) < batch_size:
+            groups[-1].append(item)
+        else:
+            groups.append([item])
+
+    done = 0
+    for group in groups:
+        images = [load_image(p) for p, _, _ in group]
+        pixels = torch.stack(
+            [to_tensor(im, pl.bucket, pl.resized, pl.crop_ltrb) for im, (_, pl, _) in zip(images, group)]
+        )
+        with torch.no_grad():
+            latents = encode(pixels).float().cpu()
+            flipped = encode(torch.flip(pixels, dims=[3])).float().cpu() if flip_aug else None
+        for i, ((path, placement, key), image) in enumerate(zip(group, images)):
+            cached = CachedLatents(latents[i].clone(), None if flipped is None else flipped[i].clone())
+            out[path] = cached
+            if to_disk:
+                save_npz(cache_path(path, placement.bucket), key, placement, image.size, cached)
+        done += len(group)
+        if progress is not None:
+            progress(done, len(todo))
+    return out

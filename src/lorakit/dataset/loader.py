@@ -1,0 +1,186 @@
+"""Epochs of batches from a DatasetPlan, built inside buckets like kohya's, but exactly resumable.
+
+kohya reseeds Python's global `random` per epoch and draws augmentations from it in DataLoader
+workers, so a resumed run sees different batches. Here the order of an epoch is a pure
+function of (seed, epoch) and every random choice in a batch is a function of
+(seed, epoch, batch index): batch i is the same whether or not batches 0..i-1 were produced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import DatasetConfig
+from ..errors import DatasetError
+from .buckets import BucketManager, Placement
+from .cache import CachedLatents, Encode, Progress, cache_latents
+from .captions import process_caption
+from .folders import DatasetPlan, Sample, scan_dataset
+from .images import load_image, to_tensor
+
+
+@dataclass
+class Batch:
+    pixels: torch.Tensor | None  # [B, 3, H, W] in [-1, 1]; None when latents are cached
+    latents: torch.Tensor | None  # [B, 4, H/8, W/8] (flipped variant where flipped)
+    captions: list[str]  # processed (shuffled) captions
+    is_reg: torch.Tensor  # [B] bool
+    loss_weights: torch.Tensor  # [B] float: prior_loss_weight for reg, 1.0 otherwise
+    paths: list[Path]
+    flipped: list[bool]
+    bucket: tuple[int, int]  # (w, h)
+    index: int  # batch index within the epoch (before the rank split)
+
+
+def stable_seed(*parts: int) -> int:
+    """A 64-bit seed from integers, the same in every process (unlike hash())."""
+    digest = hashlib.sha256(repr(tuple(int(p) for p in parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
+class DreamBoothDataset:
+    def __init__(self, plan: DatasetPlan, cfg: DatasetConfig, seed: int) -> None:
+        if not plan.samples:
+            raise DatasetError("the dataset has no samples: add images to the train_data_dir folders")
+        self.plan = plan
+        self.cfg = cfg
+        self.seed = int(seed)
+        self.batch_size = max(1, int(cfg.train_batch_size))
+        manager = BucketManager.from_config(cfg)
+
+        # One placement per unique image; repeats share it.
+        self.placements: dict[Path, Placement] = {}
+        for s in plan.samples:
+            if s.image not in self.placements:
+                try:
+                    self.placements[s.image] = manager.select(*s.size)
+                except DatasetError as e:
+                    raise DatasetError(f"{s.image}: {e}") from None
+
+        # Buckets sorted by resolution (kohya sorts them); samples kept in plan order inside.
+        by_bucket: dict[tuple[int, int], list[int]] = {}
+        for i, s in enumerate(plan.samples):
+            by_bucket.setdefault(self.placements[s.image].bucket, []).append(i)
+        self.bucket_resos = sorted(by_bucket)
+        self.buckets = [by_bucket[r] for r in self.bucket_resos]
+        self._latents: dict[Path, CachedLatents] | None = None
+
+    # --- sizes ------------------------------------------------------------
+    @property
+    def num_batches_per_epoch(self) -> int:
+        """kohya: batches are made inside a bucket, so Σ ceil(len(bucket) / batch size)."""
+        return sum(math.ceil(len(b) / self.batch_size) for b in self.buckets)
+
+    def num_batches_per_rank(self, world_size: int = 1) -> int:
+        return self.num_batches_per_epoch // world_size
+
+    def bucket_info(self) -> dict | None:
+        """kohya's ss_bucket_info (only with enable_bucket): counts include repeats."""
+        if not self.cfg.enable_bucket:
+            return None
+        errors = [abs(p.ar_error) for p in self.placements.values()]
+        return {
+            "buckets": {
+                i: {"resolution": reso, "count": len(b)}
+                for i, (reso, b) in enumerate(zip(self.bucket_resos, self.buckets))
+            },
+            "mean_img_ar_error": sum(errors) / len(errors),
+        }
+
+    def all_captions(self) -> list[str]:
+        """Unique raw captions in sample order (for caching text-encoder outputs)."""
+        return list(dict.fromkeys(s.caption for s in self.plan.samples))
+
+    # --- latents ----------------------------------------------------------
+    def cache_latents(
+        self,
+        encode: Encode,
+        vae_fingerprint: str,
+        to_disk: bool,
+        batch_size: int = 1,
+        progress: Progress | None = None,
+    ) -> None:
+        self._latents = cache_latents(
+            self.placements.items(),
+            encode,
+            vae_fingerprint,
+            to_disk,
+            batch_size=batch_size,
+            flip_aug=self.cfg.flip_aug,
+            progress=progress,
+        )
+
+    # --- epochs -----------------------------------------------------------
+    def epoch_order(self, epoch: int) -> list[list[int]]:
+        """The epoch's batches as lists of sample indices; a pure function of (seed, epoch)."""
+        rng = random.Random(stable_seed(self.seed, epoch))
+        batches: list[list[int]] = []
+        for bucket in self.buckets:
+            items = list(bucket)
+            rng.shuffle(items)
+            batches += [items[i : i + self.batch_size] for i in range(0, len(items), self.batch_size)]
+        rng.shuffle(batches)
+        return batches
+
+    def batches(self, epoch: int, rank: int = 0, world_size: int = 1, skip: int = 0) -> Iterator[Batch]:
+        """This rank's batches of `epoch`, after skipping its first `skip` (for exact resume).
+
+        Rank r takes batch indices i with i % world_size == r, the epoch truncated to a
+        multiple of world_size so all ranks step the same number of times.
+        """
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+        order = self.epoch_order(epoch)
+        usable = len(order) - len(order) % world_size
+        for i in list(range(rank, usable, world_size))[skip:]:
+            yield self.make_batch(epoch, i, order[i])
+
+    def make_batch(self, epoch: int, index: int, sample_ids: list[int]) -> Batch:
+        rng = random.Random(stable_seed(self.seed, epoch, index, 1))
+        samples: list[Sample] = [self.plan.samples[j] for j in sample_ids]
+        flips, captions = [], []
+        for s in samples:
+            # Draw in a fixed order per sample so the stream does not depend on the options used.
+            flip = rng.random() < 0.5
+            flips.append(flip and self.cfg.flip_aug)
+            captions.append(process_caption(s.caption, self.cfg.shuffle_caption, self.cfg.keep_tokens, rng))
+        bucket = self.placements[samples[0].image].bucket
+        pixels = latents = None
+        if self._latents is not None:
+            latents = torch.stack([self._pick_latents(s.image, f) for s, f in zip(samples, flips)])
+        else:
+            tensors = []
+            for s, f in zip(samples, flips):
+                p = self.placements[s.image]
+                tensors.append(to_tensor(load_image(s.image), p.bucket, p.resized, p.crop_ltrb, f))
+            pixels = torch.stack(tensors)
+        is_reg = torch.tensor([s.is_reg for s in samples], dtype=torch.bool)
+        weights = torch.tensor(
+            [self.cfg.prior_loss_weight if s.is_reg else 1.0 for s in samples], dtype=torch.float32
+        )
+        return Batch(pixels, latents, captions, is_reg, weights, [s.image for s in samples], flips, bucket, index)
+
+    def _pick_latents(self, image: Path, flipped: bool) -> torch.Tensor:
+        assert self._latents is not None
+        cached = self._latents[image]
+        if flipped:
+            if cached.latents_flipped is None:
+                raise RuntimeError("flip_aug is on but the latents were cached without flipped copies")
+            return cached.latents_flipped
+        return cached.latents
+
+
+def build_dataset(cfg: DatasetConfig, seed: int, warn: Callable[[str], None] | None = None) -> DreamBoothDataset:
+    """scan_dataset + DreamBoothDataset from the config, passing each warning to `warn`."""
+    plan = scan_dataset(cfg.train_data_dir, cfg.reg_data_dir, cfg.caption_extension, cfg.bad_images)
+    if warn is not None:
+        for w in plan.warnings:
+            warn(w)
+    return DreamBoothDataset(plan, cfg, seed)
