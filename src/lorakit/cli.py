@@ -1,0 +1,114 @@
+"""`lorakit` command line: a thin front over the typed config and the Python API.
+
+Heavy imports (torch, diffusers) happen inside the commands, so `lorakit --help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import typing
+
+from .config import SECTIONS, TrainConfig, base_type, field_index, unknown_key_message
+from .errors import LoraKitError
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per config option, named as in kohya; each defaults to 'not given'."""
+    index = field_index()
+    groups = {s: parser.add_argument_group(f"{s} options") for s in SECTIONS}
+    for name, (section, f) in index.items():
+        tp, _ = base_type(f.type)
+        default = f.default if f.default is not dataclass_missing() else f.default_factory()
+        help_text = f"{f.metadata['help']} (default: {default})"
+        if tp is bool:
+            groups[section].add_argument(
+                f"--{name}", action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
+        elif typing.get_origin(tp) is list:
+            groups[section].add_argument(f"--{name}", nargs="*", default=None, metavar="K=V", help=help_text)
+        else:
+            choices = typing.get_args(tp) if typing.get_origin(tp) is typing.Literal else None
+            groups[section].add_argument(f"--{name}", default=None, choices=choices, metavar=name.upper() if not choices else None, help=help_text)
+
+
+def dataclass_missing():
+    import dataclasses
+
+    return dataclasses.MISSING
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    cfg = TrainConfig.from_toml(args.config) if args.config else TrainConfig()
+    given = {k: v for k, v in vars(args).items() if k in field_index() and v is not None}
+    cfg.update(given, source="command line")
+    return cfg
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train.trainer import train
+
+    cfg = config_from_args(args)
+    if args.dump_config:
+        print(cfg.to_toml())
+        return 0
+    path = train(cfg)
+    print(f"LoRA saved: {path}")
+    return 0
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from .quickstart import run_quickstart
+
+    run_quickstart(args.workdir, steps=args.steps)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lorakit", description="Train kohya-compatible Stable Diffusion LoRAs.", allow_abbrev=False
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser(
+        "train",
+        allow_abbrev=False,
+        help="train a LoRA",
+        description="Train a LoRA. Options come from --config (TOML, kohya option names) and flags; flags win.",
+    )
+    p.add_argument("--config", metavar="FILE.toml", help="TOML file with any of the options below")
+    p.add_argument("--dump_config", action="store_true", help="print the resulting config as TOML and exit")
+    add_config_flags(p)
+    p.set_defaults(func=cmd_train)
+
+    q = sub.add_parser(
+        "quickstart",
+        help="build a tiny model and dataset, then train a LoRA on them (a minute on a CPU)",
+    )
+    q.add_argument("--workdir", default="lorakit-quickstart", help="folder for the model, dataset and LoRA")
+    q.add_argument("--steps", type=int, default=60, help="training steps")
+    q.set_defaults(func=cmd_quickstart)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, unknown = build_parser().parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        for flag in unknown:
+            if flag.startswith("--"):
+                raise LoraKitError(unknown_key_message(flag[2:].split("=")[0], "command line"))
+        if unknown:
+            raise LoraKitError(f"unexpected arguments: {' '.join(unknown)}")
+        return args.func(args)
+    except LoraKitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""kohya's noise schedule, timestep sampling, targets and loss weights.
+
+All randomness of a step is drawn from one generator seeded by (seed, step, rank), so a
+resumed run draws exactly what the uninterrupted run drew.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def noise_scheduler(v_parameterization: bool = False):
+    """DDPM scaled_linear 0.00085-0.012 over 1000 steps, as kohya trains SD1.x."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        clip_sample=False,
+        prediction_type="v_prediction" if v_parameterization else "epsilon",
+    )
+
+
+def step_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed((seed * 1_000_003 + step * 7919 + rank) % (2**63))
+    return g
+
+
+def noisy_latents(
+    scheduler, latents: torch.Tensor, generator: torch.Generator, noise_offset: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(noisy latents, noise, timesteps): t uniform in 0..999 like kohya."""
+    b, c = latents.shape[:2]
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    if noise_offset:
+        offset = torch.randn((b, c, 1, 1), generator=generator, device=latents.device, dtype=latents.dtype)
+        noise = noise + noise_offset * offset
+    t = torch.randint(
+        0, scheduler.config.num_train_timesteps, (b,), generator=generator, device=latents.device
+    ).long()
+    return scheduler.add_noise(latents, noise, t), noise, t
+
+
+def target_of(scheduler, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, v_parameterization: bool):
+    return scheduler.get_velocity(latents, noise, t) if v_parameterization else noise
+
+
+def snr_table(scheduler) -> torch.Tensor:
+    """SNR(t) = alpha_bar / (1 - alpha_bar) for every training timestep."""
+    ac = scheduler.alphas_cumprod
+    return ac / (1 - ac)
+
+
+def min_snr_weights(snr: torch.Tensor, t: torch.Tensor, gamma: float, v_parameterization: bool) -> torch.Tensor:
+    """kohya's apply_snr_weight: min(snr, gamma) / snr (v-prediction: / (snr + 1))."""
+    s = snr.to(t.device)[t]
+    clipped = torch.clamp(s, max=gamma)
+    return clipped / (s + 1) if v_parameterization else clipped / s
+
+
+def per_sample_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """MSE over C,H,W in fp32, one value per sample."""
+    return torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))

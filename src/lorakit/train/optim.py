@@ -1,0 +1,89 @@
+"""Optimizers (kohya's names) and learning-rate schedules (diffusers' get_scheduler)."""
+
+from __future__ import annotations
+
+import ast
+import math
+
+import torch
+
+from ..config import TrainingConfig
+from ..errors import ConfigError
+
+SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+
+
+def parse_kwargs(items: list[str], field: str) -> dict:
+    """['weight_decay=0.1', 'betas=(0.9,0.99)'] -> dict, values as Python literals (like kohya)."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"{field}: {item!r} is not key=value")
+        k, v = (s.strip() for s in item.split("=", 1))
+        try:
+            out[k] = ast.literal_eval(v)
+        except (ValueError, SyntaxError):
+            out[k] = v
+    return out
+
+
+def build_optimizer(cfg: TrainingConfig, param_groups: list[dict]) -> tuple[torch.optim.Optimizer, str]:
+    """(optimizer, kohya-style description for ss_optimizer)."""
+    kwargs = parse_kwargs(cfg.optimizer_args, "optimizer_args")
+    name = cfg.optimizer_type.lower()
+    try:
+        if name == "adamw":
+            cls = torch.optim.AdamW
+        elif name == "adamw8bit":
+            import bitsandbytes as bnb
+
+            cls = bnb.optim.AdamW8bit
+        elif name == "lion":
+            from lion_pytorch import Lion as cls
+        elif name == "prodigy":
+            from prodigyopt import Prodigy as cls
+        else:
+            raise ConfigError(f"optimizer_type {cfg.optimizer_type!r} is unknown; use AdamW, AdamW8bit, Lion or Prodigy")
+    except ImportError as e:
+        raise ConfigError(
+            f"optimizer_type {cfg.optimizer_type!r} needs the package {e.name!r}: pip install 'lorakit[optim]'"
+        ) from None
+    try:
+        opt = cls(param_groups, lr=cfg.learning_rate, **kwargs)
+    except TypeError as e:
+        raise ConfigError(f"optimizer_args {cfg.optimizer_args}: {e}") from None
+    args = ",".join(f"{k}={v}" for k, v in kwargs.items())
+    return opt, f"{cls.__module__}.{cls.__name__}({args})"
+
+
+def warmup_steps(cfg: TrainingConfig, total_steps: int) -> int:
+    w = cfg.lr_warmup_steps
+    return int(w * total_steps) if 0 < w < 1 else int(w)
+
+
+def build_lr_scheduler(cfg: TrainingConfig, optimizer, total_steps: int):
+    from diffusers.optimization import get_scheduler
+
+    if cfg.lr_scheduler not in SCHEDULERS:
+        raise ConfigError(f"lr_scheduler {cfg.lr_scheduler!r} is unknown; use one of {', '.join(SCHEDULERS)}")
+    warmup = warmup_steps(cfg, total_steps)
+    if cfg.lr_scheduler == "constant" and warmup > 0:
+        raise ConfigError("lr_scheduler 'constant' takes no lr_warmup_steps: use constant_with_warmup")
+    kwargs = {}
+    if cfg.lr_scheduler == "cosine_with_restarts":
+        kwargs["num_cycles"] = cfg.lr_scheduler_num_cycles
+    if cfg.lr_scheduler == "polynomial":
+        kwargs["power"] = cfg.lr_scheduler_power
+    return get_scheduler(
+        cfg.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps, **kwargs
+    )
+
+
+def steps_and_epochs(cfg: TrainingConfig, batches_per_epoch: int) -> tuple[int, int, int]:
+    """(optimizer steps per epoch, total steps, epochs); max_train_epochs wins over max_train_steps."""
+    per_epoch = max(1, math.ceil(batches_per_epoch / cfg.gradient_accumulation_steps))
+    if cfg.max_train_epochs:
+        total = cfg.max_train_epochs * per_epoch
+    else:
+        total = cfg.max_train_steps
+    return per_epoch, total, math.ceil(total / per_epoch)

@@ -1,0 +1,346 @@
+"""The training loop: dataset -> base model -> LoRA network -> optimizer steps -> LoRA file.
+
+Everything that can be wrong with the input is checked before the models load. The step has
+no host sync except on logging steps, the shapes are static within a bucket and the frozen
+base runs in the mixed-precision dtype, so the step can later run under CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import TrainConfig
+from ..errors import ConfigError, TrainingError
+from . import noise as N
+from .optim import build_lr_scheduler, build_optimizer, steps_and_epochs
+from .state import Position, load_state, save_state
+
+log = logging.getLogger("lorakit")
+
+LOG_EVERY = 10  # optimizer steps between loss read-backs (each one is a host sync)
+
+
+@dataclass
+class Progress:
+    step: int
+    total_steps: int
+    epoch: int
+    total_epochs: int
+    loss: float | None  # mean loss since the last report
+    lr: float
+    its: float  # optimizer steps per second
+    eta_s: float
+
+
+def _seed(cfg: TrainConfig) -> int:
+    if cfg.training.seed is None:
+        cfg.training.seed = random.randint(0, 2**31 - 1)
+        log.info("seed not set: using %d (stored in the LoRA's metadata)", cfg.training.seed)
+    return cfg.training.seed
+
+
+def prepare_dataset(cfg: TrainConfig):
+    """Scan folders and check every image: fails in seconds, before any model is loaded."""
+    from ..dataset.folders import scan_dataset
+    from ..dataset.loader import DreamBoothDataset
+
+    d = cfg.dataset
+    plan = scan_dataset(d.train_data_dir, d.reg_data_dir, d.caption_extension, bad_images=d.bad_images)
+    for w in plan.warnings:
+        log.warning(w)
+    return plan, DreamBoothDataset(plan, d, cfg.training.seed)
+
+
+def train(cfg: TrainConfig, on_progress: Callable[[Progress], None] | None = None) -> Path:
+    """Train a LoRA as `cfg` says; returns the path of the final `.safetensors`."""
+    cfg.validate()
+    if cfg.dataset.cache_text_encoder_outputs and cfg.dataset.shuffle_caption:
+        raise ConfigError("cache_text_encoder_outputs cannot be used with shuffle_caption (captions change per step)")
+    seed = _seed(cfg)
+    plan, dataset = prepare_dataset(cfg)
+    return Trainer(cfg, plan, dataset, seed).run(on_progress)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, plan, dataset, seed: int):
+        from accelerate import Accelerator
+
+        from ..models.loader import load_base_model
+        from ..network.lora import LoRANetwork
+
+        self.cfg, self.plan, self.dataset, self.seed = cfg, plan, dataset, seed
+        t, o = cfg.training, cfg.output
+        self.acc = Accelerator(
+            mixed_precision=t.mixed_precision,
+            log_with="tensorboard" if o.logging_dir else None,
+            project_dir=o.logging_dir,
+        )
+        self.device = self.acc.device
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(t.mixed_precision, torch.float32)
+        self.started_at = time.time()
+
+        base = load_base_model(cfg.model.pretrained_model_name_or_path)
+        self.base = base
+        self.train_te, self.train_unet = cfg.trains_text_encoder, cfg.trains_unet
+        for m in (base.unet, base.vae, base.text_encoder):
+            m.requires_grad_(False)
+            m.eval()
+        n = cfg.network
+        self.network = LoRANetwork(
+            base.unet, base.text_encoder, n.network_dim, n.network_alpha, n.conv_dim, n.conv_alpha,
+            train_unet=self.train_unet, train_text_encoder=self.train_te,
+        )
+        if n.network_weights:
+            from ..network.file import read_lora_file
+
+            self.network.load_kohya_state_dict(read_lora_file(n.network_weights)[0], source=n.network_weights)
+        te_count, unet_count = self.network.counts
+        log.info("create LoRA for Text Encoder: %d modules. U-Net: %d modules.", te_count, unet_count)
+
+        # Frozen base in the compute dtype; LoRA weights stay fp32 (autocast does the rest).
+        base.unet.to(self.device, self.weight_dtype)
+        base.text_encoder.to(self.device, self.weight_dtype)
+        vae_dtype = torch.float32 if t.mixed_precision == "fp16" else self.weight_dtype  # SD's VAE overflows in fp16
+        base.vae.to(self.device, vae_dtype)
+        self.network.to(self.device, torch.float32)
+        if t.gradient_checkpointing:
+            base.unet.enable_gradient_checkpointing()
+            base.unet.train()  # diffusers checkpoints only in training mode
+            if self.train_te:
+                base.text_encoder.gradient_checkpointing_enable()
+                base.text_encoder.train()
+
+        self.scheduler = N.noise_scheduler(cfg.model.v_parameterization)
+        self.snr = N.snr_table(self.scheduler).to(self.device)
+        self.batches_per_epoch = dataset.num_batches_per_epoch // self.acc.num_processes
+        if self.batches_per_epoch == 0:
+            raise ConfigError(f"the dataset has fewer batches than processes ({self.acc.num_processes}): add images")
+        self.steps_per_epoch, self.total_steps, self.epochs = steps_and_epochs(t, self.batches_per_epoch)
+
+        groups = []
+        if self.train_unet:
+            groups.append({"params": self.network.parameters(is_te=False), "lr": t.unet_lr or t.learning_rate})
+        if self.train_te:
+            groups.append({"params": self.network.parameters(is_te=True), "lr": t.text_encoder_lr or t.learning_rate})
+        optimizer, self.optimizer_repr = build_optimizer(t, groups)
+        self.lr_scheduler = build_lr_scheduler(t, optimizer, self.total_steps)
+        self.optimizer = self.acc.prepare(optimizer)  # gradient scaling for fp16
+        self.pos = Position(epoch=0, step=0, batch_in_epoch=0, seed=seed)
+        if o.resume:
+            self.pos = load_state(o.resume, self.network, self.optimizer.optimizer, self.lr_scheduler)
+            if self.pos.seed != seed:
+                log.warning("resume: the state was trained with seed %d; continuing with it", self.pos.seed)
+                self.seed = self.pos.seed
+            log.info("resumed at epoch %d, step %d", self.pos.epoch, self.pos.step)
+
+        self._prepare_caches()
+        self.metadata = self._metadata()
+
+    # --- caches -----------------------------------------------------------------
+    def _prepare_caches(self) -> None:
+        from ..models.text import tokenize
+
+        b, d = self.base, self.cfg.dataset
+        if d.cache_latents:
+            self.dataset.cache_latents(self._encode_pixels, self._vae_fingerprint(), d.cache_latents_to_disk, 1)
+        self.te_cache: dict[str, torch.Tensor] = {}
+        if d.cache_text_encoder_outputs:
+            for caption in self.dataset.all_captions():
+                ids = tokenize(b.tokenizer, [caption], self.cfg.model.max_token_length).to(self.device)
+                self.te_cache[caption] = self._encode_ids(ids)[0]
+
+    def _vae_fingerprint(self) -> str:
+        import hashlib
+
+        h = hashlib.sha256()
+        for k, v in sorted(self.base.vae.encoder.state_dict().items()):
+            h.update(k.encode())
+            h.update(v.detach().float().cpu().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    @torch.no_grad()
+    def _encode_pixels(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        vae = self.base.vae
+        dist = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist
+        return dist.sample(generator=generator).to(torch.float32) * vae.config.scaling_factor
+
+    def _encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        from ..models.text import encode_tokens
+
+        with torch.set_grad_enabled(self.train_te), self.acc.autocast():
+            return encode_tokens(self.base.text_encoder, ids, self.cfg.model.clip_skip)
+
+    def _text_embeddings(self, captions: list[str]) -> torch.Tensor:
+        from ..models.text import tokenize
+
+        if self.te_cache:
+            return torch.stack([self.te_cache[c] for c in captions])
+        ids = tokenize(self.base.tokenizer, captions, self.cfg.model.max_token_length).to(self.device)
+        return self._encode_ids(ids)
+
+    # --- the step -----------------------------------------------------------------
+    def loss_of(self, batch, step: int) -> torch.Tensor:
+        cfg = self.cfg
+        g = N.step_generator(self.seed, step, self.acc.process_index, self.device)
+        if batch.latents is not None:
+            latents = batch.latents.to(self.device)
+        else:
+            latents = self._encode_pixels(batch.pixels, g)
+        cond = self._text_embeddings(batch.captions)
+        noisy, noise, t = N.noisy_latents(self.scheduler, latents, g, cfg.training.noise_offset)
+        with self.acc.autocast():
+            pred = self.base.unet(noisy.to(self.weight_dtype), t, cond.to(self.weight_dtype)).sample
+        target = N.target_of(self.scheduler, latents, noise, t, cfg.model.v_parameterization)
+        loss = N.per_sample_loss(pred, target) * batch.loss_weights.to(self.device)
+        if cfg.training.min_snr_gamma:
+            loss = loss * N.min_snr_weights(self.snr, t, cfg.training.min_snr_gamma, cfg.model.v_parameterization)
+        return loss.mean()
+
+    def _sync_grads(self) -> None:
+        """Average LoRA gradients over processes: one all-reduce of one flat buffer."""
+        if self.acc.num_processes == 1:
+            return
+        params = [p for p in self.network.parameters() if p.grad is not None]
+        flat = torch.cat([p.grad.flatten() for p in params])
+        flat = self.acc.reduce(flat, reduction="mean")
+        offset = 0
+        for p in params:
+            n = p.grad.numel()
+            p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
+            offset += n
+
+    def run(self, on_progress: Callable[[Progress], None] | None = None) -> Path:
+        try:
+            return self._run(on_progress)
+        except torch.OutOfMemoryError:
+            raise TrainingError(
+                "out of GPU memory. Try train_batch_size = 1, gradient_checkpointing = true, cache_latents = true, "
+                "mixed_precision = 'bf16' or 'fp16', or a smaller resolution. Saved files were kept."
+            ) from None
+
+    def _run(self, on_progress) -> Path:
+        from tqdm.auto import tqdm
+
+        cfg, acc, pos = self.cfg, self.acc, self.pos
+        accum = cfg.training.gradient_accumulation_steps
+        params = self.network.parameters()
+        if cfg.output.logging_dir:
+            acc.init_trackers("network_train", config={k: str(v) for k, v in cfg.flat().items()})
+        bar = tqdm(total=self.total_steps, initial=pos.step, disable=not acc.is_main_process, desc="steps")
+        loss_sum, loss_n = torch.zeros((), device=self.device), 0
+        self._clock = (time.time(), pos.step)
+        last_good: Path | None = None
+        try:
+            while pos.step < self.total_steps:
+                epoch = pos.epoch
+                batches = self.dataset.batches(epoch, acc.process_index, acc.num_processes, skip=pos.batch_in_epoch)
+                for batch in batches:
+                    micro = epoch * self.batches_per_epoch + pos.batch_in_epoch  # seeds this batch's noise
+                    loss = self.loss_of(batch, micro)
+                    acc.backward(loss / accum)
+                    loss_sum += loss.detach()
+                    loss_n += 1
+                    pos.batch_in_epoch += 1
+                    if pos.batch_in_epoch % accum and pos.batch_in_epoch < self.batches_per_epoch:
+                        continue
+                    self._optimizer_step(params)
+                    bar.update(1)
+                    if pos.step % LOG_EVERY == 0 or pos.step == self.total_steps:
+                        self._report(loss_sum / max(loss_n, 1), bar, on_progress, last_good)
+                        loss_sum.zero_()
+                        loss_n = 0
+                    if pos.step >= self.total_steps:
+                        break
+                else:  # the epoch ran to its end
+                    pos.epoch += 1
+                    pos.batch_in_epoch = 0
+                    every = cfg.output.save_every_n_epochs
+                    if every and pos.epoch % every == 0 and pos.step < self.total_steps:
+                        last_good = self.save(f"{cfg.output.output_name}-{pos.epoch:06d}")
+        except KeyboardInterrupt:
+            if cfg.output.save_state and acc.is_main_process:
+                folder = save_state(self._state_dir("-state"), self.network, self.optimizer.optimizer, self.lr_scheduler, pos)
+                log.warning("interrupted at step %d: state saved to %s (resume with --resume)", pos.step, folder)
+            raise
+        finally:
+            bar.close()
+        final = self.save(cfg.output.output_name)
+        acc.end_training()
+        return final
+
+    def _optimizer_step(self, params) -> None:
+        self._sync_grads()
+        if self.cfg.training.max_grad_norm:
+            self.acc.clip_grad_norm_(params, self.cfg.training.max_grad_norm)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.pos.step += 1
+
+    def _report(self, mean_loss: torch.Tensor, bar, on_progress, last_good: Path | None) -> None:
+        mean = mean_loss.item()  # the one host sync, on logging steps only
+        pos = self.pos
+        if not math.isfinite(mean):
+            raise TrainingError(
+                f"loss became {mean} at step {pos.step}: training stopped; the last good save "
+                f"({last_good or 'none yet'}) was kept. Lower the learning rate or use bf16."
+            )
+        now, (t_last, step_last) = time.time(), self._clock
+        its = (pos.step - step_last) / max(now - t_last, 1e-9)
+        self._clock = (now, pos.step)
+        lr = self.lr_scheduler.get_last_lr()[0]
+        bar.set_postfix(epoch=f"{pos.epoch + 1}/{self.epochs}", loss=f"{mean:.4f}", lr=f"{lr:.2e}")
+        self.acc.log({"loss/average": mean, "lr/unet": lr}, step=pos.step)
+        if on_progress:
+            eta = (self.total_steps - pos.step) / max(its, 1e-9)
+            on_progress(Progress(pos.step, self.total_steps, pos.epoch + 1, self.epochs, mean, lr, its, eta))
+
+    # --- saving -------------------------------------------------------------------
+    def _state_dir(self, suffix: str) -> Path:
+        return Path(self.cfg.output.output_dir) / f"{self.cfg.output.output_name}{suffix}"
+
+    def save(self, name: str) -> Path:
+        from ..network.file import save_lora_file
+        from ..network.metadata import finish_metadata
+
+        o = self.cfg.output
+        path = Path(o.output_dir) / f"{name}.{o.save_model_as}"
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            meta = finish_metadata(self.metadata, steps=self.pos.step, epoch=self.pos.epoch, no_metadata=o.no_metadata)
+            save_lora_file(path, self.network.kohya_state_dict(), meta, o.save_precision)
+            if o.save_state:
+                suffix = name[len(o.output_name):] + "-state"
+                save_state(self._state_dir(suffix), self.network, self.optimizer.optimizer, self.lr_scheduler, self.pos)
+            log.info("saved %s", path)
+        return path
+
+    def _metadata(self) -> dict[str, str]:
+        from ..network.metadata import file_hashes, new_session_id, training_metadata
+
+        p = self.plan
+        return training_metadata(
+            self.cfg,
+            session_id=new_session_id(),
+            started_at=self.started_at,
+            num_train_images=p.num_train_images,
+            num_reg_images=p.num_reg_images,
+            num_batches_per_epoch=self.batches_per_epoch,
+            num_epochs=self.epochs,
+            max_train_steps=self.total_steps,
+            dataset_dirs=p.dataset_dirs,
+            reg_dataset_dirs=p.reg_dataset_dirs,
+            tag_frequency=p.tag_frequency,
+            bucket_info=getattr(self.dataset, "bucket_info", None),
+            optimizer_repr=self.optimizer_repr,
+            model_hashes=file_hashes(self.cfg.model.pretrained_model_name_or_path),
+            world_size=self.acc.num_processes,
+        )
