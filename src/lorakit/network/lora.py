@@ -93,12 +93,15 @@ class LoRANetwork:
     # --- kohya state dict -------------------------------------------------------
     def kohya_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """`<name>.lora_down.weight`, `<name>.lora_up.weight`, `<name>.alpha` for every module."""
+        def cpu(w: torch.Tensor) -> torch.Tensor:
+            w = w.detach().to(dtype or w.dtype)
+            return w if w.is_meta else w.to("cpu").contiguous()  # meta: shapes only, for checks
+
         out = {}
         for name, a, b in self._pairs():
-            t = self.by_name[name]
-            out[f"{name}.lora_down.weight"] = a.weight.detach().to("cpu", dtype or a.weight.dtype).contiguous()
-            out[f"{name}.lora_up.weight"] = b.weight.detach().to("cpu", dtype or b.weight.dtype).contiguous()
-            out[f"{name}.alpha"] = torch.tensor(float(t.alpha), dtype=dtype or torch.float32)
+            out[f"{name}.lora_down.weight"] = cpu(a.weight)
+            out[f"{name}.lora_up.weight"] = cpu(b.weight)
+            out[f"{name}.alpha"] = torch.tensor(float(self.by_name[name].alpha), dtype=dtype or torch.float32)
         return out
 
     def load_kohya_state_dict(self, sd: dict[str, torch.Tensor], source: str = "network_weights") -> None:
