@@ -120,7 +120,7 @@ class Trainer:
 
         self.scheduler = N.noise_scheduler(cfg.model.v_parameterization)
         self.snr = N.snr_table(self.scheduler).to(self.device)
-        self.batches_per_epoch = dataset.num_batches_per_epoch // self.acc.num_processes
+        self.batches_per_epoch = dataset.num_batches_per_rank(self.acc.num_processes)
         if self.batches_per_epoch == 0:
             raise ConfigError(f"the dataset has fewer batches than processes ({self.acc.num_processes}): add images")
         self.steps_per_epoch, self.total_steps, self.epochs = steps_and_epochs(t, self.batches_per_epoch)
@@ -175,7 +175,7 @@ class Trainer:
     def _encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
         from ..models.text import encode_tokens
 
-        with torch.set_grad_enabled(self.train_te), self.acc.autocast():
+        with torch.set_grad_enabled(self.train_te and torch.is_grad_enabled()), self.acc.autocast():
             return encode_tokens(self.base.text_encoder, ids, self.cfg.model.clip_skip)
 
     def _text_embeddings(self, captions: list[str]) -> torch.Tensor:
@@ -203,6 +203,12 @@ class Trainer:
         if cfg.training.min_snr_gamma:
             loss = loss * N.min_snr_weights(self.snr, t, cfg.training.min_snr_gamma, cfg.model.v_parameterization)
         return loss.mean()
+
+    @torch.no_grad()
+    def mean_loss(self, epoch: int = 0) -> float:
+        """Mean loss over one epoch's batches with fixed noise: a before/after measure of learning."""
+        losses = [self.loss_of(b, 10**9 + i) for i, b in enumerate(self.dataset.batches(epoch))]
+        return torch.stack(losses).mean().item()
 
     def _sync_grads(self) -> None:
         """Average LoRA gradients over processes: one all-reduce of one flat buffer."""
@@ -339,7 +345,7 @@ class Trainer:
             dataset_dirs=p.dataset_dirs,
             reg_dataset_dirs=p.reg_dataset_dirs,
             tag_frequency=p.tag_frequency,
-            bucket_info=getattr(self.dataset, "bucket_info", None),
+            bucket_info=self.dataset.bucket_info(),
             optimizer_repr=self.optimizer_repr,
             model_hashes=file_hashes(self.cfg.model.pretrained_model_name_or_path),
             world_size=self.acc.num_processes,

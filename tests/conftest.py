@@ -1,0 +1,50 @@
+"""Shared fixtures: a tiny SD1.x-family base model in LDM single-file layout, and tiny datasets."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test that tries to download fails instead
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    """A tiny random SD1.x-family model saved as an LDM-layout .safetensors."""
+    from lorakit.quickstart import make_tiny_base
+
+    return make_tiny_base(tmp_path_factory.mktemp("base") / "tiny-sd1.safetensors", seed=0)
+
+
+@pytest.fixture
+def tiny_data(tmp_path) -> tuple[Path, Path]:
+    """train/5_usu bear (6 images) and reg/1_bear (6 images), 64x64."""
+    from lorakit.quickstart import make_dataset
+
+    return make_dataset(tmp_path / "data", n_train=4, n_reg=4, repeats=2)
+
+
+@pytest.fixture
+def train_config(tiny_base, tiny_data, tmp_path):
+    """A factory for a small, fast TrainConfig over the tiny model and data; overrides as kwargs."""
+    from lorakit.config import TrainConfig
+
+    def make(**overrides):
+        flat = {
+            "pretrained_model_name_or_path": str(tiny_base),
+            "train_data_dir": str(tiny_data[0]),
+            "resolution": "64",
+            "output_dir": str(tmp_path / "out"),
+            "output_name": "tiny",
+            "network_dim": 4,
+            "network_alpha": 2,
+            "learning_rate": 1e-3,
+            "max_train_steps": 4,
+            "train_batch_size": 2,
+            "seed": 1,
+        }
+        flat.update(overrides)
+        return TrainConfig.from_dict(flat, source="test")
+
+    return make

@@ -1,0 +1,176 @@
+"""Training end to end on the tiny model: learning, the file, determinism, resume, failures."""
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from lorakit.errors import ConfigError, TrainingError
+from lorakit.network.file import addnet_hash
+from lorakit.train import trainer as trainer_mod
+from lorakit.train.trainer import Trainer, prepare_dataset, train
+
+
+def make_trainer(cfg):
+    cfg.validate()
+    plan, ds = prepare_dataset(cfg)
+    return Trainer(cfg, plan, ds, cfg.training.seed)
+
+
+def tensors(path):
+    return load_file(str(path))
+
+
+def metadata(path):
+    with safe_open(str(path), "pt") as f:
+        return f.metadata()
+
+
+def test_training_lowers_the_loss_on_its_own_data(train_config):
+    cfg = train_config(max_train_steps=30, learning_rate=3e-3, cache_latents=True, network_dim=8, network_alpha=8)
+    tr = make_trainer(cfg)
+    before = tr.mean_loss()
+    tr.run()
+    after = tr.mean_loss()
+    tr.network.set_multiplier(0.0)  # the same network switched off is the base model again
+    assert tr.mean_loss() == pytest.approx(before, rel=1e-4)
+    assert after < 0.9 * before, (before, after)
+
+
+def test_saved_file_is_kohya_format(train_config, tiny_base):
+    cfg = train_config(max_train_steps=2, training_comment="hello")
+    path = train(cfg)
+    assert path.name == "tiny.safetensors"
+    sd = tensors(path)
+    names = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in sd}
+    for n in names:
+        assert n.startswith(("lora_unet_", "lora_te_text_model_encoder_layers_"))
+        assert {f"{n}.lora_down.weight", f"{n}.lora_up.weight", f"{n}.alpha"} <= sd.keys()
+        assert sd[f"{n}.lora_down.weight"].dtype == torch.float16  # save_precision default
+        assert float(sd[f"{n}.alpha"]) == 2.0
+    meta = metadata(path)
+    assert meta["ss_network_module"] == "networks.lora"
+    assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "2.0"
+    assert meta["ss_output_name"] == "tiny" and meta["ss_steps"] == "2"
+    assert meta["ss_base_model_version"] == "sd_v1" and meta["ss_v2"] == "False"
+    assert meta["ss_training_comment"] == "hello"
+    assert meta["ss_sd_model_name"] == tiny_base.name
+    assert meta["ss_num_train_images"] == "8"  # 4 images x 2 repeats
+    assert '"2_usu bear": {"n_repeats": 2, "img_count": 4}' in meta["ss_dataset_dirs"]
+    assert meta["sshs_model_hash"] == addnet_hash(path)  # A1111's "Lora hashes" source
+    assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    assert meta["modelspec.sai_model_spec"] == "1.0.1"
+    assert not list(path.parent.glob(".*tmp"))  # no temp file left behind
+
+
+def test_same_seed_gives_identical_runs(train_config, tmp_path):
+    a = train(train_config(output_dir=str(tmp_path / "a"), flip_aug=True, shuffle_caption=True))
+    b = train(train_config(output_dir=str(tmp_path / "b"), flip_aug=True, shuffle_caption=True))
+    c = train(train_config(output_dir=str(tmp_path / "c"), flip_aug=True, shuffle_caption=True, seed=2))
+    ta, tb, tc = tensors(a), tensors(b), tensors(c)
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+    assert not all(torch.equal(ta[k], tc[k]) for k in ta)
+
+
+def test_resume_mid_epoch_is_exact(train_config, tmp_path, monkeypatch):
+    """Stop at step 3 (as Ctrl-C does), resume from the saved state: the same LoRA as one run."""
+    common = dict(max_train_steps=7, reg_data_dir=None, save_state=True, save_precision="float", flip_aug=True)
+    full = train(train_config(output_dir=str(tmp_path / "full"), **common))
+
+    monkeypatch.setattr(trainer_mod, "LOG_EVERY", 1)
+
+    def stop_at_3(p):
+        if p.step == 3:
+            raise KeyboardInterrupt
+
+    cfg = train_config(output_dir=str(tmp_path / "split"), **common)
+    with pytest.raises(KeyboardInterrupt):
+        make_trainer(cfg).run(stop_at_3)
+    state = tmp_path / "split" / "tiny-state"
+    assert (state / "train_state.json").is_file()
+    assert not (tmp_path / "split" / "tiny.safetensors").exists()
+    resumed = train(train_config(output_dir=str(tmp_path / "split"), resume=str(state), **common))
+    tf, tr = tensors(full), tensors(resumed)
+    assert tf.keys() == tr.keys()
+    for k in tf:
+        torch.testing.assert_close(tr[k], tf[k], rtol=0, atol=0, msg=k)
+
+
+def test_resume_from_epoch_state_and_periodic_saves(train_config, tmp_path):
+    common = dict(max_train_epochs=3, save_every_n_epochs=1, save_state=True, save_precision="float")
+    full = train(train_config(output_dir=str(tmp_path / "full"), **common))
+    out = tmp_path / "full"
+    assert (out / "tiny-000001.safetensors").is_file() and (out / "tiny-000002.safetensors").is_file()
+    assert not (out / "tiny-000003.safetensors").exists()  # the last epoch is the final file
+    assert metadata(out / "tiny-000001.safetensors")["ss_epoch"] == "1"
+    resumed = train(train_config(output_dir=str(tmp_path / "r"), resume=str(out / "tiny-000001-state"), **common))
+    tf, tr = tensors(full), tensors(resumed)
+    assert all(torch.equal(tf[k], tr[k]) for k in tf)
+
+
+def test_nan_loss_stops_and_keeps_last_good_save(train_config, tmp_path, monkeypatch):
+    monkeypatch.setattr(trainer_mod, "LOG_EVERY", 1)
+    real = trainer_mod.N.per_sample_loss
+    calls = {"n": 0}
+
+    def poisoned(pred, target):
+        calls["n"] += 1
+        loss = real(pred, target)
+        return loss * float("nan") if calls["n"] > 5 else loss
+
+    monkeypatch.setattr(trainer_mod.N, "per_sample_loss", poisoned)
+    cfg = train_config(max_train_epochs=4, save_every_n_epochs=1, reg_data_dir=None)
+    with pytest.raises(TrainingError, match="loss became nan"):
+        train(cfg)
+    out = tmp_path / "out"
+    assert (out / "tiny-000001.safetensors").is_file()
+    assert not (out / "tiny.safetensors").exists()
+    assert all(torch.isfinite(t).all() for t in tensors(out / "tiny-000001.safetensors").values())
+
+
+def test_unet_only_and_text_encoder_only(train_config, tmp_path):
+    u = tensors(train(train_config(output_dir=str(tmp_path / "u"), network_train_unet_only=True, max_train_steps=1)))
+    assert u and all(k.startswith("lora_unet_") for k in u)
+    t = tensors(train(train_config(output_dir=str(tmp_path / "t"), network_train_text_encoder_only=True, max_train_steps=1)))
+    assert t and all(k.startswith("lora_te_") for k in t)
+
+
+def test_text_encoder_cache_and_gradient_checkpointing_train(train_config, tmp_path):
+    cfg = train_config(
+        network_train_unet_only=True, cache_text_encoder_outputs=True, gradient_checkpointing=True, max_train_steps=2
+    )
+    path = train(cfg)
+    ups = [v for k, v in tensors(path).items() if k.endswith("lora_up.weight")]
+    assert any(v.abs().sum() > 0 for v in ups)  # up starts at zero: gradients reached it
+
+
+def test_cache_text_encoder_outputs_needs_frozen_text_encoder(train_config):
+    with pytest.raises(ConfigError, match="network_train_unet_only"):
+        train(train_config(cache_text_encoder_outputs=True))
+
+
+def test_network_weights_starts_from_a_file(train_config, tmp_path):
+    first = train(train_config(output_dir=str(tmp_path / "a"), save_precision="float"))
+    cfg = train_config(output_dir=str(tmp_path / "b"), network_weights=str(first), max_train_steps=1)
+    tr = make_trainer(cfg)
+    loaded = tr.network.kohya_state_dict()
+    for k, v in tensors(first).items():
+        assert torch.equal(loaded[k], v), k
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        {"optimizer_type": "Lion", "learning_rate": 1e-4},
+        {"optimizer_type": "Prodigy", "learning_rate": 1.0},
+        {"lr_scheduler": "cosine", "lr_warmup_steps": 0.5, "min_snr_gamma": 5, "noise_offset": 0.1},
+        {"v_parameterization": True, "gradient_accumulation_steps": 2, "max_token_length": 150, "clip_skip": 2},
+        {"conv_dim": 2, "conv_alpha": 1, "mixed_precision": "bf16"},
+    ],
+    ids=["lion", "prodigy", "cosine-snr-offset", "vpred-accum-tokens-clipskip", "locon-bf16"],
+)
+def test_training_options_run_and_change_the_weights(train_config, opts):
+    path = train(train_config(max_train_steps=2, **opts))
+    ups = [v for k, v in tensors(path).items() if k.endswith("lora_up.weight")]
+    assert any(v.float().abs().sum() > 0 for v in ups)
+    assert all(torch.isfinite(v.float()).all() for v in ups)
