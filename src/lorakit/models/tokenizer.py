@@ -6,6 +6,7 @@ the vocab/merges here are that tokenizer's, derived by tools/make_clip_tokenizer
 
 from __future__ import annotations
 
+import html
 import json
 from functools import lru_cache
 from pathlib import Path
@@ -26,20 +27,27 @@ def _files() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return vocab, merges
 
 
-def _fix(text):
+def _clean(text: str) -> str:
+    # CLIP's basic_clean (OpenAI CLIP, open_clip): ftfy, then HTML entities unescaped twice
     import ftfy
 
+    return html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+
+
+def _fix(text):
     if isinstance(text, str):
-        return ftfy.fix_text(text)
+        return _clean(text)
     if isinstance(text, (list, tuple)) and text and all(isinstance(t, str) for t in text):
-        return [ftfy.fix_text(t) for t in text]
+        return [_clean(t) for t in text]
     return text
 
 
 class SDClipTokenizer(CLIPTokenizer):
-    """CLIPTokenizer that runs ftfy.fix_text first, like CLIP's own tokenizer and the slow
-    transformers 4.x CLIPTokenizer that SD1.x, A1111 and kohya used (curly quotes, full-width
-    letters, ligatures, HTML entities). The transformers 5 tokenizers backend skips this step."""
+    """CLIPTokenizer that cleans text like CLIP's own tokenizer (ftfy.fix_text + HTML unescape).
+
+    The slow transformers 4.x CLIPTokenizer that SD1.x, A1111 and kohya used also ran ftfy (curly
+    quotes, full-width letters, ligatures, most HTML entities); the transformers 5 tokenizers
+    backend skips it, so the same caption would give other ids than at inference time."""
 
     def _encode_plus(self, text, text_pair=None, *args, is_split_into_words=False, **kwargs):
         if not is_split_into_words:

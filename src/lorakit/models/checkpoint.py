@@ -1,0 +1,89 @@
+"""Read a single-file checkpoint (.safetensors, or .ckpt/.pt via torch's safe weights-only unpickler)."""
+
+from __future__ import annotations
+
+import pickle
+import re
+from pathlib import Path
+
+import torch
+
+from lorakit.errors import ModelError
+
+_MAGIC = {
+    b"\x89PNG": "a PNG image",
+    b"\xff\xd8\xff": "a JPEG image",
+    b"GIF8": "a GIF image",
+    b"RIFF": "a RIFF (WebP/WAV) file",
+    b"{": "a JSON/text file",
+    b"version https://git-lfs": "a Git LFS pointer (run `git lfs pull`)",
+}
+
+
+def _sniff(path: Path) -> str:
+    """'safetensors', 'torch', or raise: decide by content, not by extension."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if len(head) >= 9 and head[8:9] == b"{":
+        # safetensors: u64 little-endian header length, then a JSON header
+        return "safetensors"
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return "torch"  # torch.save zip archive, or a legacy pickle
+    what = next((desc for magic, desc in _MAGIC.items() if head.startswith(magic)), "an unknown format")
+    raise ModelError(
+        f"{path}: not a model checkpoint (the file looks like {what}). "
+        "Pass an SD1.x .safetensors/.ckpt file or a diffusers folder."
+    )
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+            state_dict = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ModelError(f"{path}: not a readable .safetensors file ({e}). Is it truncated or corrupt?") from e
+    return state_dict, metadata
+
+
+def _read_torch(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    try:
+        # weights_only: the restricted unpickler never runs code from the file (kohya uses full pickle)
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        if found or "Unsupported" in str(e):
+            what = f" ({found.group(1)})" if found else ""
+            raise ModelError(
+                f"{path}: the file contains Python code/objects{what}, not just tensors, and was refused "
+                "(loading it could run arbitrary code). Convert it to .safetensors with a tool you trust, "
+                "or use a .safetensors release of the model."
+            ) from e
+        raise ModelError(f"{path}: not a readable PyTorch checkpoint ({str(e).splitlines()[0]}).") from e
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise ModelError(f"{path}: not a readable PyTorch checkpoint ({str(e).splitlines()[0]}). "
+                         "Is it truncated or corrupt?") from e
+    if not isinstance(obj, dict):
+        raise ModelError(f"{path}: the checkpoint holds a {type(obj).__name__}, not a state dict.")
+    # kohya stores ints/strings next to "state_dict"; string entries are our metadata (lorakit.arch)
+    metadata = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, str)}
+    if isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    state_dict = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    return state_dict, metadata
+
+
+def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Return (tensors by key, string metadata) of a .safetensors or .ckpt/.pt file."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(f"{path}: file not found. Expected a .safetensors or .ckpt checkpoint.")
+    if not path.is_file():
+        raise ModelError(f"{path}: not a file. Expected a .safetensors or .ckpt checkpoint.")
+    if path.stat().st_size == 0:
+        raise ModelError(f"{path}: the file is empty (0 bytes); the download or copy probably failed.")
+    if _sniff(path) == "safetensors":
+        return _read_safetensors(path)
+    return _read_torch(path)

@@ -1,0 +1,226 @@
+"""Load an SD1.x base model (single-file LDM checkpoint or diffusers folder) fully offline, and save one."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lorakit.errors import ModelError
+from lorakit.models import ldm_layout
+from lorakit.models.checkpoint import read_state_dict
+from lorakit.models.tokenizer import load_tokenizer
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+ARCH_METADATA_KEY = "lorakit.arch"
+_PARTS = ("unet", "vae", "text_encoder")
+_EXPECTED = "an SD1.x checkpoint (.safetensors or .ckpt) or a diffusers folder with model_index.json"
+
+
+@dataclass
+class BaseModel:
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    source: Path
+    arch: dict = field(repr=False)  # {"unet": ..., "vae": ..., "text_encoder": ...} configs
+    kind: str  # "single_file" | "diffusers"
+
+
+def sd15_arch() -> dict:
+    """The SD1.5 configs shipped with lorakit (used for single files that carry none)."""
+    return {p: json.loads((CONFIG_DIR / "sd15" / f"{p}.json").read_text()) for p in _PARTS}
+
+
+def build_from_arch(arch: dict):
+    """Construct (unet, vae, text_encoder) from configs, with the libraries' random init. No download."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    unet = UNet2DConditionModel.from_config(arch["unet"])
+    vae = AutoencoderKL.from_config(arch["vae"])
+    te = CLIPTextModel(CLIPTextConfig.from_dict(arch["text_encoder"]))
+    return unet, vae, te
+
+
+def _build_empty(arch: dict):
+    # parameters on the meta device (no init cost for 1B params); buffers stay real
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        return build_from_arch(arch)
+
+
+# --------------------------------------------------------------------------- single file
+
+
+def _check_kind(path: Path, keys: list[str]) -> None:
+    """Refuse files that are not SD1.x base models, before building anything."""
+    def has(prefix):
+        return any(k.startswith(prefix) for k in keys)
+
+    if has("lora_unet_") or has("lora_te") or any(".lora_down." in k or ".lora_A." in k for k in keys):
+        raise ModelError(f"{path}: this is a LoRA file, not a base model. Pass it as network weights; "
+                         "the base model is the full SD1.x checkpoint the LoRA is trained on.")
+    if has("conditioner.embedders.1"):
+        raise ModelError(f"{path}: this is an SDXL checkpoint. lorakit supports SD1.x bases for now.")
+    if has("cond_stage_model.model."):
+        raise ModelError(f"{path}: this is an SD2.x checkpoint (OpenCLIP text encoder). "
+                         "lorakit supports SD1.x bases for now.")
+    if not has(ldm_layout.UNET_PREFIX):
+        raise ModelError(f"{path}: not a Stable Diffusion checkpoint (a LoRA file?): it has no "
+                         f"'{ldm_layout.UNET_PREFIX}' UNet weights. Expected {_EXPECTED}.")
+    for prefix, what in ((ldm_layout.VAE_PREFIX, "VAE"), (ldm_layout.TE_PREFIX, "text encoder")):
+        if not has(prefix):
+            raise ModelError(f"{path}: the checkpoint has no {what} weights ('{prefix}*'); lorakit needs "
+                             "a full SD1.x checkpoint with UNet, VAE and text encoder.")
+
+
+def _arch_from_metadata(path: Path, metadata: dict[str, str]) -> dict:
+    if ARCH_METADATA_KEY not in metadata:
+        return sd15_arch()
+    try:
+        arch = json.loads(metadata[ARCH_METADATA_KEY])
+        assert all(isinstance(arch[p], dict) for p in _PARTS)
+    except (ValueError, KeyError, TypeError, AssertionError) as e:
+        raise ModelError(f"{path}: the '{ARCH_METADATA_KEY}' metadata is not valid JSON with "
+                         f"{'/'.join(_PARTS)} configs ({e}). Re-save the file with lorakit.") from e
+    return arch
+
+
+def _squeeze(shape) -> tuple:
+    shape = tuple(shape)
+    while len(shape) > 2 and shape[-1] == 1:  # LDM 1x1-conv attention == linear
+        shape = shape[:-1]
+    return shape
+
+
+def _check_layout(path: Path, ldm_sd: dict, expected: dict, arch_name: str) -> None:
+    """Compare the file's LDM keys/shapes with those of the architecture; name the first difference."""
+    got = {k: v for k, v in ldm_sd.items()
+           if k.startswith(ldm_layout.PREFIXES) and k not in ldm_layout.IGNORED_LDM_KEYS}
+    for key, tensor in expected.items():
+        if key not in got:
+            raise ModelError(f"{path}: key '{key}' is missing, so this is not a complete {arch_name} checkpoint.")
+        if _squeeze(got[key].shape) != _squeeze(tensor.shape):
+            raise ModelError(
+                f"{path}: '{key}' has shape {list(got[key].shape)} but {arch_name} expects "
+                f"{list(tensor.shape)}: the file is a different architecture (SD2.x, an inpainting model, ...). "
+                "lorakit supports SD1.x bases for now.")
+    extra = sorted(set(got) - set(expected))
+    if extra:
+        raise ModelError(f"{path}: unexpected key '{extra[0]}' ({len(extra)} in all) for {arch_name}; "
+                         "the file is a different architecture. lorakit supports SD1.x bases for now.")
+
+
+def _assign(model: torch.nn.Module, sd: dict, dtype: torch.dtype) -> None:
+    sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+    if not any(k.startswith("text_model.") for k in model.state_dict()):  # transformers >= 5.6
+        sd = {k.removeprefix("text_model."): v for k, v in sd.items()}
+    model.load_state_dict(sd, strict=True, assign=True)
+
+
+def _load_single_file(path: Path, dtype: torch.dtype):
+    state_dict, metadata = read_state_dict(path)
+    _check_kind(path, list(state_dict))
+    arch = _arch_from_metadata(path, metadata)
+    arch_name = "this file's own (lorakit.arch) architecture" if ARCH_METADATA_KEY in metadata else "SD1.5"
+    state_dict = ldm_layout.fix_te_keys(state_dict)
+    unet, vae, te = _build_empty(arch)
+    expected = ldm_layout.to_ldm_state_dict(unet.state_dict(), vae.state_dict(), te.state_dict())
+    _check_layout(path, state_dict, expected, arch_name)
+    unet_sd, vae_sd, te_sd = ldm_layout.from_ldm_state_dict(state_dict, arch["unet"], arch["vae"])
+    del state_dict
+    try:
+        for model, sd in ((unet, unet_sd), (vae, vae_sd), (te, te_sd)):
+            _assign(model, sd, dtype)
+    except RuntimeError as e:  # a converter/layout disagreement: should not happen after _check_layout
+        raise ModelError(f"{path}: the weights do not fit the {arch_name} model: {str(e)[:500]}") from e
+    return unet, vae, te, arch
+
+
+# --------------------------------------------------------------------------- diffusers folder
+
+
+def _load_diffusers(path: Path, dtype: torch.dtype):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    index = json.loads((path / "model_index.json").read_text())
+    if "text_encoder_2" in index or "XL" in str(index.get("_class_name", "")):
+        raise ModelError(f"{path}: this is an SDXL diffusers model. lorakit supports SD1.x bases for now.")
+    for part in _PARTS:
+        if not (path / part / "config.json").is_file():
+            raise ModelError(f"{path}: the diffusers folder has no {part}/config.json; lorakit needs "
+                             "unet/, vae/ and text_encoder/ subfolders.")
+    unet_cfg = json.loads((path / "unet" / "config.json").read_text())
+    if unet_cfg.get("use_linear_projection") or unet_cfg.get("cross_attention_dim") == 1024:
+        raise ModelError(f"{path}: this is an SD2.x diffusers model. lorakit supports SD1.x bases for now.")
+    try:
+        kw = {"local_files_only": True, "torch_dtype": dtype}
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw)
+        te = CLIPTextModel.from_pretrained(path / "text_encoder", **kw)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ModelError(f"{path}: could not load the diffusers model: {str(e)[:500]}") from e
+    arch = {"unet": dict(unet.config), "vae": dict(vae.config),
+            "text_encoder": json.loads(te.config.to_json_string(use_diff=False))}
+    return unet, vae, te, json.loads(json.dumps(arch))
+
+
+# --------------------------------------------------------------------------- public
+
+
+def _to(model: torch.nn.Module, device, dtype: torch.dtype) -> torch.nn.Module:
+    # weights already have `dtype`; casting again only for stray buffers (diffusers warns on .to(dtype))
+    floats = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+    if any(t.dtype != dtype for t in floats):
+        model = model.to(dtype=dtype)
+    return model.to(device=device)
+
+
+def load_base_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> BaseModel:
+    """Load an SD1.x base model: LDM .safetensors, .ckpt/.pt, or a diffusers folder. Never downloads."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ModelError(f"{path}: base model not found. Expected {_EXPECTED}.")
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise ModelError(f"{path}: a folder without model_index.json. Expected {_EXPECTED}.")
+        unet, vae, te, arch = _load_diffusers(path, dtype)
+        kind = "diffusers"
+    else:
+        unet, vae, te, arch = _load_single_file(path, dtype)
+        kind = "single_file"
+    unet, vae, te = (_to(m, device, dtype).eval() for m in (unet, vae, te))
+    return BaseModel(unet=unet, vae=vae, text_encoder=te, tokenizer=load_tokenizer(),
+                     source=path, arch=arch, kind=kind)
+
+
+def save_ldm_checkpoint(path: str | Path, unet, vae, text_encoder, arch: dict | None = None,
+                        dtype: torch.dtype | None = None) -> Path:
+    """Write an LDM-layout .safetensors (A1111/kohya-loadable), atomically. `arch` is stored as metadata."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    sd = ldm_layout.to_ldm_state_dict(unet.state_dict(), vae.state_dict(), text_encoder.state_dict())
+    sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
+          for k, v in sd.items()}
+    metadata = {"format": "pt"}
+    if arch is not None:
+        metadata[ARCH_METADATA_KEY] = json.dumps(arch)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(sd, tmp, metadata=metadata)
+        os.replace(tmp, path)  # readers never see a half-written file
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
