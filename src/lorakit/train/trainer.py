@@ -72,12 +72,18 @@ def train(cfg: TrainConfig, on_progress: Callable[[Progress], None] | None = Non
 class Trainer:
     def __init__(self, cfg: TrainConfig, plan, dataset, seed: int):
         from accelerate import Accelerator
+        from accelerate.utils import set_seed
 
         from ..models.loader import load_base_model
         from ..network.lora import LoRANetwork
 
         self.cfg, self.plan, self.dataset, self.seed = cfg, plan, dataset, seed
         t, o = cfg.training, cfg.output
+        # accelerate keeps one global state per process; a second train() call in the same
+        # process (Python API, tests) may ask for another precision.
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state()
         self.acc = Accelerator(
             mixed_precision=t.mixed_precision,
             log_with="tensorboard" if o.logging_dir else None,
@@ -87,6 +93,7 @@ class Trainer:
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(t.mixed_precision, torch.float32)
         self.started_at = time.time()
 
+        set_seed(seed)  # the LoRA's random init comes from the global generators
         base = load_base_model(cfg.model.pretrained_model_name_or_path)
         self.base = base
         self.train_te, self.train_unet = cfg.trains_text_encoder, cfg.trains_unet
