@@ -170,7 +170,9 @@ def _load_diffusers(path: Path, dtype: torch.dtype):
         raise ModelError(f"{path}: could not load the diffusers model: {str(e)[:500]}") from e
     arch = {"unet": dict(unet.config), "vae": dict(vae.config),
             "text_encoder": json.loads(te.config.to_json_string(use_diff=False))}
-    return unet, vae, te, json.loads(json.dumps(arch))
+    # plain JSON (tuples -> lists), without the local path the libraries record
+    arch = {p: {k: v for k, v in cfg.items() if k != "_name_or_path"} for p, cfg in arch.items()}
+    return unet, vae, te, json.loads(json.dumps(arch, default=str))
 
 
 # --------------------------------------------------------------------------- public
