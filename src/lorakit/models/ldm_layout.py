@@ -25,7 +25,7 @@ PREFIXES = (UNET_PREFIX, VAE_PREFIX, TE_PREFIX)
 # Keys some LDM files carry that no model parameter corresponds to.
 IGNORED_LDM_KEYS = (TE_PREFIX + "text_model.embeddings.position_ids",)
 
-_UNET_FIXED = {d: l for d, l in DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"].items()}
+_UNET_FIXED = dict(DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"])
 _VAE_FIXED = dict(DIFFUSERS_TO_LDM_MAPPING["vae"])
 _UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0",
                 "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}

@@ -23,10 +23,10 @@ _EXPECTED = "an SD1.x checkpoint (.safetensors or .ckpt) or a diffusers folder w
 
 @dataclass
 class BaseModel:
-    unet: torch.nn.Module
-    vae: torch.nn.Module
-    text_encoder: torch.nn.Module
-    tokenizer: object
+    unet: torch.nn.Module = field(repr=False)  # diffusers UNet2DConditionModel
+    vae: torch.nn.Module = field(repr=False)  # diffusers AutoencoderKL
+    text_encoder: torch.nn.Module = field(repr=False)  # transformers CLIPTextModel
+    tokenizer: object = field(repr=False)  # transformers CLIPTokenizer (load_tokenizer())
     source: Path
     arch: dict = field(repr=False)  # {"unet": ..., "vae": ..., "text_encoder": ...} configs
     kind: str  # "single_file" | "diffusers"
