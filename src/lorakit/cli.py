@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import typing
 
@@ -54,7 +55,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(cfg.to_toml())
         return 0
     path = train(cfg)
-    print(f"LoRA saved: {path}")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun / accelerate launch: once
+        print(f"LoRA saved: {path}")
     return 0
 
 

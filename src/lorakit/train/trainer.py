@@ -85,6 +85,7 @@ class Trainer:
 
         AcceleratorState._reset_state()
         self.acc = Accelerator(
+            cpu=not torch.cuda.is_available(),  # lets torchrun/accelerate launch run several CPU processes (gloo)
             mixed_precision=t.mixed_precision,
             log_with="tensorboard" if o.logging_dir else None,
             project_dir=o.logging_dir,
@@ -230,6 +231,16 @@ class Trainer:
             p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
             offset += n
 
+    def _check_ranks_agree(self) -> None:
+        """With several processes every rank must hold the same LoRA; a cheap fingerprint proves it."""
+        if self.acc.num_processes == 1:
+            return
+        flat = torch.cat([p.detach().flatten().double() for p in self.network.parameters()])
+        mine = torch.stack([flat.sum(), flat.square().sum()])
+        everyone = self.acc.gather(mine).view(self.acc.num_processes, 2)
+        if not torch.allclose(everyone, everyone[0].expand_as(everyone), rtol=1e-9, atol=0):
+            raise TrainingError(f"the processes' LoRA weights diverged ({everyone.tolist()}): gradients were not synced")
+
     def run(self, on_progress: Callable[[Progress], None] | None = None) -> Path:
         try:
             return self._run(on_progress)
@@ -285,6 +296,7 @@ class Trainer:
             raise
         finally:
             bar.close()
+        self._check_ranks_agree()
         final = self.save(cfg.output.output_name)
         acc.end_training()
         return final
