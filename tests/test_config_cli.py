@@ -14,7 +14,11 @@ def test_defaults_are_kohyas():
     c = TrainConfig()
     assert (c.network.network_dim, c.network.network_alpha) == (4, 1.0)
     assert c.dataset.caption_extension == ".caption"
-    assert (c.dataset.min_bucket_reso, c.dataset.max_bucket_reso, c.dataset.bucket_reso_steps) == (256, 1024, 64)
+    assert (c.dataset.min_bucket_reso, c.dataset.max_bucket_reso, c.dataset.bucket_reso_steps) == (
+        256,
+        1024,
+        64,
+    )
     assert c.training.optimizer_type == "AdamW" and c.training.lr_scheduler == "constant"
     assert c.training.max_train_steps == 1600 and c.training.max_grad_norm == 1.0
     assert c.output.output_name == "last" and c.dataset.prior_loss_weight == 1.0
@@ -22,7 +26,9 @@ def test_defaults_are_kohyas():
 
 def test_toml_flat_and_sectioned_keys(tmp_path):
     f = tmp_path / "x.toml"
-    f.write_text('network_dim = 16\n[whatever]\nlearning_rate = 5e-4\n[dataset]\nflip_aug = true\nresolution = "768"\n')
+    f.write_text(
+        'network_dim = 16\n[whatever]\nlearning_rate = 5e-4\n[dataset]\nflip_aug = true\nresolution = "768"\n'
+    )
     c = TrainConfig.from_toml(f)
     assert c.network.network_dim == 16 and c.training.learning_rate == 5e-4 and c.dataset.flip_aug
 
@@ -40,7 +46,9 @@ def test_bad_values_name_the_option(tmp_path):
     with pytest.raises(ConfigError, match="mixed_precision.*no, fp16, bf16"):
         TrainConfig.from_dict({"mixed_precision": "fp8"})
     with pytest.raises(ConfigError, match="resolution"):
-        TrainConfig.from_dict({"resolution": "big", "pretrained_model_name_or_path": "x", "train_data_dir": "y"}).validate()
+        TrainConfig.from_dict(
+            {"resolution": "big", "pretrained_model_name_or_path": "x", "train_data_dir": "y"}
+        ).validate()
     f = tmp_path / "bad.toml"
     f.write_text("network_dim = [")
     with pytest.raises(ConfigError, match="bad.toml: not valid TOML"):
@@ -51,7 +59,16 @@ def test_flags_override_toml(tmp_path):
     f = tmp_path / "x.toml"
     f.write_text("network_dim = 16\nnetwork_alpha = 8\nflip_aug = true\n")
     args = build_parser().parse_args(
-        ["train", "--config", str(f), "--network_dim", "32", "--no-flip_aug", "--optimizer_args", "weight_decay=0.1"]
+        [
+            "train",
+            "--config",
+            str(f),
+            "--network_dim",
+            "32",
+            "--no-flip_aug",
+            "--optimizer_args",
+            "weight_decay=0.1",
+        ]
     )
     c = config_from_args(args)
     assert c.network.network_dim == 32 and c.network.network_alpha == 8.0
@@ -66,7 +83,9 @@ def test_network_args_fold_into_conv_fields():
 
 
 def test_toml_round_trip():
-    c = TrainConfig.from_dict({"network_dim": 12, "reg_data_dir": "reg", "optimizer_args": ["a=1"], "seed": 3})
+    c = TrainConfig.from_dict(
+        {"network_dim": 12, "reg_data_dir": "reg", "optimizer_args": ["a=1"], "seed": 3}
+    )
     import tomllib
 
     back = TrainConfig.from_dict({k: v for t in tomllib.loads(c.to_toml()).values() for k, v in t.items()})

@@ -14,7 +14,16 @@ from lorakit.dataset.images import load_image, to_tensor
 def test_bucket_resolutions_512_like_kohya():
     resos = make_bucket_resolutions((512, 512), 256, 1024, 64)
     assert resos == sorted(set(resos))
-    for r in [(512, 512), (384, 640), (640, 384), (256, 1024), (1024, 256), (448, 576), (320, 768), (256, 832)]:
+    for r in [
+        (512, 512),
+        (384, 640),
+        (640, 384),
+        (256, 1024),
+        (1024, 256),
+        (448, 576),
+        (320, 768),
+        (256, 832),
+    ]:
         assert r in resos
     assert all(w % 64 == 0 and h % 64 == 0 for w, h in resos)
     assert all(w * h <= 512 * 512 for w, h in resos)

@@ -123,7 +123,9 @@ def test_corrupt_cache_file_is_recomputed_atomically(tmp_path):
 def test_dataset_uses_cached_latents_and_flipped_variant(tmp_path):
     for i in range(2):
         img(tmp_path / "train" / "3_x" / f"{i}.png")
-    cfg = DatasetConfig(train_data_dir=str(tmp_path / "train"), resolution="64", flip_aug=True, train_batch_size=2)
+    cfg = DatasetConfig(
+        train_data_dir=str(tmp_path / "train"), resolution="64", flip_aug=True, train_batch_size=2
+    )
     ds = DreamBoothDataset(scan_dataset(cfg.train_data_dir), cfg, seed=1)
     vae = FakeVAE()
     ds.cache_latents(vae, "v", to_disk=False)

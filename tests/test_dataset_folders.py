@@ -72,7 +72,9 @@ def test_warns_when_captions_use_the_other_extension(tmp_path):
     plan = scan_dataset(tmp_path / "train", caption_extension=".caption")
     assert any("caption_extension" in w and ".txt" in w for w in plan.warnings)
     assert all(s.caption == "x" for s in plan.samples)  # kohya's rule: only the configured extension
-    assert not any("caption_extension" in w for w in scan_dataset(tmp_path / "train", caption_extension=".txt").warnings)
+    assert not any(
+        "caption_extension" in w for w in scan_dataset(tmp_path / "train", caption_extension=".txt").warnings
+    )
 
 
 def test_bad_folder_name_error_names_folder_and_form(tmp_path):

@@ -35,7 +35,9 @@ def make(tmp_path, n=6, repeats=2, reg=0, **cfg_kw) -> DreamBoothDataset:
     kw = dict(train_data_dir=str(train), reg_data_dir=str(reg_dir) if reg_dir else None, resolution="64")
     kw.update(cfg_kw)
     cfg = DatasetConfig(**kw)
-    return DreamBoothDataset(scan_dataset(cfg.train_data_dir, cfg.reg_data_dir, cfg.caption_extension), cfg, seed=7)
+    return DreamBoothDataset(
+        scan_dataset(cfg.train_data_dir, cfg.reg_data_dir, cfg.caption_extension), cfg, seed=7
+    )
 
 
 def summary(batches):
@@ -87,8 +89,12 @@ def test_batches_stay_inside_buckets(tmp_path):
     for i in range(2):
         img(train / f"tall{i}.png", size=(64, 192))
     cfg = DatasetConfig(
-        train_data_dir=str(tmp_path / "train"), resolution="128", enable_bucket=True,
-        min_bucket_reso=64, max_bucket_reso=256, train_batch_size=2,
+        train_data_dir=str(tmp_path / "train"),
+        resolution="128",
+        enable_bucket=True,
+        min_bucket_reso=64,
+        max_bucket_reso=256,
+        train_batch_size=2,
     )
     ds = DreamBoothDataset(scan_dataset(cfg.train_data_dir), cfg, seed=0)
     assert ds.num_batches_per_epoch == 2 + 1  # ceil(3/2) + ceil(2/2)
@@ -114,7 +120,11 @@ def test_reg_loss_weights_and_captions(tmp_path):
         assert torch.equal(b.loss_weights, torch.where(b.is_reg, 0.5, 1.0))
         for cap, r in zip(b.captions, b.is_reg.tolist()):
             assert (cap == "bear") == r
-    assert set(ds.all_captions()) == {"usu bear, tag0a, tag0b, tag0c, tag0d", "usu bear, tag1a, tag1b, tag1c, tag1d", "bear"}
+    assert set(ds.all_captions()) == {
+        "usu bear, tag0a, tag0b, tag0c, tag0d",
+        "usu bear, tag1a, tag1b, tag1c, tag1d",
+        "bear",
+    }
     assert len(ds.all_captions()) == 3
 
 

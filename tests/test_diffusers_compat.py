@@ -45,8 +45,14 @@ def pipeline(base):
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
     return StableDiffusionPipeline(
-        vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
-        scheduler=DDPMScheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=base.vae,
+        text_encoder=base.text_encoder,
+        tokenizer=base.tokenizer,
+        unet=base.unet,
+        scheduler=DDPMScheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
 
 
@@ -79,7 +85,11 @@ def test_diffusers_loads_every_key_and_matches_merged_weights(trained_lora, tiny
     pipe = pipeline(via_diffusers)
     with caplog.at_level(logging.WARNING):
         pipe.load_lora_weights(str(trained_lora), adapter_name="usu")
-    unused = [r.message for r in caplog.records if "unexpected" in r.message.lower() or "not loaded" in r.message.lower()]
+    unused = [
+        r.message
+        for r in caplog.records
+        if "unexpected" in r.message.lower() or "not loaded" in r.message.lower()
+    ]
     assert not unused, unused
     from peft.tuners.lora import LoraLayer
 
@@ -101,7 +111,9 @@ def test_merging_is_undone_by_reloading_and_scales_with_multiplier(trained_lora,
     # text-encoder/UNet multipliers act only on their part: UNet-only merge leaves the TE as it was
     merge_lora(half.unet, half.text_encoder, tensors, te_multiplier=0.0, unet_multiplier=0.5)
     merge_lora(full.unet, full.text_encoder, tensors, te_multiplier=0.0, unet_multiplier=1.0)
-    for (name, p0), p_half, p_full in zip(plain.unet.named_parameters(), half.unet.parameters(), full.unet.parameters()):
+    for (name, p0), p_half, p_full in zip(
+        plain.unet.named_parameters(), half.unet.parameters(), full.unet.parameters()
+    ):
         torch.testing.assert_close(p_half - p0, 0.5 * (p_full - p0), rtol=1e-4, atol=1e-6, msg=name)
     for p0, p in zip(plain.text_encoder.parameters(), half.text_encoder.parameters()):
         assert torch.equal(p0, p)

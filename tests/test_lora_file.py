@@ -22,7 +22,9 @@ def sample_tensors():
 
 
 def test_save_casts_everything_and_hashes_like_kohya(tmp_path):
-    path = lora_file.save_lora_file(tmp_path / "a.safetensors", sample_tensors(), {"ss_network_dim": "4", "other": "x"})
+    path = lora_file.save_lora_file(
+        tmp_path / "a.safetensors", sample_tensors(), {"ss_network_dim": "4", "other": "x"}
+    )
     data = path.read_bytes()
     (n,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8 : 8 + n])
@@ -33,7 +35,11 @@ def test_save_casts_everything_and_hashes_like_kohya(tmp_path):
     assert meta["sshs_legacy_hash"] == hashlib.sha256(b"").hexdigest()[:8]  # files < 1 MiB: e3b0c442
     assert meta["other"] == "x"
     tensors, back = lora_file.read_lora_file(path)
-    assert back == meta and torch.allclose(tensors["lora_unet_x.lora_up.weight"].float(), sample_tensors()["lora_unet_x.lora_up.weight"], atol=1e-2)
+    assert back == meta and torch.allclose(
+        tensors["lora_unet_x.lora_up.weight"].float(),
+        sample_tensors()["lora_unet_x.lora_up.weight"],
+        atol=1e-2,
+    )
 
 
 def test_a_crash_while_writing_leaves_the_old_file_and_no_temp(tmp_path, monkeypatch):

@@ -13,11 +13,18 @@ from lorakit.models.tiny import build_models, tiny_arch
 def _deeper_arch() -> dict:
     """Three UNet blocks, 2 layers per block, 3 VAE blocks: exercises other index arithmetic."""
     arch = tiny_arch()
-    arch["unet"].update(block_out_channels=[32, 32, 64], layers_per_block=2,
-                        down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-                        up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"])
-    arch["vae"].update(block_out_channels=[8, 16, 16], layers_per_block=2,
-                       down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3)
+    arch["unet"].update(
+        block_out_channels=[32, 32, 64],
+        layers_per_block=2,
+        down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+        up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    )
+    arch["vae"].update(
+        block_out_channels=[8, 16, 16],
+        layers_per_block=2,
+        down_block_types=["DownEncoderBlock2D"] * 3,
+        up_block_types=["UpDecoderBlock2D"] * 3,
+    )
     arch["text_encoder"].update(num_hidden_layers=3)
     return arch
 

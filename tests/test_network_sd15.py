@@ -82,7 +82,12 @@ def test_locon_adds_resnet_and_sampler_convs():
     assert list(sd[f"{name}.lora_up.weight"].shape) == [320, 4, 1, 1]
     assert float(sd[f"{name}.alpha"]) == 1.0  # kohya's conv_alpha default
     # 1x1 shortcut and time projection use network_dim/alpha
-    assert list(sd["lora_unet_down_blocks_1_resnets_0_conv_shortcut.lora_down.weight"].shape) == [8, 320, 1, 1]
+    assert list(sd["lora_unet_down_blocks_1_resnets_0_conv_shortcut.lora_down.weight"].shape) == [
+        8,
+        320,
+        1,
+        1,
+    ]
     assert float(sd["lora_unet_down_blocks_1_resnets_0_time_emb_proj.alpha"]) == 4.0
     assert "lora_unet_down_blocks_0_downsamplers_0_conv.lora_down.weight" in sd
     assert not any(k.startswith("lora_te_") for k in sd)

@@ -27,7 +27,9 @@ def metadata(path):
 
 
 def test_training_lowers_the_loss_on_its_own_data(train_config):
-    cfg = train_config(max_train_steps=30, learning_rate=3e-3, cache_latents=True, network_dim=8, network_alpha=8)
+    cfg = train_config(
+        max_train_steps=30, learning_rate=3e-3, cache_latents=True, network_dim=8, network_alpha=8
+    )
     tr = make_trainer(cfg)
     before = tr.mean_loss()
     tr.run()
@@ -74,7 +76,9 @@ def test_same_seed_gives_identical_runs(train_config, tmp_path):
 
 def test_resume_mid_epoch_is_exact(train_config, tmp_path, monkeypatch):
     """Stop at step 3 (as Ctrl-C does), resume from the saved state: the same LoRA as one run."""
-    common = dict(max_train_steps=7, reg_data_dir=None, save_state=True, save_precision="float", flip_aug=True)
+    common = dict(
+        max_train_steps=7, reg_data_dir=None, save_state=True, save_precision="float", flip_aug=True
+    )
     full = train(train_config(output_dir=str(tmp_path / "full"), **common))
 
     monkeypatch.setattr(trainer_mod, "LOG_EVERY", 1)
@@ -103,7 +107,9 @@ def test_resume_from_epoch_state_and_periodic_saves(train_config, tmp_path):
     assert (out / "tiny-000001.safetensors").is_file() and (out / "tiny-000002.safetensors").is_file()
     assert not (out / "tiny-000003.safetensors").exists()  # the last epoch is the final file
     assert metadata(out / "tiny-000001.safetensors")["ss_epoch"] == "1"
-    resumed = train(train_config(output_dir=str(tmp_path / "r"), resume=str(out / "tiny-000001-state"), **common))
+    resumed = train(
+        train_config(output_dir=str(tmp_path / "r"), resume=str(out / "tiny-000001-state"), **common)
+    )
     tf, tr = tensors(full), tensors(resumed)
     assert all(torch.equal(tf[k], tr[k]) for k in tf)
 
@@ -129,15 +135,26 @@ def test_nan_loss_stops_and_keeps_last_good_save(train_config, tmp_path, monkeyp
 
 
 def test_unet_only_and_text_encoder_only(train_config, tmp_path):
-    u = tensors(train(train_config(output_dir=str(tmp_path / "u"), network_train_unet_only=True, max_train_steps=1)))
+    u = tensors(
+        train(train_config(output_dir=str(tmp_path / "u"), network_train_unet_only=True, max_train_steps=1))
+    )
     assert u and all(k.startswith("lora_unet_") for k in u)
-    t = tensors(train(train_config(output_dir=str(tmp_path / "t"), network_train_text_encoder_only=True, max_train_steps=1)))
+    t = tensors(
+        train(
+            train_config(
+                output_dir=str(tmp_path / "t"), network_train_text_encoder_only=True, max_train_steps=1
+            )
+        )
+    )
     assert t and all(k.startswith("lora_te_") for k in t)
 
 
 def test_text_encoder_cache_and_gradient_checkpointing_train(train_config, tmp_path):
     cfg = train_config(
-        network_train_unet_only=True, cache_text_encoder_outputs=True, gradient_checkpointing=True, max_train_steps=2
+        network_train_unet_only=True,
+        cache_text_encoder_outputs=True,
+        gradient_checkpointing=True,
+        max_train_steps=2,
     )
     path = train(cfg)
     ups = [v for k, v in tensors(path).items() if k.endswith("lora_up.weight")]
@@ -164,7 +181,12 @@ def test_network_weights_starts_from_a_file(train_config, tmp_path):
         {"optimizer_type": "Lion", "learning_rate": 1e-4},
         {"optimizer_type": "Prodigy", "learning_rate": 1.0},
         {"lr_scheduler": "cosine", "lr_warmup_steps": 0.5, "min_snr_gamma": 5, "noise_offset": 0.1},
-        {"v_parameterization": True, "gradient_accumulation_steps": 2, "max_token_length": 150, "clip_skip": 2},
+        {
+            "v_parameterization": True,
+            "gradient_accumulation_steps": 2,
+            "max_token_length": 150,
+            "clip_skip": 2,
+        },
         {"conv_dim": 2, "conv_alpha": 1, "mixed_precision": "bf16"},
     ],
     ids=["lion", "prodigy", "cosine-snr-offset", "vpred-accum-tokens-clipskip", "locon-bf16"],

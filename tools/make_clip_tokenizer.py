@@ -27,7 +27,11 @@ def bpe_table_path() -> Path:
 
 def bytes_to_unicode() -> dict[int, str]:
     # GPT-2/CLIP byte-to-printable-char table (same as open_clip's and transformers').
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):

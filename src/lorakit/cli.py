@@ -31,7 +31,13 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             groups[section].add_argument(f"--{name}", nargs="*", default=None, metavar="K=V", help=help_text)
         else:
             choices = typing.get_args(tp) if typing.get_origin(tp) is typing.Literal else None
-            groups[section].add_argument(f"--{name}", default=None, choices=choices, metavar=name.upper() if not choices else None, help=help_text)
+            groups[section].add_argument(
+                f"--{name}",
+                default=None,
+                choices=choices,
+                metavar=name.upper() if not choices else None,
+                help=help_text,
+            )
 
 
 def dataclass_missing():

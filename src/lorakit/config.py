@@ -11,12 +11,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+import tomllib
 
 from .errors import ConfigError
 
@@ -41,7 +42,9 @@ class ModelConfig:
 @dataclass
 class DatasetConfig:
     train_data_dir: str = opt("", "folder whose subfolders are <repeats>_<prompt>, e.g. '20_usu bear'")
-    reg_data_dir: str | None = opt(None, "regularization folder whose subfolders are <repeats>_<class>, e.g. '1_bear'")
+    reg_data_dir: str | None = opt(
+        None, "regularization folder whose subfolders are <repeats>_<class>, e.g. '1_bear'"
+    )
     caption_extension: str = opt(".caption", "extension of caption files beside images (.caption or .txt)")
     resolution: str = opt("512,512", "training resolution 'W,H' or a single number for square")
     enable_bucket: bool = opt(False, "aspect-ratio bucketing")
@@ -55,10 +58,15 @@ class DatasetConfig:
     train_batch_size: int = opt(1, "batch size per device")
     prior_loss_weight: float = opt(1.0, "loss weight of regularization images")
     cache_latents: bool = opt(False, "encode every image with the VAE once, before training")
-    cache_latents_to_disk: bool = opt(False, "cache latents as .npz beside the images (implies cache_latents)")
-    cache_text_encoder_outputs: bool = opt(False, "encode captions once (only when the text encoder is not trained)")
+    cache_latents_to_disk: bool = opt(
+        False, "cache latents as .npz beside the images (implies cache_latents)"
+    )
+    cache_text_encoder_outputs: bool = opt(
+        False, "encode captions once (only when the text encoder is not trained)"
+    )
     bad_images: Literal["stop", "skip"] = opt(
-        "stop", "what to do with unreadable images found before training: stop with a list, or skip with a warning"
+        "stop",
+        "what to do with unreadable images found before training: stop with a list, or skip with a warning",
     )
 
 
@@ -161,7 +169,9 @@ class TrainConfig:
             elif k == "conv_alpha":
                 self.network.conv_alpha = float(v)
             else:
-                raise ConfigError(f"network_args: unsupported key {k!r}; lorakit knows conv_dim and conv_alpha")
+                raise ConfigError(
+                    f"network_args: unsupported key {k!r}; lorakit knows conv_dim and conv_alpha"
+                )
         self.network.network_args = []
 
     # --- reading ----------------------------------------------------------
@@ -187,11 +197,17 @@ class TrainConfig:
         if not self.model.pretrained_model_name_or_path:
             raise ConfigError("pretrained_model_name_or_path is not set: give the base model file or folder")
         if not self.dataset.train_data_dir:
-            raise ConfigError("train_data_dir is not set: give the folder that holds '<repeats>_<prompt>' folders")
+            raise ConfigError(
+                "train_data_dir is not set: give the folder that holds '<repeats>_<prompt>' folders"
+            )
         if self.network.network_train_unet_only and self.network.network_train_text_encoder_only:
-            raise ConfigError("network_train_unet_only and network_train_text_encoder_only exclude each other")
+            raise ConfigError(
+                "network_train_unet_only and network_train_text_encoder_only exclude each other"
+            )
         if self.network.network_module != "networks.lora":
-            raise ConfigError(f"network_module {self.network.network_module!r} is not supported; use networks.lora")
+            raise ConfigError(
+                f"network_module {self.network.network_module!r} is not supported; use networks.lora"
+            )
         if self.network.network_dim < 1:
             raise ConfigError("network_dim must be at least 1")
         if self.dataset.bucket_reso_steps % 64:
@@ -210,11 +226,17 @@ class TrainConfig:
 
     @property
     def trains_text_encoder(self) -> bool:
-        return not self.network.network_train_unet_only and (self.training.text_encoder_lr or self.training.learning_rate) > 0
+        return (
+            not self.network.network_train_unet_only
+            and (self.training.text_encoder_lr or self.training.learning_rate) > 0
+        )
 
     @property
     def trains_unet(self) -> bool:
-        return not self.network.network_train_text_encoder_only and (self.training.unet_lr or self.training.learning_rate) > 0
+        return (
+            not self.network.network_train_text_encoder_only
+            and (self.training.unet_lr or self.training.learning_rate) > 0
+        )
 
 
 def resolution_of(text: str | int | tuple[int, int]) -> tuple[int, int]:

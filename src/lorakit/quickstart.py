@@ -82,6 +82,8 @@ def run_quickstart(workdir: str | Path, steps: int = 60) -> Path:
     lora = train(cfg)
     print(f"\nBase model (tiny, built here): {base}")
     print(f"Dataset: {train_dir} (+ regularization {reg_dir})")
-    print(f"Config:  {workdir / 'quickstart.toml'}  (rerun: lorakit train --config {workdir / 'quickstart.toml'})")
+    print(
+        f"Config:  {workdir / 'quickstart.toml'}  (rerun: lorakit train --config {workdir / 'quickstart.toml'})"
+    )
     print(f"LoRA:    {lora}")
     return lora

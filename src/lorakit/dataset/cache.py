@@ -73,7 +73,9 @@ def load_npz(path: Path, key: str, placement: Placement, flip_aug: bool) -> Cach
     return CachedLatents(latents, flipped)
 
 
-def save_npz(path: Path, key: str, placement: Placement, image_size: tuple[int, int], cached: CachedLatents) -> None:
+def save_npz(
+    path: Path, key: str, placement: Placement, image_size: tuple[int, int], cached: CachedLatents
+) -> None:
     arrays = {
         "latents": cached.latents.float().numpy(),
         "original_size": np.array(image_size, dtype=np.int64),

@@ -104,9 +104,13 @@ def parse_folder_name(name: str) -> tuple[int, str] | None:
 
 def _list_folders(root: Path, option: str, is_reg: bool, warnings: list[str]) -> list[_Folder]:
     if not root.exists():
-        raise DatasetError(f"{option} {root} does not exist: give the folder that holds '<repeats>_<prompt>' folders")
+        raise DatasetError(
+            f"{option} {root} does not exist: give the folder that holds '<repeats>_<prompt>' folders"
+        )
     if not root.is_dir():
-        raise DatasetError(f"{option} {root} is a file: give the folder that holds '<repeats>_<prompt>' folders")
+        raise DatasetError(
+            f"{option} {root} is a file: give the folder that holds '<repeats>_<prompt>' folders"
+        )
     example = "1_bear" if is_reg else "20_usu bear"
     entries = sorted(root.iterdir())
     # Hidden folders (.ipynb_checkpoints, .git) are tool litter, not data.
@@ -162,7 +166,7 @@ def _check_images(folders: list[_Folder], bad_images: str, warnings: list[str]) 
         lines = "\n".join(f"  {p}: {why}" for p, why in bad)
         raise DatasetError(
             f"{len(bad)} image(s) cannot be read:\n{lines}\n"
-            "Fix or delete them, or set bad_images = \"skip\" to train without them."
+            'Fix or delete them, or set bad_images = "skip" to train without them.'
         )
     for p, why in bad:
         warnings.append(f"{p}: skipped, cannot be read ({why})")
@@ -181,7 +185,9 @@ def _read_caption(image: Path, ext: str, prompt: str) -> str:
     except UnicodeDecodeError:
         raise DatasetError(f"{path}: not UTF-8 text; save the caption file as UTF-8") from None
     if not lines:
-        raise DatasetError(f"{path}: caption file is empty; write a caption or delete it to use the folder prompt")
+        raise DatasetError(
+            f"{path}: caption file is empty; write a caption or delete it to use the folder prompt"
+        )
     return lines[0].strip()
 
 
@@ -194,7 +200,7 @@ def _warn_other_caption_extension(folders: list[_Folder], ext: str, warnings: li
     if n_other and n_other * 2 >= len(images):
         warnings.append(
             f"no image has a '{ext}' caption file, but {n_other} have '{other}' files, which are ignored; "
-            f"set caption_extension = \"{other}\" to use them"
+            f'set caption_extension = "{other}" to use them'
         )
 
 
@@ -234,7 +240,9 @@ def _plan(folders: list[_Folder], warnings: list[str]) -> DatasetPlan:
         for img, cap, size in zip(f.images, f.captions, f.sizes):
             samples.extend([Sample(img, cap, False, size)] * f.repeats)
 
-    reg_items = [(img, cap, size, f.repeats) for f in reg for img, cap, size in zip(f.images, f.captions, f.sizes)]
+    reg_items = [
+        (img, cap, size, f.repeats) for f in reg for img, cap, size in zip(f.images, f.captions, f.sizes)
+    ]
     counts = balance_reg_repeats(num_train, [r for *_, r in reg_items])
     for (img, cap, size, _), count in zip(reg_items, counts):
         samples.extend([Sample(img, cap, True, size)] * count)

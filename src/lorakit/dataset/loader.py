@@ -165,7 +165,9 @@ class DreamBoothDataset:
         weights = torch.tensor(
             [self.cfg.prior_loss_weight if s.is_reg else 1.0 for s in samples], dtype=torch.float32
         )
-        return Batch(pixels, latents, captions, is_reg, weights, [s.image for s in samples], flips, bucket, index)
+        return Batch(
+            pixels, latents, captions, is_reg, weights, [s.image for s in samples], flips, bucket, index
+        )
 
     def _pick_latents(self, image: Path, flipped: bool) -> torch.Tensor:
         assert self._latents is not None
@@ -177,7 +179,9 @@ class DreamBoothDataset:
         return cached.latents
 
 
-def build_dataset(cfg: DatasetConfig, seed: int, warn: Callable[[str], None] | None = None) -> DreamBoothDataset:
+def build_dataset(
+    cfg: DatasetConfig, seed: int, warn: Callable[[str], None] | None = None
+) -> DreamBoothDataset:
     """scan_dataset + DreamBoothDataset from the config, passing each warning to `warn`."""
     plan = scan_dataset(cfg.train_data_dir, cfg.reg_data_dir, cfg.caption_extension, cfg.bad_images)
     if warn is not None:

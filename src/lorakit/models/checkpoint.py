@@ -44,7 +44,9 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
             metadata = dict(f.metadata() or {})
             state_dict = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
-        raise ModelError(f"{path}: not a readable .safetensors file ({e}). Is it truncated or corrupt?") from e
+        raise ModelError(
+            f"{path}: not a readable .safetensors file ({e}). Is it truncated or corrupt?"
+        ) from e
     return state_dict, metadata
 
 
@@ -63,8 +65,10 @@ def _read_torch(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             ) from e
         raise ModelError(f"{path}: not a readable PyTorch checkpoint ({str(e).splitlines()[0]}).") from e
     except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise ModelError(f"{path}: not a readable PyTorch checkpoint ({str(e).splitlines()[0]}). "
-                         "Is it truncated or corrupt?") from e
+        raise ModelError(
+            f"{path}: not a readable PyTorch checkpoint ({str(e).splitlines()[0]}). "
+            "Is it truncated or corrupt?"
+        ) from e
     if not isinstance(obj, dict):
         raise ModelError(f"{path}: the checkpoint holds a {type(obj).__name__}, not a state dict.")
     # kohya stores ints/strings next to "state_dict"; string entries are our metadata (lorakit.arch)

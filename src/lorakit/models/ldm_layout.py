@@ -27,8 +27,14 @@ IGNORED_LDM_KEYS = (TE_PREFIX + "text_model.embeddings.position_ids",)
 
 _UNET_FIXED = dict(DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"])
 _VAE_FIXED = dict(DIFFUSERS_TO_LDM_MAPPING["vae"])
-_UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0",
-                "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
+_UNET_RESNET = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "time_emb_proj": "emb_layers.1",
+    "conv_shortcut": "skip_connection",
+}
 _VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 
 
@@ -156,7 +162,7 @@ def fix_te_keys(ldm_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {}
     for key, tensor in ldm_sd.items():
         if key.startswith(TE_PREFIX) and not key.startswith(TE_PREFIX + "text_model."):
-            key = TE_PREFIX + "text_model." + key[len(TE_PREFIX):]
+            key = TE_PREFIX + "text_model." + key[len(TE_PREFIX) :]
         if key.startswith(TE_PREFIX) and key.endswith("position_ids"):
             continue
         out[key] = tensor
@@ -167,6 +173,8 @@ def from_ldm_state_dict(ldm_sd: dict, unet_config: dict, vae_config: dict) -> tu
     """LDM single-file state dict -> (unet, vae, text encoder) state dicts, by diffusers' converters."""
     ldm_sd = fix_te_keys(ldm_sd)
     unet = convert_ldm_unet_checkpoint(ldm_sd, dict(unet_config))
-    vae = convert_ldm_vae_checkpoint({k: v for k, v in ldm_sd.items() if k.startswith(VAE_PREFIX)}, dict(vae_config))
+    vae = convert_ldm_vae_checkpoint(
+        {k: v for k, v in ldm_sd.items() if k.startswith(VAE_PREFIX)}, dict(vae_config)
+    )
     te = convert_ldm_clip_checkpoint({k: v for k, v in ldm_sd.items() if k.startswith(TE_PREFIX)})
     return unet, vae, te

@@ -61,24 +61,33 @@ def _build_empty(arch: dict):
 
 def _check_kind(path: Path, keys: list[str]) -> None:
     """Refuse files that are not SD1.x base models, before building anything."""
+
     def has(prefix):
         return any(k.startswith(prefix) for k in keys)
 
     if has("lora_unet_") or has("lora_te") or any(".lora_down." in k or ".lora_A." in k for k in keys):
-        raise ModelError(f"{path}: this is a LoRA file, not a base model. Pass it as network weights; "
-                         "the base model is the full SD1.x checkpoint the LoRA is trained on.")
+        raise ModelError(
+            f"{path}: this is a LoRA file, not a base model. Pass it as network weights; "
+            "the base model is the full SD1.x checkpoint the LoRA is trained on."
+        )
     if has("conditioner.embedders.1"):
         raise ModelError(f"{path}: this is an SDXL checkpoint. lorakit supports SD1.x bases for now.")
     if has("cond_stage_model.model."):
-        raise ModelError(f"{path}: this is an SD2.x checkpoint (OpenCLIP text encoder). "
-                         "lorakit supports SD1.x bases for now.")
+        raise ModelError(
+            f"{path}: this is an SD2.x checkpoint (OpenCLIP text encoder). "
+            "lorakit supports SD1.x bases for now."
+        )
     if not has(ldm_layout.UNET_PREFIX):
-        raise ModelError(f"{path}: not a Stable Diffusion checkpoint (a LoRA file?): it has no "
-                         f"'{ldm_layout.UNET_PREFIX}' UNet weights. Expected {_EXPECTED}.")
+        raise ModelError(
+            f"{path}: not a Stable Diffusion checkpoint (a LoRA file?): it has no "
+            f"'{ldm_layout.UNET_PREFIX}' UNet weights. Expected {_EXPECTED}."
+        )
     for prefix, what in ((ldm_layout.VAE_PREFIX, "VAE"), (ldm_layout.TE_PREFIX, "text encoder")):
         if not has(prefix):
-            raise ModelError(f"{path}: the checkpoint has no {what} weights ('{prefix}*'); lorakit needs "
-                             "a full SD1.x checkpoint with UNet, VAE and text encoder.")
+            raise ModelError(
+                f"{path}: the checkpoint has no {what} weights ('{prefix}*'); lorakit needs "
+                "a full SD1.x checkpoint with UNet, VAE and text encoder."
+            )
 
 
 def _arch_from_metadata(path: Path, metadata: dict[str, str]) -> dict:
@@ -88,8 +97,10 @@ def _arch_from_metadata(path: Path, metadata: dict[str, str]) -> dict:
         arch = json.loads(metadata[ARCH_METADATA_KEY])
         assert all(isinstance(arch[p], dict) for p in _PARTS)
     except (ValueError, KeyError, TypeError, AssertionError) as e:
-        raise ModelError(f"{path}: the '{ARCH_METADATA_KEY}' metadata is not valid JSON with "
-                         f"{'/'.join(_PARTS)} configs ({e}). Re-save the file with lorakit.") from e
+        raise ModelError(
+            f"{path}: the '{ARCH_METADATA_KEY}' metadata is not valid JSON with "
+            f"{'/'.join(_PARTS)} configs ({e}). Re-save the file with lorakit."
+        ) from e
     return arch
 
 
@@ -102,20 +113,28 @@ def _squeeze(shape) -> tuple:
 
 def _check_layout(path: Path, ldm_sd: dict, expected: dict, arch_name: str) -> None:
     """Compare the file's LDM keys/shapes with those of the architecture; name the first difference."""
-    got = {k: v for k, v in ldm_sd.items()
-           if k.startswith(ldm_layout.PREFIXES) and k not in ldm_layout.IGNORED_LDM_KEYS}
+    got = {
+        k: v
+        for k, v in ldm_sd.items()
+        if k.startswith(ldm_layout.PREFIXES) and k not in ldm_layout.IGNORED_LDM_KEYS
+    }
     for key, tensor in expected.items():
         if key not in got:
-            raise ModelError(f"{path}: key '{key}' is missing, so this is not a complete {arch_name} checkpoint.")
+            raise ModelError(
+                f"{path}: key '{key}' is missing, so this is not a complete {arch_name} checkpoint."
+            )
         if _squeeze(got[key].shape) != _squeeze(tensor.shape):
             raise ModelError(
                 f"{path}: '{key}' has shape {list(got[key].shape)} but {arch_name} expects "
                 f"{list(tensor.shape)}: the file is a different architecture (SD2.x, an inpainting model, ...). "
-                "lorakit supports SD1.x bases for now.")
+                "lorakit supports SD1.x bases for now."
+            )
     extra = sorted(set(got) - set(expected))
     if extra:
-        raise ModelError(f"{path}: unexpected key '{extra[0]}' ({len(extra)} in all) for {arch_name}; "
-                         "the file is a different architecture. lorakit supports SD1.x bases for now.")
+        raise ModelError(
+            f"{path}: unexpected key '{extra[0]}' ({len(extra)} in all) for {arch_name}; "
+            "the file is a different architecture. lorakit supports SD1.x bases for now."
+        )
 
 
 def _assign(model: torch.nn.Module, sd: dict, dtype: torch.dtype) -> None:
@@ -156,8 +175,10 @@ def _load_diffusers(path: Path, dtype: torch.dtype):
         raise ModelError(f"{path}: this is an SDXL diffusers model. lorakit supports SD1.x bases for now.")
     for part in _PARTS:
         if not (path / part / "config.json").is_file():
-            raise ModelError(f"{path}: the diffusers folder has no {part}/config.json; lorakit needs "
-                             "unet/, vae/ and text_encoder/ subfolders.")
+            raise ModelError(
+                f"{path}: the diffusers folder has no {part}/config.json; lorakit needs "
+                "unet/, vae/ and text_encoder/ subfolders."
+            )
     unet_cfg = json.loads((path / "unet" / "config.json").read_text())
     if unet_cfg.get("use_linear_projection") or unet_cfg.get("cross_attention_dim") == 1024:
         raise ModelError(f"{path}: this is an SD2.x diffusers model. lorakit supports SD1.x bases for now.")
@@ -168,8 +189,11 @@ def _load_diffusers(path: Path, dtype: torch.dtype):
         te = CLIPTextModel.from_pretrained(path / "text_encoder", **kw)
     except (OSError, ValueError, RuntimeError) as e:
         raise ModelError(f"{path}: could not load the diffusers model: {str(e)[:500]}") from e
-    arch = {"unet": dict(unet.config), "vae": dict(vae.config),
-            "text_encoder": json.loads(te.config.to_json_string(use_diff=False))}
+    arch = {
+        "unet": dict(unet.config),
+        "vae": dict(vae.config),
+        "text_encoder": json.loads(te.config.to_json_string(use_diff=False)),
+    }
     # plain JSON (tuples -> lists), without the local path the libraries record
     arch = {p: {k: v for k, v in cfg.items() if k != "_name_or_path"} for p, cfg in arch.items()}
     return unet, vae, te, json.loads(json.dumps(arch, default=str))
@@ -186,7 +210,9 @@ def _to(model: torch.nn.Module, device, dtype: torch.dtype) -> torch.nn.Module:
     return model.to(device=device)
 
 
-def load_base_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> BaseModel:
+def load_base_model(
+    path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> BaseModel:
     """Load an SD1.x base model: LDM .safetensors, .ckpt/.pt, or a diffusers folder. Never downloads."""
     path = Path(path).expanduser()
     if not path.exists():
@@ -200,19 +226,23 @@ def load_base_model(path: str | Path, dtype: torch.dtype = torch.float32, device
         unet, vae, te, arch = _load_single_file(path, dtype)
         kind = "single_file"
     unet, vae, te = (_to(m, device, dtype).eval() for m in (unet, vae, te))
-    return BaseModel(unet=unet, vae=vae, text_encoder=te, tokenizer=load_tokenizer(),
-                     source=path, arch=arch, kind=kind)
+    return BaseModel(
+        unet=unet, vae=vae, text_encoder=te, tokenizer=load_tokenizer(), source=path, arch=arch, kind=kind
+    )
 
 
-def save_ldm_checkpoint(path: str | Path, unet, vae, text_encoder, arch: dict | None = None,
-                        dtype: torch.dtype | None = None) -> Path:
+def save_ldm_checkpoint(
+    path: str | Path, unet, vae, text_encoder, arch: dict | None = None, dtype: torch.dtype | None = None
+) -> Path:
     """Write an LDM-layout .safetensors (A1111/kohya-loadable), atomically. `arch` is stored as metadata."""
     from safetensors.torch import save_file
 
     path = Path(path)
     sd = ldm_layout.to_ldm_state_dict(unet.state_dict(), vae.state_dict(), text_encoder.state_dict())
-    sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
-          for k, v in sd.items()}
+    sd = {
+        k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
+        for k, v in sd.items()
+    }
     metadata = {"format": "pt"}
     if arch is not None:
         metadata[ARCH_METADATA_KEY] = json.dumps(arch)

@@ -26,12 +26,15 @@ def tokenize(tokenizer, prompts: list[str], max_token_length: int | None = None)
     """Token ids [B, k, 77], k = max_token_length / 75 (1 when None); padded with EOS (= pad)."""
     k = _n_chunks(max_token_length)
     length = k * (CHUNK - 2) + 2
-    ids = tokenizer(list(prompts), padding="max_length", truncation=True, max_length=length,
-                    return_tensors="pt").input_ids  # [B, length]: BOS, tokens, EOS, pad (=EOS)...
+    ids = tokenizer(
+        list(prompts), padding="max_length", truncation=True, max_length=length, return_tensors="pt"
+    ).input_ids  # [B, length]: BOS, tokens, EOS, pad (=EOS)...
     if k == 1:
         return ids.unsqueeze(1)
     bos, last = ids[:, :1], ids[:, -1:]  # last is EOS: either the prompt's own EOS or padding
-    chunks = [torch.cat([bos, ids[:, i : i + CHUNK - 2], last], dim=1) for i in range(1, length - 1, CHUNK - 2)]
+    chunks = [
+        torch.cat([bos, ids[:, i : i + CHUNK - 2], last], dim=1) for i in range(1, length - 1, CHUNK - 2)
+    ]
     return torch.stack(chunks, dim=1)
 
 
@@ -54,7 +57,12 @@ def encode_tokens(text_encoder, ids: torch.Tensor, clip_skip: int | None = None)
     return torch.cat(parts, dim=1)
 
 
-def encode_prompts(tokenizer, text_encoder, prompts: list[str], clip_skip: int | None = None,
-                   max_token_length: int | None = None) -> torch.Tensor:
+def encode_prompts(
+    tokenizer,
+    text_encoder,
+    prompts: list[str],
+    clip_skip: int | None = None,
+    max_token_length: int | None = None,
+) -> torch.Tensor:
     """tokenize() then encode_tokens(): [B, 77, D] or [B, 2 + k*75, D]."""
     return encode_tokens(text_encoder, tokenize(tokenizer, prompts, max_token_length), clip_skip)

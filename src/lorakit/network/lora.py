@@ -93,6 +93,7 @@ class LoRANetwork:
     # --- kohya state dict -------------------------------------------------------
     def kohya_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """`<name>.lora_down.weight`, `<name>.lora_up.weight`, `<name>.alpha` for every module."""
+
         def cpu(w: torch.Tensor) -> torch.Tensor:
             w = w.detach().to(dtype or w.dtype)
             return w if w.is_meta else w.to("cpu").contiguous()  # meta: shapes only, for checks
@@ -125,7 +126,9 @@ class LoRANetwork:
                 with torch.no_grad():
                     mod.weight.copy_(sd[key].to(mod.weight.dtype))
             alpha = float(sd[f"{name}.alpha"])
-            if alpha != self.by_name[name].alpha:  # kohya keeps the CLI alpha here (a FIXME); we take the file's
+            if (
+                alpha != self.by_name[name].alpha
+            ):  # kohya keeps the CLI alpha here (a FIXME); we take the file's
                 t = self.by_name[name]
                 self.by_name[name] = Target(t.name, t.path, t.module, t.rank, alpha, t.is_te)
                 self.targets[self.targets.index(t)] = self.by_name[name]

@@ -24,11 +24,15 @@ def kohya_module_map(unet: nn.Module | None, text_encoder: nn.Module | None) -> 
         _, layers = te_layers(text_encoder)
         for i, layer in enumerate(layers):
             for child in TE_CHILDREN:
-                out[f"{TE_PREFIX}_text_model_encoder_layers_{i}_{child.replace('.', '_')}"] = layer.get_submodule(child)
+                out[f"{TE_PREFIX}_text_model_encoder_layers_{i}_{child.replace('.', '_')}"] = (
+                    layer.get_submodule(child)
+                )
     return out
 
 
-def lora_delta(down: torch.Tensor, up: torch.Tensor, alpha: torch.Tensor | None, weight: nn.Parameter) -> torch.Tensor:
+def lora_delta(
+    down: torch.Tensor, up: torch.Tensor, alpha: torch.Tensor | None, weight: nn.Parameter
+) -> torch.Tensor:
     """The weight update of one module at multiplier 1, shaped like `weight`."""
     rank = down.shape[0]
     scale = (float(alpha) if alpha is not None else rank) / rank
@@ -64,7 +68,10 @@ def merge_lora(
             mod = modules[name]
             m = te_multiplier if name.startswith(TE_PREFIX + "_") else unet_multiplier
             delta = lora_delta(
-                tensors[f"{name}.lora_down.weight"], tensors[f"{name}.lora_up.weight"], tensors.get(f"{name}.alpha"), mod.weight
+                tensors[f"{name}.lora_down.weight"],
+                tensors[f"{name}.lora_up.weight"],
+                tensors.get(f"{name}.alpha"),
+                mod.weight,
             )
             mod.weight += (m * delta).to(mod.weight.dtype)
     return len(names)

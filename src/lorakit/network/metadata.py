@@ -14,7 +14,14 @@ from .. import __version__
 from ..config import TrainConfig, resolution_of
 
 # What kohya keeps with --no_metadata (SS_METADATA_MINIMUM_KEYS).
-MINIMUM_KEYS = ("ss_v2", "ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args")
+MINIMUM_KEYS = (
+    "ss_v2",
+    "ss_base_model_version",
+    "ss_network_module",
+    "ss_network_dim",
+    "ss_network_alpha",
+    "ss_network_args",
+)
 
 
 def file_hashes(path: str | Path) -> tuple[str, str]:
@@ -60,7 +67,10 @@ def training_metadata(
     m, d, n, t, o = cfg.model, cfg.dataset, cfg.network, cfg.training, cfg.output
     network_args = {}
     if n.conv_dim:
-        network_args = {"conv_dim": str(n.conv_dim), "conv_alpha": str(1.0 if n.conv_alpha is None else n.conv_alpha)}
+        network_args = {
+            "conv_dim": str(n.conv_dim),
+            "conv_alpha": str(1.0 if n.conv_alpha is None else n.conv_alpha),
+        }
     base_model = Path(m.pretrained_model_name_or_path)
     w, h = resolution_of(d.resolution)
     meta: dict[str, Any] = {
@@ -133,7 +143,12 @@ def finish_metadata(base: dict[str, str], *, steps: int, epoch: int, no_metadata
     """The per-save keys: steps and epoch done, time of the save."""
     if no_metadata:
         return dict(base)
-    return {**base, "ss_steps": str(steps), "ss_epoch": str(epoch), "ss_training_finished_at": str(time.time())}
+    return {
+        **base,
+        "ss_steps": str(steps),
+        "ss_epoch": str(epoch),
+        "ss_training_finished_at": str(time.time()),
+    }
 
 
 def modelspec(cfg: TrainConfig, started_at: float) -> dict[str, str]:

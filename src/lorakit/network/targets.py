@@ -18,7 +18,14 @@ TE_PREFIX = "lora_te"
 # Classes whose Linear / Conv2d children kohya targets (by class name, as kohya does).
 UNET_ATTENTION_CLASSES = ("Transformer2DModel",)
 UNET_CONV_CLASSES = ("ResnetBlock2D", "Downsample2D", "Upsample2D")  # LoCon, with conv_dim
-TE_CHILDREN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
+TE_CHILDREN = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.out_proj",
+    "mlp.fc1",
+    "mlp.fc2",
+)
 
 
 @dataclass(frozen=True)
@@ -76,5 +83,7 @@ def te_targets(text_encoder: nn.Module, dim: int, alpha: float) -> list[Target]:
 def kohya_te_names(num_layers: int = 12) -> list[str]:
     """The fixed list of kohya text-encoder module names (72 for SD1.x's 12 layers)."""
     return [
-        f"{TE_PREFIX}_text_model_encoder_layers_{i}_{c.replace('.', '_')}" for i in range(num_layers) for c in TE_CHILDREN
+        f"{TE_PREFIX}_text_model_encoder_layers_{i}_{c.replace('.', '_')}"
+        for i in range(num_layers)
+        for c in TE_CHILDREN
     ]

@@ -44,7 +44,9 @@ def noisy_latents(
     return scheduler.add_noise(latents, noise, t), noise, t
 
 
-def target_of(scheduler, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, v_parameterization: bool):
+def target_of(
+    scheduler, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, v_parameterization: bool
+):
     return scheduler.get_velocity(latents, noise, t) if v_parameterization else noise
 
 
@@ -54,7 +56,9 @@ def snr_table(scheduler) -> torch.Tensor:
     return ac / (1 - ac)
 
 
-def min_snr_weights(snr: torch.Tensor, t: torch.Tensor, gamma: float, v_parameterization: bool) -> torch.Tensor:
+def min_snr_weights(
+    snr: torch.Tensor, t: torch.Tensor, gamma: float, v_parameterization: bool
+) -> torch.Tensor:
     """kohya's apply_snr_weight: min(snr, gamma) / snr (v-prediction: / (snr + 1))."""
     s = snr.to(t.device)[t]
     clipped = torch.clamp(s, max=gamma)

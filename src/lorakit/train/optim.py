@@ -43,7 +43,9 @@ def build_optimizer(cfg: TrainingConfig, param_groups: list[dict]) -> tuple[torc
         elif name == "prodigy":
             from prodigyopt import Prodigy as cls
         else:
-            raise ConfigError(f"optimizer_type {cfg.optimizer_type!r} is unknown; use AdamW, AdamW8bit, Lion or Prodigy")
+            raise ConfigError(
+                f"optimizer_type {cfg.optimizer_type!r} is unknown; use AdamW, AdamW8bit, Lion or Prodigy"
+            )
     except ImportError as e:
         raise ConfigError(
             f"optimizer_type {cfg.optimizer_type!r} needs the package {e.name!r}: pip install 'lorakit[optim]'"

@@ -36,7 +36,10 @@ def save_state(folder: str | Path, network, optimizer, lr_scheduler, pos: Positi
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         save_file(network.kohya_state_dict(torch.float32), str(tmp / "network.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict()}, tmp / "optimizer.pt")
+        torch.save(
+            {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict()},
+            tmp / "optimizer.pt",
+        )
         (tmp / STATE_FILE).write_text(json.dumps(asdict(pos), indent=1))
         if folder.exists():
             shutil.rmtree(folder)

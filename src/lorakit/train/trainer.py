@@ -63,7 +63,9 @@ def train(cfg: TrainConfig, on_progress: Callable[[Progress], None] | None = Non
     """Train a LoRA as `cfg` says; returns the path of the final `.safetensors`."""
     cfg.validate()
     if cfg.dataset.cache_text_encoder_outputs and cfg.dataset.shuffle_caption:
-        raise ConfigError("cache_text_encoder_outputs cannot be used with shuffle_caption (captions change per step)")
+        raise ConfigError(
+            "cache_text_encoder_outputs cannot be used with shuffle_caption (captions change per step)"
+        )
     seed = _seed(cfg)
     plan, dataset = prepare_dataset(cfg)
     return Trainer(cfg, plan, dataset, seed).run(on_progress)
@@ -91,7 +93,9 @@ class Trainer:
             project_dir=o.logging_dir,
         )
         self.device = self.acc.device
-        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(t.mixed_precision, torch.float32)
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+            t.mixed_precision, torch.float32
+        )
         self.started_at = time.time()
 
         set_seed(seed)  # the LoRA's random init comes from the global generators
@@ -103,8 +107,14 @@ class Trainer:
             m.eval()
         n = cfg.network
         self.network = LoRANetwork(
-            base.unet, base.text_encoder, n.network_dim, n.network_alpha, n.conv_dim, n.conv_alpha,
-            train_unet=self.train_unet, train_text_encoder=self.train_te,
+            base.unet,
+            base.text_encoder,
+            n.network_dim,
+            n.network_alpha,
+            n.conv_dim,
+            n.conv_alpha,
+            train_unet=self.train_unet,
+            train_text_encoder=self.train_te,
         )
         if n.network_weights:
             from ..network.file import read_lora_file
@@ -116,7 +126,9 @@ class Trainer:
         # Frozen base in the compute dtype; LoRA weights stay fp32 (autocast does the rest).
         base.unet.to(self.device, self.weight_dtype)
         base.text_encoder.to(self.device, self.weight_dtype)
-        vae_dtype = torch.float32 if t.mixed_precision == "fp16" else self.weight_dtype  # SD's VAE overflows in fp16
+        vae_dtype = (
+            torch.float32 if t.mixed_precision == "fp16" else self.weight_dtype
+        )  # SD's VAE overflows in fp16
         base.vae.to(self.device, vae_dtype)
         self.network.to(self.device, torch.float32)
         if t.gradient_checkpointing:
@@ -130,14 +142,20 @@ class Trainer:
         self.snr = N.snr_table(self.scheduler).to(self.device)
         self.batches_per_epoch = dataset.num_batches_per_rank(self.acc.num_processes)
         if self.batches_per_epoch == 0:
-            raise ConfigError(f"the dataset has fewer batches than processes ({self.acc.num_processes}): add images")
+            raise ConfigError(
+                f"the dataset has fewer batches than processes ({self.acc.num_processes}): add images"
+            )
         self.steps_per_epoch, self.total_steps, self.epochs = steps_and_epochs(t, self.batches_per_epoch)
 
         groups = []
         if self.train_unet:
-            groups.append({"params": self.network.parameters(is_te=False), "lr": t.unet_lr or t.learning_rate})
+            groups.append(
+                {"params": self.network.parameters(is_te=False), "lr": t.unet_lr or t.learning_rate}
+            )
         if self.train_te:
-            groups.append({"params": self.network.parameters(is_te=True), "lr": t.text_encoder_lr or t.learning_rate})
+            groups.append(
+                {"params": self.network.parameters(is_te=True), "lr": t.text_encoder_lr or t.learning_rate}
+            )
         optimizer, self.optimizer_repr = build_optimizer(t, groups)
         self.lr_scheduler = build_lr_scheduler(t, optimizer, self.total_steps)
         self.optimizer = self.acc.prepare(optimizer)  # gradient scaling for fp16
@@ -158,7 +176,9 @@ class Trainer:
 
         b, d = self.base, self.cfg.dataset
         if d.cache_latents:
-            self.dataset.cache_latents(self._encode_pixels, self._vae_fingerprint(), d.cache_latents_to_disk, 1)
+            self.dataset.cache_latents(
+                self._encode_pixels, self._vae_fingerprint(), d.cache_latents_to_disk, 1
+            )
         self.te_cache: dict[str, torch.Tensor] = {}
         if d.cache_text_encoder_outputs:
             for caption in self.dataset.all_captions():
@@ -209,7 +229,9 @@ class Trainer:
         target = N.target_of(self.scheduler, latents, noise, t, cfg.model.v_parameterization)
         loss = N.per_sample_loss(pred, target) * batch.loss_weights.to(self.device)
         if cfg.training.min_snr_gamma:
-            loss = loss * N.min_snr_weights(self.snr, t, cfg.training.min_snr_gamma, cfg.model.v_parameterization)
+            loss = loss * N.min_snr_weights(
+                self.snr, t, cfg.training.min_snr_gamma, cfg.model.v_parameterization
+            )
         return loss.mean()
 
     @torch.no_grad()
@@ -239,7 +261,9 @@ class Trainer:
         mine = torch.stack([flat.sum(), flat.square().sum()])
         everyone = self.acc.gather(mine).view(self.acc.num_processes, 2)
         if not torch.allclose(everyone, everyone[0].expand_as(everyone), rtol=1e-9, atol=0):
-            raise TrainingError(f"the processes' LoRA weights diverged ({everyone.tolist()}): gradients were not synced")
+            raise TrainingError(
+                f"the processes' LoRA weights diverged ({everyone.tolist()}): gradients were not synced"
+            )
 
     def run(self, on_progress: Callable[[Progress], None] | None = None) -> Path:
         try:
@@ -265,7 +289,9 @@ class Trainer:
         try:
             while pos.step < self.total_steps:
                 epoch = pos.epoch
-                batches = self.dataset.batches(epoch, acc.process_index, acc.num_processes, skip=pos.batch_in_epoch)
+                batches = self.dataset.batches(
+                    epoch, acc.process_index, acc.num_processes, skip=pos.batch_in_epoch
+                )
                 for batch in batches:
                     micro = epoch * self.batches_per_epoch + pos.batch_in_epoch  # seeds this batch's noise
                     loss = self.loss_of(batch, micro)
@@ -291,8 +317,12 @@ class Trainer:
                         last_good = self.save(f"{cfg.output.output_name}-{pos.epoch:06d}")
         except KeyboardInterrupt:
             if cfg.output.save_state and acc.is_main_process:
-                folder = save_state(self._state_dir("-state"), self.network, self.optimizer.optimizer, self.lr_scheduler, pos)
-                log.warning("interrupted at step %d: state saved to %s (resume with --resume)", pos.step, folder)
+                folder = save_state(
+                    self._state_dir("-state"), self.network, self.optimizer.optimizer, self.lr_scheduler, pos
+                )
+                log.warning(
+                    "interrupted at step %d: state saved to %s (resume with --resume)", pos.step, folder
+                )
             raise
         finally:
             bar.close()
@@ -340,11 +370,19 @@ class Trainer:
         path = Path(o.output_dir) / f"{name}.{o.save_model_as}"
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
-            meta = finish_metadata(self.metadata, steps=self.pos.step, epoch=self.pos.epoch, no_metadata=o.no_metadata)
+            meta = finish_metadata(
+                self.metadata, steps=self.pos.step, epoch=self.pos.epoch, no_metadata=o.no_metadata
+            )
             save_lora_file(path, self.network.kohya_state_dict(), meta, o.save_precision)
             if o.save_state:
-                suffix = name[len(o.output_name):] + "-state"
-                save_state(self._state_dir(suffix), self.network, self.optimizer.optimizer, self.lr_scheduler, self.pos)
+                suffix = name[len(o.output_name) :] + "-state"
+                save_state(
+                    self._state_dir(suffix),
+                    self.network,
+                    self.optimizer.optimizer,
+                    self.lr_scheduler,
+                    self.pos,
+                )
             log.info("saved %s", path)
         return path
 
