@@ -1,5 +1,7 @@
 """Training end to end on the tiny model: learning, the file, determinism, resume, failures."""
 
+import json
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -196,3 +198,83 @@ def test_training_options_run_and_change_the_weights(train_config, opts):
     ups = [v for k, v in tensors(path).items() if k.endswith("lora_up.weight")]
     assert any(v.float().abs().sum() > 0 for v in ups)
     assert all(torch.isfinite(v.float()).all() for v in ups)
+
+
+def test_out_of_memory_gives_advice(train_config, monkeypatch):
+    def oom(self, batch, step):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(Trainer, "loss_of", oom)
+    with pytest.raises(TrainingError, match="out of GPU memory.*train_batch_size = 1.*gradient_checkpointing.*cache_latents"):
+        train(train_config())
+
+
+def test_training_needs_no_network(train_config, monkeypatch):
+    import socket
+
+    def refuse(*a, **k):
+        raise OSError("network is unreachable (test)")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    assert train(train_config(max_train_steps=1)).is_file()
+
+
+def test_buckets_disk_cache_and_tensorboard(train_config, tiny_data, tmp_path):
+    from PIL import Image
+
+    wide = tiny_data[0] / "2_usu bear" / "wide.png"
+    Image.new("RGB", (192, 64), (10, 10, 10)).save(wide)
+    cfg = train_config(
+        resolution="128",
+        enable_bucket=True,
+        min_bucket_reso=64,
+        max_bucket_reso=256,
+        cache_latents_to_disk=True,
+        logging_dir=str(tmp_path / "logs"),
+        max_train_steps=2,
+    )
+    path = train(cfg)
+    buckets = json.loads(metadata(path)["ss_bucket_info"])["buckets"]
+    assert len(buckets) >= 2  # the square images and the wide one
+    assert list(wide.parent.glob("wide_*_lorakit.npz"))
+    assert list((tmp_path / "logs").rglob("events.out.tfevents.*"))
+
+
+def test_bad_folder_is_reported_before_the_model_loads(train_config, tiny_data, monkeypatch):
+    import lorakit.models.loader as loader
+
+    def never(*a, **k):
+        raise AssertionError("the model was loaded before the dataset was checked")
+
+    monkeypatch.setattr(loader, "load_base_model", never)
+    (tiny_data[0] / "usu bear").mkdir()
+    from lorakit.errors import DatasetError
+
+    with pytest.raises(DatasetError, match=r"usu bear.*<repeats>_<prompt>"):
+        train(train_config())
+
+
+def test_missing_base_model_is_reported_first(train_config, tmp_path):
+    from lorakit.errors import ModelError
+
+    with pytest.raises(ModelError, match="nope.safetensors"):
+        train(train_config(pretrained_model_name_or_path=str(tmp_path / "nope.safetensors")))
+
+
+def test_cli_train_and_its_errors(train_config, tiny_base, tiny_data, tmp_path, capsys):
+    from lorakit.cli import main
+
+    toml = tmp_path / "cfg.toml"
+    toml.write_text(train_config(max_train_steps=1).to_toml())
+    assert main(["train", "--config", str(toml), "--network_dim", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "LoRA saved:" in out
+    assert tensors(tmp_path / "out" / "tiny.safetensors")[
+        "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"
+    ].shape[0] == 2
+    bad = tiny_data[0] / "2_usu bear" / "broken.png"
+    bad.write_bytes(b"")
+    assert main(["train", "--config", str(toml)]) == 2
+    err = capsys.readouterr().err
+    assert "broken.png" in err and "Traceback" not in err

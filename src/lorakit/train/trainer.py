@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..config import TrainConfig
-from ..errors import ConfigError, TrainingError
+from ..errors import ConfigError, ModelError, TrainingError
 from . import noise as N
 from .optim import build_lr_scheduler, build_optimizer, steps_and_epochs
 from .state import Position, load_state, save_state
@@ -65,6 +65,12 @@ def train(cfg: TrainConfig, on_progress: Callable[[Progress], None] | None = Non
     if cfg.dataset.cache_text_encoder_outputs and cfg.dataset.shuffle_caption:
         raise ConfigError(
             "cache_text_encoder_outputs cannot be used with shuffle_caption (captions change per step)"
+        )
+    model_path = Path(cfg.model.pretrained_model_name_or_path)
+    if not model_path.exists():
+        raise ModelError(
+            f"pretrained_model_name_or_path: {model_path} does not exist. Give an SD1.x .safetensors/.ckpt "
+            "file or a diffusers folder."
         )
     seed = _seed(cfg)
     plan, dataset = prepare_dataset(cfg)
@@ -124,12 +130,13 @@ class Trainer:
         log.info("create LoRA for Text Encoder: %d modules. U-Net: %d modules.", te_count, unet_count)
 
         # Frozen base in the compute dtype; LoRA weights stay fp32 (autocast does the rest).
-        base.unet.to(self.device, self.weight_dtype)
+        # nn.Module.to: diffusers' own .to() warns about fp32-only modules that SD1 does not have
+        torch.nn.Module.to(base.unet, self.device, self.weight_dtype)
         base.text_encoder.to(self.device, self.weight_dtype)
         vae_dtype = (
             torch.float32 if t.mixed_precision == "fp16" else self.weight_dtype
         )  # SD's VAE overflows in fp16
-        base.vae.to(self.device, vae_dtype)
+        torch.nn.Module.to(base.vae, self.device, vae_dtype)
         self.network.to(self.device, torch.float32)
         if t.gradient_checkpointing:
             base.unet.enable_gradient_checkpointing()
