@@ -10,13 +10,7 @@ from safetensors.torch import load_file
 from lorakit.errors import ConfigError, TrainingError
 from lorakit.network.file import addnet_hash
 from lorakit.train import trainer as trainer_mod
-from lorakit.train.trainer import Trainer, prepare_dataset, train
-
-
-def make_trainer(cfg):
-    cfg.validate()
-    plan, ds = prepare_dataset(cfg)
-    return Trainer(cfg, plan, ds, cfg.training.seed)
+from lorakit.train.trainer import Trainer, build_trainer, train
 
 
 def tensors(path):
@@ -32,7 +26,7 @@ def test_training_lowers_the_loss_on_its_own_data(train_config):
     cfg = train_config(
         max_train_steps=30, learning_rate=3e-3, cache_latents=True, network_dim=8, network_alpha=8
     )
-    tr = make_trainer(cfg)
+    tr = build_trainer(cfg)
     before = tr.mean_loss()
     tr.run()
     after = tr.mean_loss()
@@ -91,7 +85,7 @@ def test_resume_mid_epoch_is_exact(train_config, tmp_path, monkeypatch):
 
     cfg = train_config(output_dir=str(tmp_path / "split"), **common)
     with pytest.raises(KeyboardInterrupt):
-        make_trainer(cfg).run(stop_at_3)
+        build_trainer(cfg).run(stop_at_3)
     state = tmp_path / "split" / "tiny-state"
     assert (state / "train_state.json").is_file()
     assert not (tmp_path / "split" / "tiny.safetensors").exists()
@@ -171,7 +165,7 @@ def test_cache_text_encoder_outputs_needs_frozen_text_encoder(train_config):
 def test_network_weights_starts_from_a_file(train_config, tmp_path):
     first = train(train_config(output_dir=str(tmp_path / "a"), save_precision="float"))
     cfg = train_config(output_dir=str(tmp_path / "b"), network_weights=str(first), max_train_steps=1)
-    tr = make_trainer(cfg)
+    tr = build_trainer(cfg)
     loaded = tr.network.kohya_state_dict()
     for k, v in tensors(first).items():
         assert torch.equal(loaded[k], v), k
@@ -205,7 +199,9 @@ def test_out_of_memory_gives_advice(train_config, monkeypatch):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(Trainer, "loss_of", oom)
-    with pytest.raises(TrainingError, match="out of GPU memory.*train_batch_size = 1.*gradient_checkpointing.*cache_latents"):
+    with pytest.raises(
+        TrainingError, match="out of GPU memory.*train_batch_size = 1.*gradient_checkpointing.*cache_latents"
+    ):
         train(train_config())
 
 
@@ -270,9 +266,12 @@ def test_cli_train_and_its_errors(train_config, tiny_base, tiny_data, tmp_path, 
     assert main(["train", "--config", str(toml), "--network_dim", "2"]) == 0
     out = capsys.readouterr().out
     assert "LoRA saved:" in out
-    assert tensors(tmp_path / "out" / "tiny.safetensors")[
-        "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"
-    ].shape[0] == 2
+    assert (
+        tensors(tmp_path / "out" / "tiny.safetensors")[
+            "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"
+        ].shape[0]
+        == 2
+    )
     bad = tiny_data[0] / "2_usu bear" / "broken.png"
     bad.write_bytes(b"")
     assert main(["train", "--config", str(toml)]) == 2

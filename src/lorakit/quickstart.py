@@ -53,7 +53,7 @@ def make_tiny_base(path: Path, seed: int = 0) -> Path:
 
 def run_quickstart(workdir: str | Path, steps: int = 60) -> Path:
     from .config import TrainConfig
-    from .train.trainer import train
+    from .train.trainer import build_trainer
 
     workdir = Path(workdir)
     base = workdir / "tiny-sd1.safetensors"
@@ -79,11 +79,15 @@ def run_quickstart(workdir: str | Path, steps: int = 60) -> Path:
         source="quickstart",
     )
     (workdir / "quickstart.toml").write_text(cfg.to_toml())
-    lora = train(cfg)
+    trainer = build_trainer(cfg)
+    before = trainer.mean_loss()
+    lora = trainer.run()
+    after = trainer.mean_loss()
     print(f"\nBase model (tiny, built here): {base}")
     print(f"Dataset: {train_dir} (+ regularization {reg_dir})")
     print(
         f"Config:  {workdir / 'quickstart.toml'}  (rerun: lorakit train --config {workdir / 'quickstart.toml'})"
     )
     print(f"LoRA:    {lora}")
+    print(f"Loss on the training images, same noise: {before:.4f} before, {after:.4f} after training")
     return lora

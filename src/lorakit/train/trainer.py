@@ -59,8 +59,8 @@ def prepare_dataset(cfg: TrainConfig):
     return plan, DreamBoothDataset(plan, d, cfg.training.seed)
 
 
-def train(cfg: TrainConfig, on_progress: Callable[[Progress], None] | None = None) -> Path:
-    """Train a LoRA as `cfg` says; returns the path of the final `.safetensors`."""
+def build_trainer(cfg: TrainConfig) -> Trainer:
+    """Check the config, the base model path and the dataset (fast), then load the models."""
     cfg.validate()
     if cfg.dataset.cache_text_encoder_outputs and cfg.dataset.shuffle_caption:
         raise ConfigError(
@@ -74,7 +74,12 @@ def train(cfg: TrainConfig, on_progress: Callable[[Progress], None] | None = Non
         )
     seed = _seed(cfg)
     plan, dataset = prepare_dataset(cfg)
-    return Trainer(cfg, plan, dataset, seed).run(on_progress)
+    return Trainer(cfg, plan, dataset, seed)
+
+
+def train(cfg: TrainConfig, on_progress: Callable[[Progress], None] | None = None) -> Path:
+    """Train a LoRA as `cfg` says; returns the path of the final `.safetensors`."""
+    return build_trainer(cfg).run(on_progress)
 
 
 class Trainer:
