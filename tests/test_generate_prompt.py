@@ -199,7 +199,8 @@ def test_comma_too_far_back_is_not_used(tok):
     text = " ".join(["cat"] * 50) + ", " + " ".join(["dog"] * 30)
     chunks, _ = tokenize_weighted(tok, text)
     assert len(chunks) == 2
-    assert chunks[0][76 - 24 : 76] == [dog] * 24 and chunks[1][1:7] == [dog] * 6
+    assert chunks[0][1:51] == [cat] * 50 and chunks[0][52:76] == [dog] * 24
+    assert chunks[1][1:7] == [dog] * 6 and chunks[1][7] == 49407
 
 
 def test_weights_follow_backtracked_tokens(tok):
