@@ -100,6 +100,21 @@ def test_bad_tags(prompt, match):
         extract_loras(prompt)
 
 
+def test_a1111_docstring_example_exact():
+    # A1111's own example (prompt_parser.py), float rounding included
+    assert parse_prompt_attention("a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).") == [
+        ("a ", 1.0),
+        ("house", 1.5730000000000004),
+        (" ", 1.1),
+        ("on", 1.0),
+        (" a ", 1.1),
+        ("hill", 0.55),
+        (", sun, ", 1.1),
+        ("sky", 1.4641000000000006),
+        (".", 1.1),
+    ]
+
+
 def test_bad_emphasis_number():
     with pytest.raises(ConfigError, match="1.2.3"):
         parse_prompt_attention("(a:1.2.3)")
