@@ -1,7 +1,8 @@
-"""Merge a kohya-format LoRA into a UNet and text encoder: W += m * (up @ down) * alpha / rank.
+"""Merge kohya-format LoRAs into a UNet and text encoder: W += m * (up @ down) * alpha / rank.
 
-Used to check our files against other loaders, and to draw with a LoRA at full speed. Every
-module named in the file must exist in the model, or nothing is changed.
+Merged, a LoRA costs nothing at generation time. LoraMerger keeps the original weights of every
+touched module, so switching or removing LoRAs restores the base bit for bit. Every module
+named in a file must exist in the model, or nothing is changed.
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ def kohya_module_map(unet: nn.Module | None, text_encoder: nn.Module | None) -> 
     return out
 
 
+def lora_module_names(tensors: dict[str, torch.Tensor]) -> list[str]:
+    return sorted({k.split(".", 1)[0] for k in tensors if k.endswith(".lora_down.weight")})
+
+
 def lora_delta(
     down: torch.Tensor, up: torch.Tensor, alpha: torch.Tensor | None, weight: nn.Parameter
 ) -> torch.Tensor:
@@ -46,6 +51,54 @@ def lora_delta(
     return (delta * scale).reshape(weight.shape)
 
 
+class LoraMerger:
+    """Applies a set of (tensors, te_multiplier, unet_multiplier) to a UNet and text encoder."""
+
+    def __init__(self, unet: nn.Module | None, text_encoder: nn.Module | None):
+        self.modules = kohya_module_map(unet, text_encoder)
+        self.backup: dict[str, torch.Tensor] = {}
+        self.applied: list[tuple[str, float, float]] = []
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for name, weight in self.backup.items():
+                self.modules[name].weight.copy_(weight)
+        self.backup.clear()
+        self.applied = []
+
+    def apply(self, loras: list[tuple[str, dict[str, torch.Tensor], float, float]]) -> None:
+        """Restore the base, then merge each (label, tensors, te_mult, unet_mult); all or nothing."""
+        key = [(label, te, unet) for label, _, te, unet in loras]
+        if key == self.applied:
+            return
+        self.restore()
+        for label, tensors, _, _ in loras:  # check every file before touching any weight
+            names = lora_module_names(tensors)
+            unknown = sorted(n for n in names if n not in self.modules)
+            if unknown:
+                raise ModelError(
+                    f"LoRA {label!r}: {len(unknown)} of {len(names)} modules do not exist in this base model "
+                    f"(e.g. {unknown[0]}): it was made for another architecture (SDXL? SD2?) and was not applied"
+                )
+        with torch.no_grad():
+            for _label, tensors, te_mult, unet_mult in loras:
+                for name in lora_module_names(tensors):
+                    mod = self.modules[name]
+                    mult = te_mult if name.startswith(TE_PREFIX + "_") else unet_mult
+                    if mult == 0:
+                        continue
+                    if name not in self.backup:
+                        self.backup[name] = mod.weight.detach().clone()
+                    delta = lora_delta(
+                        tensors[f"{name}.lora_down.weight"],
+                        tensors[f"{name}.lora_up.weight"],
+                        tensors.get(f"{name}.alpha"),
+                        mod.weight,
+                    ).to(mod.weight.device)
+                    mod.weight.copy_((mod.weight.float() + mult * delta).to(mod.weight.dtype))
+        self.applied = key
+
+
 def merge_lora(
     unet: nn.Module | None,
     text_encoder: nn.Module | None,
@@ -54,24 +107,7 @@ def merge_lora(
     unet_multiplier: float = 1.0,
     source: str = "LoRA",
 ) -> int:
-    """Add the LoRA into the weights in place; returns the number of modules changed."""
-    modules = kohya_module_map(unet, text_encoder)
-    names = sorted({k.split(".", 1)[0] for k in tensors if k.endswith(".lora_down.weight")})
-    unknown = [n for n in names if n not in modules]
-    if unknown:
-        raise ModelError(
-            f"{source}: {len(unknown)} of {len(names)} modules do not exist in this base model "
-            f"(e.g. {unknown[0]}); it was made for another architecture (SDXL? SD2?) and was not applied"
-        )
-    with torch.no_grad():
-        for name in names:
-            mod = modules[name]
-            m = te_multiplier if name.startswith(TE_PREFIX + "_") else unet_multiplier
-            delta = lora_delta(
-                tensors[f"{name}.lora_down.weight"],
-                tensors[f"{name}.lora_up.weight"],
-                tensors.get(f"{name}.alpha"),
-                mod.weight,
-            )
-            mod.weight += (m * delta).to(mod.weight.dtype)
-    return len(names)
+    """Add one LoRA into the weights in place, for good; returns the number of modules it names."""
+    merger = LoraMerger(unet, text_encoder)
+    merger.apply([(source, tensors, te_multiplier, unet_multiplier)])
+    return len(lora_module_names(tensors))

@@ -1,0 +1,66 @@
+"""Find LoRA files by name the way A1111 does (models/Lora, recursive, file name or alias)."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import ModelError
+
+LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
+
+
+@dataclass
+class LoraFile:
+    name: str  # file stem: what <lora:NAME> uses
+    path: Path
+    alias: str | None  # ss_output_name from the metadata
+
+
+def _output_name(path: Path) -> str | None:
+    if path.suffix != ".safetensors":
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return (f.metadata() or {}).get("ss_output_name")
+    except Exception:
+        return None
+
+
+def list_loras(lora_dir: str | Path) -> list[LoraFile]:
+    """Every LoRA file under `lora_dir`, searched recursively like A1111's models/Lora."""
+    root = Path(lora_dir)
+    if not root.is_dir():
+        return []
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in LORA_SUFFIXES and p.is_file())
+    return [LoraFile(p.stem, p, _output_name(p)) for p in files]
+
+
+def resolve(name: str, loras: list[LoraFile], lora_dir: str | Path) -> LoraFile:
+    """By file name first (the later of equal stems wins, as in A1111), then by alias."""
+    by_name = {lf.name: lf for lf in loras}
+    if name in by_name:
+        return by_name[name]
+    by_alias = {lf.alias: lf for lf in loras if lf.alias}
+    if name in by_alias:
+        return by_alias[name]
+    known = list(by_name) + list(by_alias)
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+    hint = f" Close matches: {', '.join(close)}." if close else ""
+    raise ModelError(f"LoRA {name!r} not found in {lora_dir} ({len(by_name)} LoRAs there).{hint}")
+
+
+def read_lora_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from ..models.checkpoint import read_state_dict
+
+    tensors, _ = read_state_dict(path)  # .pt/.ckpt through torch.load(weights_only=True) only
+    unsupported = {k.rsplit(".", 2)[-2] for k in tensors if ".hada_" in k or ".lokr_" in k}
+    if unsupported or not any(k.endswith(".lora_down.weight") for k in tensors):
+        kind = "LoHa/LoKr" if unsupported else "not a kohya LoRA"
+        raise ModelError(f"{path}: {kind}; lorakit applies kohya LoRA and LoCon files")
+    return tensors

@@ -1,0 +1,225 @@
+"""txt2img as A1111 users know it: prompt syntax, LoRAs by name, sampler names, seeds, PNG info.
+
+The denoising loop is diffusers' StableDiffusionPipeline fed with A1111-weighted embeddings;
+LoRAs are merged into the weights (and restored afterwards), so they cost nothing per step.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..errors import ConfigError
+
+
+@dataclass
+class GenerationParams:
+    """One txt2img request, named like A1111's fields."""
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    steps: int = 20
+    cfg_scale: float = 7.0
+    width: int = 512
+    height: int = 512
+    seed: int = -1  # -1: random, printed and stored
+    batch_count: int = 1
+    batch_size: int = 1
+    sampler: str = "DPM++ 2M"
+    schedule_type: str | None = None  # "Karras"; or fold it into the name ("DPM++ 2M Karras")
+    clip_skip: int = 1
+
+    def check(self) -> None:
+        if self.width % 8 or self.height % 8 or min(self.width, self.height) < 64:
+            raise ConfigError(
+                f"size {self.width}x{self.height}: width and height must be multiples of 8, at least 64"
+            )
+        if self.steps < 1 or self.batch_count < 1 or self.batch_size < 1:
+            raise ConfigError("steps, batch_count and batch_size must be at least 1")
+        if self.clip_skip < 1:
+            raise ConfigError("clip_skip must be 1 or more")
+
+
+@dataclass
+class GeneratedImage:
+    image: object  # PIL.Image
+    seed: int
+    infotext: str
+    path: Path | None = None
+
+
+@dataclass
+class _Lora:
+    name: str
+    path: Path
+    tensors: dict
+    short_hash: str
+
+
+@dataclass
+class Generator:
+    """Holds a base model (and its LoRA merger) between requests."""
+
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    model_path: Path | None = None
+    lora_dir: Path = Path("models/Lora")
+    prediction_type: str = "epsilon"
+    _merger: object = field(default=None, repr=False)
+    _lora_cache: dict = field(default_factory=dict, repr=False)
+    _model_hash: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_path(cls, model_path: str | Path, lora_dir: str | Path = "models/Lora", device=None, dtype=None):
+        from ..models.loader import load_base_model
+
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+        base = load_base_model(model_path, dtype=dtype, device=device)
+        return cls(base.unet, base.vae, base.text_encoder, base.tokenizer, Path(model_path), Path(lora_dir))
+
+    # --- LoRAs ------------------------------------------------------------------------
+    def _load_lora(self, name: str) -> _Lora:
+        from ..network.file import addnet_hash
+        from .loras import list_loras, read_lora_tensors, resolve
+
+        found = resolve(name, list_loras(self.lora_dir), self.lora_dir)
+        key = (str(found.path), found.path.stat().st_mtime_ns)
+        if key not in self._lora_cache:
+            tensors = read_lora_tensors(found.path)
+            short = addnet_hash(found.path)[:12] if found.path.suffix == ".safetensors" else ""
+            self._lora_cache[key] = _Lora(name, found.path, tensors, short)
+        return self._lora_cache[key]
+
+    def apply_loras(self, prompt: str) -> tuple[str, list[_Lora]]:
+        """Merge the prompt's <lora:...> tags (and only those); returns the prompt without them."""
+        from ..network.merge import LoraMerger
+        from .prompt import extract_loras
+
+        text, refs = extract_loras(prompt)
+        loaded = [(ref, self._load_lora(ref.name)) for ref in refs]
+        if self._merger is None:
+            self._merger = LoraMerger(self.unet, self.text_encoder)
+        self._merger.apply(
+            [
+                (f"{lr.name}@{lr.path}", lr.tensors, ref.te_multiplier, ref.unet_multiplier)
+                for ref, lr in loaded
+            ]
+        )
+        return text, [lr for _, lr in loaded]
+
+    def restore_base(self) -> None:
+        if self._merger is not None:
+            self._merger.restore()
+
+    # --- drawing ----------------------------------------------------------------------
+    def model_hash(self) -> str | None:
+        from .pnginfo import model_hash
+
+        if self._model_hash is None and self.model_path is not None and self.model_path.is_file():
+            self._model_hash = model_hash(self.model_path)
+        return self._model_hash
+
+    def infotext(self, p: GenerationParams, seed: int, loras: list[_Lora], batch_pos: int) -> str:
+        from .pnginfo import format_parameters
+        from .samplers import display_name
+
+        sampler, schedule = display_name(p.sampler, p.schedule_type)
+        params: dict = {"Steps": p.steps, "Sampler": sampler}
+        if schedule:
+            params["Schedule type"] = schedule
+        params.update({"CFG scale": _num(p.cfg_scale), "Seed": seed, "Size": f"{p.width}x{p.height}"})
+        if self.model_hash():
+            params["Model hash"] = self.model_hash()[:10]
+        if self.model_path is not None:
+            params["Model"] = self.model_path.stem
+        if p.batch_size > 1:
+            params.update({"Batch size": p.batch_size, "Batch pos": batch_pos})
+        if p.clip_skip > 1:
+            params["Clip skip"] = p.clip_skip
+        hashes = [f"{lr.name}: {lr.short_hash}" for lr in loras if lr.short_hash]
+        if hashes:
+            params["Lora hashes"] = ", ".join(hashes)
+        params["Version"] = f"lorakit {__version__}"
+        return format_parameters(p.prompt, p.negative_prompt, params)
+
+    @torch.no_grad()
+    def generate(self, p: GenerationParams, on_image=None) -> list[GeneratedImage]:
+        """Draw batch_count x batch_size images; image i of the run uses seed + i (as A1111)."""
+        from .prompt import encode_pair
+
+        p.check()
+        seed = p.seed if p.seed != -1 else random.randint(0, 2**32 - 1)
+        text, loras = self.apply_loras(p.prompt)
+        neg_text, neg_loras = _strip(p.negative_prompt)
+        clip_skip = p.clip_skip if p.clip_skip > 1 else None
+        cond, uncond = encode_pair(self.tokenizer, self.text_encoder, text, neg_text, clip_skip)
+        out: list[GeneratedImage] = []
+        for b in range(p.batch_count):
+            seeds = [seed + b * p.batch_size + i for i in range(p.batch_size)]
+            images = self.draw(cond, uncond, seeds, p)
+            for i, (img, s) in enumerate(zip(images, seeds)):
+                item = GeneratedImage(img, s, self.infotext(p, s, loras, i))
+                out.append(item)
+                if on_image:
+                    on_image(item)
+        return out
+
+    def draw(self, cond: torch.Tensor, uncond: torch.Tensor, seeds: list[int], p: GenerationParams) -> list:
+        """The denoising loop (diffusers) and the VAE decode, for one batch of seeds."""
+        from .samplers import make_scheduler
+
+        pipe = self._pipeline(make_scheduler(p.sampler, p.schedule_type, self.prediction_type))
+        device, dtype = self.unet.device, self.unet.dtype
+        shape = (4, p.height // 8, p.width // 8)
+        # CPU noise per seed: the same image for a seed whatever the batch or device (A1111's "CPU" RNG)
+        gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        latents = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device, dtype)
+        n = len(seeds)
+        latents = pipe(
+            prompt_embeds=cond.to(device, dtype).expand(n, -1, -1),
+            negative_prompt_embeds=uncond.to(device, dtype).expand(n, -1, -1),
+            num_inference_steps=p.steps,
+            guidance_scale=p.cfg_scale,
+            height=p.height,
+            width=p.width,
+            generator=gens,
+            latents=latents,
+            output_type="latent",
+        ).images
+        return decode_latents(self.vae, latents)
+
+    def _pipeline(self, scheduler):
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline(
+            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
+            scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )  # fmt: skip
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+
+def decode_latents(vae, latents: torch.Tensor) -> list:
+    from PIL import Image
+
+    x = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in x]
+
+
+def _strip(negative: str) -> tuple[str, list]:
+    """LoRA tags in the negative prompt are ignored (as in A1111): keep the text only."""
+    from .prompt import extract_loras
+
+    return extract_loras(negative)
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
