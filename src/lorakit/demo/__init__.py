@@ -1,0 +1,12 @@
+"""lorakit's demo world: a tiny SD1.x-family model pretrained on procedurally drawn animals.
+
+`lorakit.demo.world` draws the world and the instance character (the "usu bear"),
+`lorakit.demo.metric` tells what a (generated) picture shows without any network access,
+and `DEMO_MODEL` is the shipped base model (an LDM single file, load it with load_base_model).
+"""
+
+from pathlib import Path
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+DEMO_MODEL = ASSETS / "lorakit-demo-sd1.safetensors"
+METRIC_WEIGHTS = ASSETS / "metric.safetensors"
