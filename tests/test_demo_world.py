@@ -49,7 +49,7 @@ def test_plain_bears_are_never_the_instance_character():
     for _ in range(500):
         sc = W.random_scene(rng, "bear")
         assert sc.colour != "black" and not sc.instance
-    for _, cap, sc in W.world_samples(300, seed=5):
+    for _, _cap, sc in W.world_samples(300, seed=5):
         assert not sc.instance
         if sc.animal == "bear":
             assert sc.colour != "black"

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import random
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lorakit.demo import ASSETS, DEMO_MODEL, METRIC_WEIGHTS
+from lorakit.demo import DEMO_MODEL, METRIC_WEIGHTS
 from lorakit.demo import metric as M
 from lorakit.demo import world as W
 
@@ -295,7 +294,7 @@ def train_diffusion(arch, data, args, work: Path):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="1 is robust on a shared 2-core CPU")
     p.add_argument("--work", default="/tmp/lorakit-demo-pretrain")
     p.add_argument("--out", default=str(DEMO_MODEL))
     p.add_argument("--metric-out", default=str(METRIC_WEIGHTS))
@@ -315,6 +314,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
