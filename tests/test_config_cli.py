@@ -5,7 +5,8 @@ import sys
 
 import pytest
 
-from lorakit.cli import build_parser, config_from_args, main
+from lorakit.cli import build_parser, main
+from lorakit.cli.train import config_from_args
 from lorakit.config import TrainConfig, field_index
 from lorakit.errors import ConfigError
 

@@ -3,42 +3,12 @@ LoRA-loaded model computes what lorakit's own merged weights compute."""
 
 import logging
 
-import pytest
 import torch
 
 from lorakit.models.loader import load_base_model
 from lorakit.models.text import encode_prompts
 from lorakit.network.file import read_lora_file
 from lorakit.network.merge import merge_lora
-from lorakit.train.trainer import train
-
-
-@pytest.fixture(scope="module")
-def trained_lora(tmp_path_factory, tiny_base):
-    """A LoRA with non-trivial weights on every module (UNet + text encoder, LoCon convs too)."""
-    from lorakit.config import TrainConfig
-    from lorakit.quickstart import make_dataset
-
-    root = tmp_path_factory.mktemp("compat")
-    train_dir, _ = make_dataset(root / "data", n_train=4, n_reg=0, repeats=2)
-    cfg = TrainConfig.from_dict(
-        {
-            "pretrained_model_name_or_path": str(tiny_base),
-            "train_data_dir": str(train_dir),
-            "resolution": "64",
-            "output_dir": str(root / "out"),
-            "output_name": "compat",
-            "network_dim": 4,
-            "network_alpha": 2,
-            "conv_dim": 2,
-            "conv_alpha": 1,
-            "learning_rate": 2e-2,  # large, so the LoRA visibly changes the outputs
-            "max_train_steps": 6,
-            "save_precision": "float",
-            "seed": 3,
-        }
-    )
-    return train(cfg)
 
 
 def pipeline(base):

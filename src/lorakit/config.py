@@ -121,12 +121,24 @@ class OutputConfig:
     no_metadata: bool = opt(False, "write only the minimum metadata")
 
 
+@dataclass
+class SampleConfig:
+    sample_prompts: str | None = opt(
+        None, "text file of prompts to draw while training (kohya format: --n --w --h --s --l --d --ss)"
+    )
+    sample_every_n_steps: int | None = opt(None, "draw the sample prompts every N steps")
+    sample_every_n_epochs: int | None = opt(None, "draw the sample prompts every N epochs (overrides steps)")
+    sample_at_first: bool = opt(False, "draw the sample prompts before training starts")
+    sample_sampler: str = opt("ddim", "sampler for samples: kohya (ddim, euler_a, ...) or A1111 names")
+
+
 SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "dataset": DatasetConfig,
     "network": NetworkConfig,
     "training": TrainingConfig,
     "output": OutputConfig,
+    "sample": SampleConfig,
 }
 
 
@@ -137,6 +149,7 @@ class TrainConfig:
     network: NetworkConfig = field(default_factory=NetworkConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
 
     # --- building ---------------------------------------------------------
     @classmethod

@@ -1,18 +1,12 @@
-"""`lorakit` command line: a thin front over the typed config and the Python API.
-
-Heavy imports (torch, diffusers) happen inside the commands, so `lorakit --help` is instant.
-"""
+"""`lorakit train` and `lorakit quickstart`: flags generated from the typed config."""
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
-import sys
 import typing
 
-from .config import SECTIONS, TrainConfig, base_type, field_index, unknown_key_message
-from .errors import LoraKitError
+from ..config import SECTIONS, TrainConfig, base_type, field_index
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -54,7 +48,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train.trainer import train
+    from ..train.trainer import train
 
     cfg = config_from_args(args)
     if args.dump_config:
@@ -67,18 +61,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
-    from .quickstart import run_quickstart
+    from ..quickstart import run_quickstart
 
     run_quickstart(args.workdir, steps=args.steps)
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="lorakit", description="Train kohya-compatible Stable Diffusion LoRAs.", allow_abbrev=False
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def add_parsers(sub) -> None:
     p = sub.add_parser(
         "train",
         allow_abbrev=False,
@@ -88,35 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE.toml", help="TOML file with any of the options below")
     p.add_argument("--dump_config", action="store_true", help="print the resulting config as TOML and exit")
     add_config_flags(p)
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=cmd_train, known=lambda: list(field_index()))
 
     q = sub.add_parser(
         "quickstart",
+        allow_abbrev=False,
         help="build a tiny model and dataset, then train a LoRA on them (a minute on a CPU)",
     )
     q.add_argument("--workdir", default="lorakit-quickstart", help="folder for the model, dataset and LoRA")
     q.add_argument("--steps", type=int, default=60, help="training steps")
-    q.set_defaults(func=cmd_quickstart)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args, unknown = build_parser().parse_known_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        for flag in unknown:
-            if flag.startswith("--"):
-                raise LoraKitError(unknown_key_message(flag[2:].split("=")[0], "command line"))
-        if unknown:
-            raise LoraKitError(f"unexpected arguments: {' '.join(unknown)}")
-        return args.func(args)
-    except LoraKitError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    q.set_defaults(func=cmd_quickstart, known=lambda: ["workdir", "steps"])

@@ -181,6 +181,53 @@ class Trainer:
 
         self._prepare_caches()
         self.metadata = self._metadata()
+        self.sample_prompts = self._read_sample_prompts()
+
+    # --- samples while training ------------------------------------------------------
+    def _read_sample_prompts(self) -> list:
+        from ..config import resolution_of
+        from ..generate.params import GenerationParams
+        from ..generate.sample_prompts import read_sample_prompts
+        from ..generate.samplers import split_name
+
+        sc = self.cfg.sample
+        if not sc.sample_prompts:
+            return []
+        split_name(sc.sample_sampler)  # an unknown name fails now, not after the first epoch
+        w, h = resolution_of(self.cfg.dataset.resolution)
+        defaults = GenerationParams(  # kohya's defaults, at the training resolution
+            width=w,
+            height=h,
+            steps=30,
+            cfg_scale=7.5,
+            sampler=sc.sample_sampler,
+            clip_skip=self.cfg.model.clip_skip or 1,
+        )
+        return read_sample_prompts(sc.sample_prompts, defaults)
+
+    def sample(self, epoch: int | None = None, step: int | None = None) -> list[Path]:
+        """Draw the sample prompts with the LoRA as it is now (under output_dir/sample)."""
+        from ..generate.pipeline import Generator
+        from ..generate.sample_prompts import draw_samples
+
+        if not self.sample_prompts or not self.acc.is_main_process:
+            return []
+        b = self.base
+        modes = (b.unet.training, b.text_encoder.training)
+        b.unet.eval()
+        b.text_encoder.eval()
+        gen = Generator(
+            b.unet, b.vae, b.text_encoder, b.tokenizer, model_path=Path(self.cfg.model.pretrained_model_name_or_path),
+            prediction_type="v_prediction" if self.cfg.model.v_parameterization else "epsilon",
+        )  # fmt: skip
+        folder = Path(self.cfg.output.output_dir) / "sample"
+        with torch.no_grad():
+            paths = draw_samples(
+                gen, self.sample_prompts, folder, self.cfg.output.output_name, epoch=epoch, step=step
+            )
+        b.unet.train(modes[0])
+        b.text_encoder.train(modes[1])
+        return paths
 
     # --- caches -----------------------------------------------------------------
     def _prepare_caches(self) -> None:
@@ -298,6 +345,9 @@ class Trainer:
         loss_sum, loss_n = torch.zeros((), device=self.device), 0
         self._clock = (time.time(), pos.step)
         last_good: Path | None = None
+        sc = cfg.sample
+        if sc.sample_at_first and pos.step == 0:
+            self.sample(epoch=0) if sc.sample_every_n_epochs else self.sample(step=0)
         try:
             while pos.step < self.total_steps:
                 epoch = pos.epoch
@@ -315,18 +365,26 @@ class Trainer:
                         continue
                     self._optimizer_step(params)
                     bar.update(1)
+                    if (
+                        sc.sample_every_n_steps
+                        and not sc.sample_every_n_epochs
+                        and pos.step % sc.sample_every_n_steps == 0
+                    ):
+                        self.sample(step=pos.step)
                     if pos.step % LOG_EVERY == 0 or pos.step == self.total_steps:
                         self._report(loss_sum / max(loss_n, 1), bar, on_progress, last_good)
                         loss_sum.zero_()
                         loss_n = 0
                     if pos.step >= self.total_steps:
                         break
-                else:  # the epoch ran to its end
+                if pos.batch_in_epoch >= self.batches_per_epoch:  # the epoch ran to its end
                     pos.epoch += 1
                     pos.batch_in_epoch = 0
                     every = cfg.output.save_every_n_epochs
                     if every and pos.epoch % every == 0 and pos.step < self.total_steps:
                         last_good = self.save(f"{cfg.output.output_name}-{pos.epoch:06d}")
+                    if sc.sample_every_n_epochs and pos.epoch % sc.sample_every_n_epochs == 0:
+                        self.sample(epoch=pos.epoch)
         except KeyboardInterrupt:
             if cfg.output.save_state and acc.is_main_process:
                 folder = save_state(

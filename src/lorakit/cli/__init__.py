@@ -1,0 +1,54 @@
+"""`lorakit` command line: thin fronts over the typed configs and the Python API.
+
+Heavy imports (torch, diffusers) happen inside the commands, so `lorakit --help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import logging
+import sys
+
+from ..errors import LoraKitError
+from . import draw, train
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lorakit", description="Train kohya-compatible Stable Diffusion LoRAs, and draw with them.",
+        allow_abbrev=False,
+    )  # fmt: skip
+    sub = parser.add_subparsers(dest="command", required=True)
+    train.add_parsers(sub)
+    draw.add_parsers(sub)
+    return parser
+
+
+def unknown_flag_message(flag: str, known: list[str]) -> str:
+    name = flag[2:].split("=")[0]
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+    hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    return f"command line: unknown option {name!r}.{hint} `--help` lists every option."
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, unknown = build_parser().parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        for flag in unknown:
+            if flag.startswith("--"):
+                raise LoraKitError(unknown_flag_message(flag, args.known()))
+        if unknown:
+            raise LoraKitError(f"unexpected arguments: {' '.join(unknown)}")
+        return args.func(args)
+    except LoraKitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

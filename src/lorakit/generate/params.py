@@ -1,0 +1,35 @@
+"""The typed txt2img request that the CLI, the GUI and sample prompts fill (no torch here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import ConfigError
+
+
+@dataclass
+class GenerationParams:
+    """One txt2img request, named like A1111's fields."""
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    steps: int = 20
+    cfg_scale: float = 7.0
+    width: int = 512
+    height: int = 512
+    seed: int = -1  # -1: random, printed and stored
+    batch_count: int = 1
+    batch_size: int = 1
+    sampler: str = "DPM++ 2M"
+    schedule_type: str | None = None  # "Karras"; or fold it into the name ("DPM++ 2M Karras")
+    clip_skip: int = 1
+
+    def check(self) -> None:
+        if self.width % 8 or self.height % 8 or min(self.width, self.height) < 64:
+            raise ConfigError(
+                f"size {self.width}x{self.height}: width and height must be multiples of 8, at least 64"
+            )
+        if self.steps < 1 or self.batch_count < 1 or self.batch_size < 1:
+            raise ConfigError("steps, batch_count and batch_size must be at least 1")
+        if self.clip_skip < 1:
+            raise ConfigError("clip_skip must be 1 or more")

@@ -1,0 +1,76 @@
+"""kohya's `sample_prompts` file and the sample images drawn while training.
+
+One prompt per line, `#` comments; options after ` --`: `--n` negative prompt, `--w`/`--h`
+size, `--s` steps, `--l` CFG scale, `--d` seed, `--ss` sampler (kohya or A1111 names).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from ..errors import ConfigError
+from .params import GenerationParams
+
+
+def parse_line(line: str, defaults: GenerationParams, where: str) -> GenerationParams:
+    parts = line.split(" --")
+    p = GenerationParams(**{**defaults.__dict__, "prompt": parts[0].strip()})
+    for part in parts[1:]:
+        key, _, value = part.strip().partition(" ")
+        value = value.strip()
+        try:
+            if key == "n":
+                p.negative_prompt = value
+            elif key == "w":
+                p.width = max(64, int(value) // 8 * 8)
+            elif key == "h":
+                p.height = max(64, int(value) // 8 * 8)
+            elif key == "s":
+                p.steps = min(max(int(value), 1), 1000)
+            elif key == "l":
+                p.cfg_scale = float(value)
+            elif key == "d":
+                p.seed = int(value)
+            elif key == "ss":
+                p.sampler = value
+            else:
+                raise ConfigError(f"{where}: unknown option --{key} (use --n --w --h --s --l --d --ss)")
+        except ValueError:
+            raise ConfigError(f"{where}: --{key} {value!r} is not a number") from None
+    return p
+
+
+def read_sample_prompts(path: str | Path, defaults: GenerationParams) -> list[GenerationParams]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"sample_prompts: {path} does not exist")
+    out = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        line = line.strip()
+        if line and not line.startswith("#"):
+            out.append(parse_line(line, defaults, f"{path}:{i}"))
+    if not out:
+        raise ConfigError(f"sample_prompts: {path} has no prompts (one per line)")
+    return out
+
+
+def sample_name(output_name: str, index: int, epoch: int | None = None, step: int | None = None) -> str:
+    """kohya's names: <name>_e000002_00_<time>.png after epochs, <name>_000100_00_<time>.png after steps."""
+    tag = f"e{epoch:06d}" if epoch is not None else f"{step:06d}"
+    return f"{output_name}_{tag}_{index:02d}_{time.strftime('%Y%m%d%H%M%S')}.png"
+
+
+def draw_samples(
+    generator, prompts: list[GenerationParams], folder: Path, output_name: str, **when
+) -> list[Path]:
+    from .pnginfo import save_png_with_parameters
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, p in enumerate(prompts):
+        item = generator.generate(p)[0]
+        path = folder / sample_name(output_name, i, **when)
+        save_png_with_parameters(item.image, path, item.infotext)
+        paths.append(path)
+    return paths

@@ -1,0 +1,114 @@
+"""What a LoRA file is: architecture, rank/alpha, module counts, and its training metadata."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from .file import addnet_hash, read_lora_file
+
+TRAINING_KEYS = (
+    ("ss_sd_model_name", "base model"),
+    ("ss_base_model_version", "base model version"),
+    ("ss_output_name", "output name"),
+    ("ss_training_started_at", "started at (unix)"),
+    ("ss_num_train_images", "train images (x repeats)"),
+    ("ss_num_reg_images", "reg images"),
+    ("ss_num_epochs", "epochs"),
+    ("ss_epoch", "epoch saved"),
+    ("ss_steps", "steps"),
+    ("ss_learning_rate", "learning rate"),
+    ("ss_unet_lr", "unet lr"),
+    ("ss_text_encoder_lr", "text encoder lr"),
+    ("ss_optimizer", "optimizer"),
+    ("ss_lr_scheduler", "lr scheduler"),
+    ("ss_resolution", "resolution"),
+    ("ss_batch_size_per_device", "batch size"),
+    ("ss_mixed_precision", "mixed precision"),
+    ("ss_clip_skip", "clip skip"),
+    ("ss_seed", "seed"),
+    ("ss_training_comment", "comment"),
+)
+
+
+def architecture(keys: list[str]) -> str:
+    if any(k.startswith(("lora_te1_", "lora_te2_")) for k in keys) or any("input_blocks_" in k for k in keys):
+        return "SDXL"
+    if any(k.startswith("lora_transformer_") or "double_blocks" in k for k in keys):
+        return "FLUX.1"
+    if any(k.startswith(("lora_unet_", "lora_te_")) for k in keys):
+        return "SD1.x/SD2.x"
+    return "unknown"
+
+
+def inspect_lora(path: str | Path) -> dict:
+    """A summary dict (what `lorakit inspect --json` prints)."""
+    path = Path(path)
+    tensors, meta = read_lora_file(path)
+    names = sorted({k.split(".", 1)[0] for k in tensors if k.endswith(".lora_down.weight")})
+    dims = {n: int(tensors[f"{n}.lora_down.weight"].shape[0]) for n in names}
+    alphas = {n: float(tensors[f"{n}.alpha"]) if f"{n}.alpha" in tensors else float(dims[n]) for n in names}
+    conv3 = [
+        n
+        for n in names
+        if tensors[f"{n}.lora_down.weight"].dim() == 4 and tensors[f"{n}.lora_down.weight"].shape[2] > 1
+    ]
+    pairs = Counter((dims[n], alphas[n]) for n in names)
+    tag_frequency = json.loads(meta["ss_tag_frequency"]) if meta.get("ss_tag_frequency") else {}
+    top_tags = {
+        folder: sorted(tags.items(), key=lambda kv: -kv[1])[:10] for folder, tags in tag_frequency.items()
+    }
+    return {
+        "file": str(path),
+        "architecture": architecture(list(tensors)),
+        "modules": {
+            "text_encoder": sum(n.startswith("lora_te") for n in names),
+            "unet": sum(n.startswith("lora_unet_") for n in names),
+            "conv3x3_locon": len(conv3),
+        },
+        "dim_alpha": [{"dim": d, "alpha": a, "modules": c} for (d, a), c in pairs.most_common()],
+        "per_module": {n: {"dim": dims[n], "alpha": alphas[n]} for n in names} if len(pairs) > 1 else None,
+        "dtype": str(next(iter(tensors.values())).dtype).replace("torch.", ""),
+        "hash": addnet_hash(path)[:12],
+        "training": {label: meta[k] for k, label in TRAINING_KEYS if k in meta},
+        "network_args": json.loads(meta["ss_network_args"]) if meta.get("ss_network_args") else None,
+        "tag_frequency": top_tags,
+        "metadata_keys": len(meta),
+    }
+
+
+def format_table(info: dict) -> str:
+    lines = [f"{info['file']}", ""]
+
+    def row(k, v):
+        lines.append(f"  {k:<26} {v}")
+
+    row("architecture", info["architecture"])
+    m = info["modules"]
+    row(
+        "modules",
+        f"{m['text_encoder']} text encoder + {m['unet']} U-Net ({m['conv3x3_locon']} LoCon 3x3 convs)",
+    )
+    for da in info["dim_alpha"]:
+        row(
+            "dim / alpha",
+            f"{da['dim']} / {da['alpha']:g}  ({da['modules']} modules, scale {da['alpha'] / da['dim']:g})",
+        )
+    row("dtype", info["dtype"])
+    row("hash (A1111 'Lora hashes')", info["hash"])
+    if info["network_args"]:
+        row("network args", info["network_args"])
+    if info["training"]:
+        lines += ["", "  training"]
+        for k, v in info["training"].items():
+            row(k, v)
+    if info["tag_frequency"]:
+        lines += ["", "  tag frequency"]
+        for folder, tags in info["tag_frequency"].items():
+            row(folder, ", ".join(f"{t} ({c})" for t, c in tags))
+    if info["per_module"]:
+        lines += ["", "  per module (dim/alpha vary)"]
+        for n, v in info["per_module"].items():
+            row(n, f"{v['dim']} / {v['alpha']:g}")
+    return "\n".join(lines)
