@@ -77,13 +77,11 @@ def test_resume_mid_epoch_is_exact(train_config, tmp_path, monkeypatch):
     )
     full = train(train_config(output_dir=str(tmp_path / "full"), **common))
 
-    monkeypatch.setattr(trainer_mod, "LOG_EVERY", 1)
-
     def stop_at_3(p):
         if p.step == 3:
             raise KeyboardInterrupt
 
-    cfg = train_config(output_dir=str(tmp_path / "split"), **common)
+    cfg = train_config(output_dir=str(tmp_path / "split"), progress_every_n_steps=1, **common)
     with pytest.raises(KeyboardInterrupt):
         build_trainer(cfg).run(stop_at_3)
     state = tmp_path / "split" / "tiny-state"
@@ -111,7 +109,6 @@ def test_resume_from_epoch_state_and_periodic_saves(train_config, tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_last_good_save(train_config, tmp_path, monkeypatch):
-    monkeypatch.setattr(trainer_mod, "LOG_EVERY", 1)
     real = trainer_mod.N.per_sample_loss
     calls = {"n": 0}
 
@@ -121,7 +118,7 @@ def test_nan_loss_stops_and_keeps_last_good_save(train_config, tmp_path, monkeyp
         return loss * float("nan") if calls["n"] > 5 else loss
 
     monkeypatch.setattr(trainer_mod.N, "per_sample_loss", poisoned)
-    cfg = train_config(max_train_epochs=4, save_every_n_epochs=1, reg_data_dir=None)
+    cfg = train_config(max_train_epochs=4, save_every_n_epochs=1, reg_data_dir=None, progress_every_n_steps=1)
     with pytest.raises(TrainingError, match="loss became nan"):
         train(cfg)
     out = tmp_path / "out"

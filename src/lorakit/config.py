@@ -117,6 +117,7 @@ class OutputConfig:
     save_state: bool = opt(False, "save optimizer/scheduler/RNG state with each save, for --resume")
     resume: str | None = opt(None, "continue from a state folder written by save_state")
     logging_dir: str | None = opt(None, "TensorBoard log folder")
+    progress_every_n_steps: int = opt(10, "steps between loss reports (each one waits for the GPU)")
     training_comment: str | None = opt(None, "comment stored in the file's metadata")
     no_metadata: bool = opt(False, "write only the minimum metadata")
 
@@ -221,8 +222,16 @@ class TrainConfig:
             raise ConfigError(
                 f"network_module {self.network.network_module!r} is not supported; use networks.lora"
             )
-        if self.network.network_dim < 1:
-            raise ConfigError("network_dim must be at least 1")
+        at_least_one = {
+            "network_dim": self.network.network_dim,
+            "train_batch_size": self.dataset.train_batch_size,
+            "gradient_accumulation_steps": self.training.gradient_accumulation_steps,
+            "max_train_steps": self.training.max_train_steps,
+            "progress_every_n_steps": self.output.progress_every_n_steps,
+        }
+        for name, value in at_least_one.items():
+            if value < 1:
+                raise ConfigError(f"{name} must be at least 1 (got {value})")
         if self.dataset.bucket_reso_steps % 64:
             raise ConfigError("bucket_reso_steps must be a multiple of 64 for SD1.x")
         if self.model.max_token_length not in (None, 75, 150, 225):

@@ -25,8 +25,6 @@ from .state import Position, load_state, save_state
 
 log = logging.getLogger("lorakit")
 
-LOG_EVERY = 10  # optimizer steps between loss read-backs (each one is a host sync)
-
 
 @dataclass
 class Progress:
@@ -371,7 +369,7 @@ class Trainer:
                         and pos.step % sc.sample_every_n_steps == 0
                     ):
                         self.sample(step=pos.step)
-                    if pos.step % LOG_EVERY == 0 or pos.step == self.total_steps:
+                    if pos.step % cfg.output.progress_every_n_steps == 0 or pos.step == self.total_steps:
                         self._report(loss_sum / max(loss_n, 1), bar, on_progress, last_good)
                         loss_sum.zero_()
                         loss_n = 0
