@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..atomic import atomic_file
 from ..errors import DatasetError
 from .buckets import Placement
 from .images import load_image, to_tensor
@@ -86,20 +85,13 @@ def save_npz(
         arrays["latents_flipped"] = cached.latents_flipped.float().numpy()
     # Temp file + rename: an interrupted run never leaves a half-written cache behind.
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+        with atomic_file(path) as f:
+            np.savez(f, **arrays)
     except OSError as e:
         raise DatasetError(
             f"cannot write the latent cache beside {path.parent} ({e}); "
             "make the folder writable or turn off cache_latents_to_disk"
         ) from e
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def cache_latents(

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 
+from lorakit.atomic import atomic_file
 from lorakit.errors import ModelError
 
 NEGATIVE = "Negative prompt:"
@@ -74,16 +73,8 @@ def save_png_with_parameters(image, path, text: str) -> Path:
     path = Path(path)
     info = PngInfo()
     info.add_text("parameters", text)  # PIL writes iTXt instead when the text is not Latin-1
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as f:
+        image.save(f, format="PNG", pnginfo=info)
     return path
 
 

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from lorakit.atomic import atomic_path
 from lorakit.errors import ModelError
 from lorakit.models import ldm_layout
 from lorakit.models.checkpoint import read_state_dict
@@ -246,13 +245,6 @@ def save_ldm_checkpoint(
     metadata = {"format": "pt"}
     if arch is not None:
         metadata[ARCH_METADATA_KEY] = json.dumps(arch)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(sd, tmp, metadata=metadata)
-        os.replace(tmp, path)  # readers never see a half-written file
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:  # readers never see a half-written file
+        save_file(sd, str(tmp), metadata=metadata)
     return path
