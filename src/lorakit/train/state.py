@@ -50,6 +50,13 @@ def save_state(folder: str | Path, network, optimizer, lr_scheduler, pos: Positi
     return folder
 
 
+def read_position(folder: str | Path) -> Position:
+    path = Path(folder) / STATE_FILE
+    if not path.is_file():
+        raise ConfigError(f"resume: {folder} is not a lorakit state folder (no {STATE_FILE})")
+    return Position(**json.loads(path.read_text()))
+
+
 def load_state(folder: str | Path, network, optimizer, lr_scheduler) -> Position:
     from safetensors.torch import load_file
 
@@ -62,4 +69,4 @@ def load_state(folder: str | Path, network, optimizer, lr_scheduler) -> Position
     opt = torch.load(needed[1], map_location="cpu", weights_only=True)
     optimizer.load_state_dict(opt["optimizer"])
     lr_scheduler.load_state_dict(opt["lr_scheduler"])
-    return Position(**json.loads(needed[2].read_text()))
+    return read_position(folder)

@@ -21,7 +21,8 @@ from ..config import TrainConfig
 from ..errors import ConfigError, ModelError, TrainingError
 from . import noise as N
 from .optim import build_lr_scheduler, build_optimizer, steps_and_epochs
-from .state import Position, load_state, save_state
+from .samples import draw_training_samples, read_training_sample_prompts
+from .state import Position, load_state, read_position, save_state
 
 log = logging.getLogger("lorakit")
 
@@ -70,9 +71,12 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
             f"pretrained_model_name_or_path: {model_path} does not exist. Give an SD1.x .safetensors/.ckpt "
             "file or a diffusers folder."
         )
+    if cfg.output.resume:  # the run goes on with its own seed: data order and noise depend on it
+        cfg.training.seed = read_position(cfg.output.resume).seed
     seed = _seed(cfg)
+    sample_prompts = read_training_sample_prompts(cfg)
     plan, dataset = prepare_dataset(cfg)
-    return Trainer(cfg, plan, dataset, seed)
+    return Trainer(cfg, plan, dataset, seed, sample_prompts)
 
 
 def train(cfg: TrainConfig, on_progress: Callable[[Progress], None] | None = None) -> Path:
@@ -81,7 +85,7 @@ def train(cfg: TrainConfig, on_progress: Callable[[Progress], None] | None = Non
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, plan, dataset, seed: int):
+    def __init__(self, cfg: TrainConfig, plan, dataset, seed: int, sample_prompts: list | None = None):
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
@@ -89,6 +93,7 @@ class Trainer:
         from ..network.lora import LoRANetwork
 
         self.cfg, self.plan, self.dataset, self.seed = cfg, plan, dataset, seed
+        self.sample_prompts = sample_prompts or []
         t, o = cfg.training, cfg.output
         # accelerate keeps one global state per process; a second train() call in the same
         # process (Python API, tests) may ask for another precision.
@@ -172,60 +177,15 @@ class Trainer:
         self.pos = Position(epoch=0, step=0, batch_in_epoch=0, seed=seed)
         if o.resume:
             self.pos = load_state(o.resume, self.network, self.optimizer.optimizer, self.lr_scheduler)
-            if self.pos.seed != seed:
-                log.warning("resume: the state was trained with seed %d; continuing with it", self.pos.seed)
-                self.seed = self.pos.seed
             log.info("resumed at epoch %d, step %d", self.pos.epoch, self.pos.step)
 
         self._prepare_caches()
         self.metadata = self._metadata()
-        self.sample_prompts = self._read_sample_prompts()
-
-    # --- samples while training ------------------------------------------------------
-    def _read_sample_prompts(self) -> list:
-        from ..config import resolution_of
-        from ..generate.params import GenerationParams
-        from ..generate.sample_prompts import read_sample_prompts
-        from ..generate.samplers import split_name
-
-        sc = self.cfg.sample
-        if not sc.sample_prompts:
-            return []
-        split_name(sc.sample_sampler)  # an unknown name fails now, not after the first epoch
-        w, h = resolution_of(self.cfg.dataset.resolution)
-        defaults = GenerationParams(  # kohya's defaults, at the training resolution
-            width=w,
-            height=h,
-            steps=30,
-            cfg_scale=7.5,
-            sampler=sc.sample_sampler,
-            clip_skip=self.cfg.model.clip_skip or 1,
-        )
-        return read_sample_prompts(sc.sample_prompts, defaults)
 
     def sample(self, epoch: int | None = None, step: int | None = None) -> list[Path]:
-        """Draw the sample prompts with the LoRA as it is now (under output_dir/sample)."""
-        from ..generate.pipeline import Generator
-        from ..generate.sample_prompts import draw_samples
-
         if not self.sample_prompts or not self.acc.is_main_process:
             return []
-        b = self.base
-        modes = (b.unet.training, b.text_encoder.training)
-        b.unet.eval()
-        b.text_encoder.eval()
-        gen = Generator(
-            b.unet, b.vae, b.text_encoder, b.tokenizer, model_path=Path(self.cfg.model.pretrained_model_name_or_path),
-            prediction_type="v_prediction" if self.cfg.model.v_parameterization else "epsilon",
-        )  # fmt: skip
-        folder = Path(self.cfg.output.output_dir) / "sample"
-        with torch.no_grad():
-            paths = draw_samples(
-                gen, self.sample_prompts, folder, self.cfg.output.output_name, epoch=epoch, step=step
-            )
-        b.unet.train(modes[0])
-        b.text_encoder.train(modes[1])
-        return paths
+        return draw_training_samples(self.base, self.cfg, self.sample_prompts, epoch=epoch, step=step)
 
     # --- caches -----------------------------------------------------------------
     def _prepare_caches(self) -> None:

@@ -1,0 +1,385 @@
+"""Training as a background job: a process of its own that outlives the GUI (or CLI) that started it.
+
+    job = start_job(cfg, "runs")          # returns at once; training runs in `python -m lorakit.train.job`
+    job.status()["state"]                 # running | done | stopped | error
+    job.progress()                        # the Progress reports so far, as dicts
+    job.stop(); job.wait()                # SIGINT: the trainer saves its state and exits ("stopped")
+    job2 = job.resume()                   # a new job that continues from <output_dir>/<output_name>-state
+
+A run folder `<runs_dir>/<YYYYmmdd-HHMMSS>-<output_name>/` holds everything about one job:
+`config.toml` (the same TOML `lorakit train --config` reads), `job.json` (when, resumed from what),
+`status.json` ({state, message, lora_path, pid}), `progress.jsonl` (one Progress per line) and
+`log.txt` (the process's stdout and stderr). The process runs in its own session, so closing the
+browser, reloading the page or restarting the GUI server does not stop it; `find_jobs` /
+`latest_job` find it again from the folder alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ..config import TrainConfig
+from ..errors import LoraKitError, TrainingError
+
+log = logging.getLogger("lorakit")
+
+STATES = ("running", "done", "stopped", "error")
+# Options that name files or folders: stored absolute, so the run folder means the same from anywhere.
+PATH_OPTIONS = (
+    "pretrained_model_name_or_path",
+    "train_data_dir",
+    "reg_data_dir",
+    "output_dir",
+    "resume",
+    "logging_dir",
+    "network_weights",
+    "sample_prompts",
+)
+
+# Popen handles of the jobs this process started: they tell a finished child from a running one
+# (a finished child that nobody waited for still answers kill(pid, 0)).
+_CHILDREN: dict[int, subprocess.Popen] = {}
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)  # readers never see half a file
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    child = _CHILDREN.get(pid)
+    if child is not None:
+        return child.poll() is None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    proc = Path(f"/proc/{pid}")
+    if proc.is_dir():  # Linux: a zombie is dead, and a reused pid is someone else
+        try:
+            if proc.joinpath("stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return False
+            return b"lorakit.train.job" in proc.joinpath("cmdline").read_bytes()
+        except (OSError, IndexError):
+            return False
+    return True
+
+
+@dataclasses.dataclass
+class Job:
+    """One training run, known by its folder."""
+
+    run_dir: Path
+
+    def __post_init__(self) -> None:
+        self.run_dir = Path(self.run_dir)
+
+    # --- reading ---------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.run_dir.name
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """job.json: created (unix time), resumed_from (run folder or None)."""
+        return _read_json(self.run_dir / "job.json")
+
+    def config(self) -> TrainConfig:
+        return TrainConfig.from_toml(self.run_dir / "config.toml")
+
+    def status(self) -> dict[str, Any]:
+        """{state, message, lora_path, pid}; a process that died without saying so is reported."""
+        st = {"state": "error", "message": "no status.json", "lora_path": None, "pid": None}
+        st.update(_read_json(self.run_dir / "status.json"))
+        if st["state"] == "running" and not _pid_alive(st.get("pid")):
+            if (self.run_dir / "stop_requested").exists():
+                st.update(state="stopped", message="stopped before training began; nothing was saved")
+            else:
+                st.update(
+                    state="error",
+                    message=f"the training process ended without a word; see {self.run_dir / 'log.txt'}",
+                )
+        return st
+
+    @property
+    def state(self) -> str:
+        return self.status()["state"]
+
+    def is_running(self) -> bool:
+        return self.state == "running"
+
+    def progress(self, with_previous: bool = False) -> list[dict[str, Any]]:
+        """Progress reports as dicts (step, total_steps, epoch, total_epochs, loss, lr, its, eta_s, time).
+
+        with_previous: also those of the runs this one resumed, so a loss curve goes on across Stop/Resume.
+        """
+        rows: list[dict[str, Any]] = []
+        path = self.run_dir / "progress.jsonl"
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:
+                    pass  # a line being written right now
+        if with_previous and self.info.get("resumed_from"):
+            prev = Job(Path(self.info["resumed_from"]))
+            if prev.run_dir.is_dir():
+                first = rows[0]["step"] if rows else float("inf")
+                rows = [r for r in prev.progress(with_previous=True) if r["step"] < first] + rows
+        return rows
+
+    def log_text(self, max_chars: int = 20000) -> str:
+        """The end of log.txt, with progress-bar redraws (carriage returns) folded."""
+        path = self.run_dir / "log.txt"
+        if not path.is_file():
+            return ""
+        with path.open("rb") as f:
+            f.seek(max(0, path.stat().st_size - max_chars))
+            text = f.read().decode("utf-8", "replace")
+        lines = [line.rsplit("\r", 1)[-1] if "\r" in line.rstrip("\r") else line for line in text.split("\n")]
+        return "\n".join(line.rstrip("\r") for line in lines)
+
+    def state_dir(self) -> Path:
+        """Where Stop leaves the state that Resume continues from."""
+        o = self.config().output
+        return Path(o.output_dir) / f"{o.output_name}-state"
+
+    def samples(self) -> list[Path]:
+        """Sample images this run's output name has, oldest first."""
+        o = self.config().output
+        folder = Path(o.output_dir) / "sample"
+        if not folder.is_dir():
+            return []
+        found = [p for p in folder.glob(f"{o.output_name}_*.png") if p.is_file()]
+        return sorted(found, key=lambda p: (p.stat().st_mtime, p.name))
+
+    # --- acting --------------------------------------------------------------------
+    def stop(self) -> None:
+        """Ask the trainer to stop: it saves its state (for Resume) and exits. Returns at once."""
+        st = self.status()
+        marker = self.run_dir / "stop_requested"
+        if st["state"] != "running" or marker.exists():  # a second SIGINT would cut the save short
+            return
+        marker.touch()
+        try:
+            os.kill(st["pid"], signal.SIGINT)
+        except ProcessLookupError:
+            pass
+
+    def kill(self) -> None:
+        """Stop without saving (SIGKILL), for a process that no longer answers stop()."""
+        st = self.status()
+        if st["state"] == "running":
+            (self.run_dir / "stop_requested").touch()
+            try:
+                os.kill(st["pid"], signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def wait(self, timeout: float | None = None, poll_s: float = 0.2) -> dict[str, Any]:
+        """Wait until the job is no longer running; returns its status (still running on timeout)."""
+        end = None if timeout is None else time.monotonic() + timeout
+        while True:
+            st = self.status()
+            if st["state"] != "running" or (end is not None and time.monotonic() > end):
+                return st
+            time.sleep(poll_s)
+
+    def resume(self, runs_dir: str | Path | None = None) -> Job:
+        """Start a new job with the same config that continues from the saved state."""
+        if self.is_running():
+            raise TrainingError(f"{self.name} is still running: stop it before resuming")
+        state = self.state_dir()
+        if not state.is_dir():
+            raise TrainingError(
+                f"nothing to resume: {state} does not exist (the run stopped before its first save)"
+            )
+        cfg = self.config()
+        cfg.output.resume = str(state)
+        return start_job(cfg, runs_dir or self.run_dir.parent, resumed_from=self.run_dir)
+
+
+def _absolute_paths(cfg: TrainConfig) -> None:
+    flat = cfg.flat()
+    changed = {}
+    for name in PATH_OPTIONS:
+        value = flat.get(name)
+        if value:
+            p = Path(value).expanduser()
+            if name != "pretrained_model_name_or_path" or p.exists():  # leave hub ids alone
+                changed[name] = str(p.absolute())
+    cfg.update(changed)
+
+
+def _new_run_dir(runs_dir: Path, output_name: str) -> Path:
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in output_name) or "run"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for i in range(1000):
+        run_dir = runs_dir / (f"{stamp}-{safe}" if i == 0 else f"{stamp}-{safe}-{i}")
+        try:
+            run_dir.mkdir()
+            return run_dir
+        except FileExistsError:
+            continue
+    raise TrainingError(f"cannot make a run folder in {runs_dir}")
+
+
+def start_job(
+    cfg: TrainConfig,
+    runs_dir: str | Path,
+    sample_prompts_text: str | None = None,
+    resumed_from: str | Path | None = None,
+    allow_concurrent: bool = False,
+) -> Job:
+    """Launch `train(cfg)` in a new process and return at once.
+
+    The config is checked first (a wrong option raises ConfigError here); anything found later
+    (a bad folder, a missing model) ends the job in state "error" with the message. save_state is
+    always on, so that Stop leaves a state to Resume from. sample_prompts_text, when given, is
+    written to the run folder and used as the sample prompts file.
+    """
+    runs_dir = Path(runs_dir)
+    cfg = TrainConfig.from_dict(cfg.flat())  # a copy: the caller's config is not changed
+    cfg.output.save_state = True
+    _absolute_paths(cfg)
+    cfg.validate()
+    if not allow_concurrent:
+        running = [j for j in find_jobs(runs_dir) if j.is_running()]
+        if running:
+            raise TrainingError(f"a training run is going on ({running[-1].name}): stop it first")
+    run_dir = _new_run_dir(runs_dir, cfg.output.output_name)
+    if sample_prompts_text is not None and sample_prompts_text.strip():
+        prompts = run_dir / "sample_prompts.txt"
+        prompts.write_text(sample_prompts_text.strip() + "\n", encoding="utf-8")
+        cfg.sample.sample_prompts = str(prompts.absolute())
+    (run_dir / "config.toml").write_text(cfg.to_toml(), encoding="utf-8")
+    info = {"created": time.time(), "resumed_from": str(resumed_from) if resumed_from else None}
+    _write_json(run_dir / "job.json", info)
+
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TQDM_DISABLE="1")
+    with open(run_dir / "log.txt", "ab") as log_file:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "lorakit.train.job", str(run_dir.absolute())],
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=os.getcwd(),
+            start_new_session=True,  # not in the GUI's process group: its Ctrl-C or exit leaves this alone
+        )
+    _CHILDREN[child.pid] = child
+    status = {"state": "running", "message": "starting", "lora_path": None, "pid": child.pid}
+    if not (run_dir / "status.json").exists():  # the child may already have written its own
+        _write_json(run_dir / "status.json", status)
+    log.info("training job %s started (pid %d)", run_dir, child.pid)
+    return Job(run_dir)
+
+
+def find_jobs(runs_dir: str | Path) -> list[Job]:
+    """Every run folder under runs_dir, oldest first."""
+    root = Path(runs_dir)
+    if not root.is_dir():
+        return []
+    jobs = [Job(d) for d in root.iterdir() if d.is_dir() and (d / "config.toml").is_file()]
+    return sorted(jobs, key=lambda j: (j.info.get("created", 0), j.name))
+
+
+def latest_job(runs_dir: str | Path) -> Job | None:
+    jobs = find_jobs(runs_dir)
+    return jobs[-1] if jobs else None
+
+
+# --- the child process -----------------------------------------------------------------
+
+
+def _child_main(run_dir: Path) -> int:
+    from .trainer import train
+
+    # Python leaves SIGINT ignored when it was ignored at start (a job started from a background
+    # shell); Stop needs it to raise KeyboardInterrupt, so that the trainer saves its state.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stdout,
+    )
+    status_path = run_dir / "status.json"
+    pid = os.getpid()
+
+    def set_status(state: str, message: str, lora_path: str | None = None) -> None:
+        _write_json(status_path, {"state": state, "message": message, "lora_path": lora_path, "pid": pid})
+
+    set_status("running", "loading the dataset and the model")
+    progress_file = (run_dir / "progress.jsonl").open("a", encoding="utf-8")
+
+    def on_progress(p) -> None:
+        row = dataclasses.asdict(p) | {"time": time.time()}
+        progress_file.write(json.dumps(row) + "\n")
+        progress_file.flush()
+        loss = f"{p.loss:.4f}" if p.loss is not None else "-"
+        log.info(
+            "step %d/%d  epoch %d/%d  loss %s  lr %.2e  %.2f it/s  ETA %ds",
+            p.step, p.total_steps, p.epoch, p.total_epochs, loss, p.lr, p.its, p.eta_s,
+        )  # fmt: skip
+        set_status("running", f"step {p.step}/{p.total_steps}")
+
+    started = time.time()
+    try:
+        cfg = TrainConfig.from_toml(run_dir / "config.toml")
+    except LoraKitError as e:
+        set_status("error", str(e))
+        return 2
+    try:
+        path = train(cfg, on_progress=on_progress)
+    except KeyboardInterrupt:
+        state = Path(cfg.output.output_dir) / f"{cfg.output.output_name}-state"
+        if state.is_dir() and state.stat().st_mtime >= started - 1:
+            set_status("stopped", f"stopped; the state was saved to {state} (Resume continues from it)")
+        else:
+            set_status("stopped", "stopped before training began; nothing was saved")
+        log.warning("stopped")
+        return 130
+    except LoraKitError as e:
+        log.error("%s", e)
+        set_status("error", str(e))
+        return 2
+    except BaseException as e:
+        log.exception("training failed")
+        set_status("error", f"{type(e).__name__}: {e} (the traceback is in {run_dir / 'log.txt'})")
+        return 1
+    finally:
+        progress_file.close()
+    set_status("done", f"saved {path}", str(path))
+    log.info("LoRA saved: %s", path)
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        print("usage: python -m lorakit.train.job RUN_DIR", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(_child_main(Path(sys.argv[1])))
