@@ -134,6 +134,20 @@ def test_png_info_round_trip_and_from_png_redraws_the_image(tiny_base, lora_dir,
     assert read_png_parameters(again) == text
 
 
+@pytest.mark.parametrize(
+    "sampler",
+    ["Euler a", "Euler", "DPM++ 2M", "DPM++ 2M Karras", "DPM++ SDE Karras", "DDIM", "Heun", "LMS", "UniPC"],
+)
+def test_a1111_samplers_draw_and_are_named_in_png_info(gen, sampler):
+    item = gen.generate(GenerationParams(prompt="bear", **{**SMALL, "sampler": sampler, "steps": 3}))[0]
+    assert item.image.size == (64, 64) and np.asarray(item.image).std() > 0
+    kv = parse_parameters(item.infotext)[2]
+    name, _, schedule = sampler.partition(" Karras")
+    assert kv["Sampler"] == name.strip() and kv.get("Schedule type") == (
+        "Karras" if "Karras" in sampler else None
+    )
+
+
 def test_batches_use_consecutive_seeds(gen):
     batch = gen.generate(
         GenerationParams(prompt="bear", batch_size=2, batch_count=2, **{**SMALL, "seed": 100})

@@ -1,4 +1,4 @@
-"""Data-parallel training: 2 CPU processes with gloo, launched as users launch it (torchrun)."""
+"""Data-parallel training: 2 CPU processes with gloo, launched as users launch it (accelerate launch)."""
 
 import subprocess
 import sys

@@ -102,7 +102,9 @@ def test_resume_from_epoch_state_and_periodic_saves(train_config, tmp_path):
     assert not (out / "tiny-000003.safetensors").exists()  # the last epoch is the final file
     assert metadata(out / "tiny-000001.safetensors")["ss_epoch"] == "1"
     resumed = train(
-        train_config(output_dir=str(tmp_path / "r"), resume=str(out / "tiny-000001-state"), seed=None, **common)
+        train_config(
+            output_dir=str(tmp_path / "r"), resume=str(out / "tiny-000001-state"), seed=None, **common
+        )
     )
     tf, tr = tensors(full), tensors(resumed)
     assert all(torch.equal(tf[k], tr[k]) for k in tf)
@@ -274,3 +276,14 @@ def test_cli_train_and_its_errors(train_config, tiny_base, tiny_data, tmp_path, 
     assert main(["train", "--config", str(toml)]) == 2
     err = capsys.readouterr().err
     assert "broken.png" in err and "Traceback" not in err
+
+
+def test_adamw8bit_without_bitsandbytes_says_what_to_install(train_config):
+    try:
+        import bitsandbytes  # noqa: F401
+
+        pytest.skip("bitsandbytes is installed here")
+    except ImportError:
+        pass
+    with pytest.raises(ConfigError, match=r"AdamW8bit.*bitsandbytes.*pip install"):
+        train(train_config(optimizer_type="AdamW8bit"))

@@ -50,6 +50,13 @@ def build_optimizer(cfg: TrainingConfig, param_groups: list[dict]) -> tuple[torc
         raise ConfigError(
             f"optimizer_type {cfg.optimizer_type!r} needs the package {e.name!r}: pip install 'lorakit[optim]'"
         ) from None
+    if (
+        cls is torch.optim.AdamW
+        and torch.cuda.is_available()
+        and "fused" not in kwargs
+        and "foreach" not in kwargs
+    ):
+        kwargs["fused"] = True  # one kernel for the whole update instead of several per tensor
     try:
         opt = cls(param_groups, lr=cfg.learning_rate, **kwargs)
     except TypeError as e:
