@@ -11,7 +11,7 @@ import logging
 import sys
 
 from ..errors import LoraKitError
-from . import draw, train
+from . import draw, gui, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     train.add_parsers(sub)
     draw.add_parsers(sub)
+    gui.add_parsers(sub)
     return parser
 
 
