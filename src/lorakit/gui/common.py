@@ -1,0 +1,72 @@
+"""Small helpers shared by the tabs: settings, user-facing errors, thumbnails."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+
+from ..errors import LoraKitError
+
+log = logging.getLogger("lorakit")
+
+
+@dataclass
+class Settings:
+    """What `lorakit gui` was started with."""
+
+    model: str = ""  # default base model for training and drawing
+    lora_dir: Path = Path("models/Lora")  # the LoRA gallery; Train saves here by default
+    runs_dir: Path = Path("runs")  # one folder per training job (lorakit.train.job)
+    outputs_dir: Path = Path("outputs/txt2img-images")  # generated images
+
+
+def user_errors(fn):
+    """Show a LoraKitError as a red toast with its message (never a traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except LoraKitError as e:
+            raise gr.Error(str(e), print_exception=False) from None
+
+    return wrapper
+
+
+def thumbnail(path: Path, size: int = 256):
+    """A small RGB copy of an image, or None when it cannot be read."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.thumbnail((size, size))
+            return im.convert("RGB")
+    except Exception:
+        return None
+
+
+def placeholder(text: str, size: int = 192):
+    """A plain card for a LoRA without a preview image."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (size, size), (52, 58, 74))
+    d = ImageDraw.Draw(img)
+    words, lines = text.replace("_", " ").replace("-", " ").split(), [""]
+    for w in words:
+        if len(lines[-1]) + len(w) > 14:
+            lines.append("")
+        lines[-1] = (lines[-1] + " " + w).strip()
+    y = size // 2 - 8 * len(lines)
+    for line in lines[:6]:
+        d.text((12, y), line, fill=(230, 232, 240))
+        y += 16
+    return img
+
+
+def is_state_file(path: Path) -> bool:
+    """A training state's network file (`<name>-state/network.safetensors`) is not a LoRA to draw with."""
+    return (path.parent / "train_state.json").is_file()

@@ -1,0 +1,195 @@
+"""Dataset tab: the kohya folders as training will read them, their problems, captions; reg images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gradio as gr
+
+from ..dataset.folders import IMAGE_EXTENSIONS, parse_folder_name, scan_dataset
+from ..errors import LoraKitError
+from .common import Settings, thumbnail, user_errors
+
+MAX_THUMBS = 60
+COLUMNS = ["folder", "kind", "repeats", "prompt", "images", "caption files"]
+
+
+def _caption_of(image: Path, ext: str, folder_prompt: str) -> tuple[str, bool]:
+    """(caption training uses, whether a caption file holds it) — kohya's rule, first line of the file."""
+    path = image.with_name(image.stem + ext)
+    if path.is_file():
+        try:
+            lines = path.read_text(encoding="utf-8-sig").splitlines()
+        except (OSError, UnicodeDecodeError):
+            return "(unreadable caption file)", True
+        return (lines[0].strip() if lines else ""), True
+    return folder_prompt, False
+
+
+def _ext(caption_extension: str) -> str:
+    ext = (caption_extension or ".caption").strip()
+    return ext if ext.startswith(".") else "." + ext
+
+
+def list_folders(train_dir: str, reg_dir: str, caption_extension: str):
+    """Table rows and (image, caption) items of every subfolder, whatever scan_dataset says about them."""
+    ext = _ext(caption_extension)
+    rows, items = [], []
+    for root, kind in ((train_dir, "train"), (reg_dir, "reg")):
+        if not root or not Path(root).is_dir():
+            continue
+        for sub in sorted(Path(root).iterdir()):
+            if not sub.is_dir() or sub.name.startswith("."):
+                continue
+            parsed = parse_folder_name(sub.name)
+            repeats, prompt = parsed if parsed else ("✗", "(not <repeats>_<prompt>)")
+            images = sorted(p for p in sub.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            n_caps = sum(p.with_name(p.stem + ext).is_file() for p in images)
+            rows.append([sub.name, kind, repeats, prompt, len(images), n_caps])
+            for p in images:
+                caption, _ = _caption_of(p, ext, prompt if parsed else "")
+                items.append((p, caption))
+    return rows, items
+
+
+def check_folders(train_dir: str, reg_dir: str, caption_extension: str, bad_images: str) -> tuple[bool, str]:
+    """(ok, Markdown) with what training would say: the error that stops it, or warnings and totals."""
+    if not train_dir:
+        return False, "Give the training image folder (the one holding `<repeats>_<prompt>` folders)."
+    try:
+        plan = scan_dataset(train_dir, reg_dir or None, _ext(caption_extension), bad_images=bad_images)
+    except LoraKitError as e:
+        text = str(e).replace("\n", "  \n")
+        return False, f"### ✗ Training would stop here\n\n{text}"
+    lines = [
+        f"### ✓ Ready: {plan.num_train_images} training samples per epoch "
+        f"(images × repeats), {plan.num_reg_images} regularization samples"
+    ]
+    lines += [f"- ⚠ {w}" for w in plan.warnings]
+    return True, "\n".join(lines)
+
+
+def build(settings: Settings) -> dict:
+    with gr.Row():
+        train_dir = gr.Textbox(
+            label="Training image folder (train_data_dir)",
+            info="holds folders named <repeats>_<prompt>, e.g. '20_usu bear'",
+            elem_id="ds-train_dir",
+            scale=3,
+        )
+        reg_dir = gr.Textbox(
+            label="Regularization folder (reg_data_dir, optional)",
+            info="holds folders named <repeats>_<class>, e.g. '1_bear'",
+            elem_id="ds-reg_dir",
+            scale=3,
+        )
+        caption_ext = gr.Textbox(value=".caption", label="Caption extension", scale=1, elem_id="ds-ext")
+        bad_images = gr.Radio(["stop", "skip"], value="stop", label="Broken images", scale=1)
+    scan = gr.Button("Check dataset", variant="primary", elem_id="ds-scan")
+    problems = gr.Markdown(elem_id="ds-problems")
+    table = gr.Dataframe(headers=COLUMNS, interactive=False, label="Folders", elem_id="ds-table")
+    with gr.Row():
+        with gr.Column(scale=3):
+            gallery = gr.Gallery(
+                label=f"Images and the captions training uses (first {MAX_THUMBS}); click one to edit",
+                columns=6,
+                height=420,
+                allow_preview=False,
+                elem_id="ds-gallery",
+            )
+        with gr.Column(scale=2):
+            image_path = gr.Textbox(label="Image", interactive=False, elem_id="ds-image")
+            caption = gr.Textbox(label="Caption", lines=3, elem_id="ds-caption")
+            save_caption = gr.Button("Save caption", elem_id="ds-save-caption")
+            caption_status = gr.Markdown()
+    paths = gr.State([])
+
+    def do_scan(train, reg, ext, bad):
+        rows, items = list_folders(train, reg, ext)
+        _, text = check_folders(train, reg, ext, bad)
+        shown, thumbs = [], []
+        for p, c in items[:MAX_THUMBS]:
+            im = thumbnail(p)  # a broken image has none; the problems above name it
+            if im is not None:
+                shown.append(str(p))
+                thumbs.append((im, c or "(no caption)"))
+        return text, rows, thumbs, shown
+
+    scan_outputs = [problems, table, gallery, paths]
+    scan.click(do_scan, [train_dir, reg_dir, caption_ext, bad_images], scan_outputs)
+
+    def pick(shown, ext, evt: gr.SelectData):
+        path = Path(shown[evt.index])
+        parsed = parse_folder_name(path.parent.name)
+        text, _ = _caption_of(path, _ext(ext), parsed[1] if parsed else "")
+        return str(path), text
+
+    gallery.select(pick, [paths, caption_ext], [image_path, caption])
+
+    @user_errors
+    def do_save(path, text, train, reg, ext, bad):
+        if not path:
+            raise gr.Error("Click an image first.")
+        target = Path(path).with_name(Path(path).stem + _ext(ext))
+        target.write_text(text.strip() + "\n", encoding="utf-8")
+        return (f"Saved {target}",) + do_scan(train, reg, ext, bad)
+
+    save_caption.click(
+        do_save,
+        [image_path, caption, train_dir, reg_dir, caption_ext, bad_images],
+        [caption_status, *scan_outputs],
+    )
+
+    with gr.Accordion("Make regularization images (the base model draws the class prompt)", open=False):
+        with gr.Row():
+            reg_model = gr.Textbox(value=settings.model, label="Base model", scale=3, elem_id="reg-model")
+            class_prompt = gr.Textbox(label="Class prompt", info="e.g. 'bear' for '20_usu bear'", scale=2)
+            guess = gr.Button("From the training folder", scale=1)
+        with gr.Row():
+            reg_count = gr.Number(value=50, precision=0, minimum=1, label="Images")
+            reg_out = gr.Textbox(label="Into folder", info="images go to <folder>/1_<class prompt>")
+            reg_steps = gr.Number(value=20, precision=0, minimum=1, label="Steps")
+            reg_size = gr.Number(value=512, precision=0, minimum=64, step=8, label="Size (px)")
+        make = gr.Button("Make regularization images", elem_id="reg-make")
+        reg_status = gr.Markdown()
+        reg_gallery = gr.Gallery(label="Regularization images", columns=8, height=240, allow_preview=False)
+
+    @user_errors
+    def do_guess(train):
+        from ..generate.reg_images import class_prompt_from_folder
+
+        subs = [p for p in sorted(Path(train or ".").iterdir()) if p.is_dir()] if train else []
+        if not subs:
+            raise gr.Error("Give the training folder first.")
+        return class_prompt_from_folder(subs[0]), str(Path(train).parent / "reg")
+
+    guess.click(do_guess, [train_dir], [class_prompt, reg_out])
+
+    @user_errors
+    def do_make(model, prompt, count, out, steps, size, progress=gr.Progress()):
+        from ..generate.params import GenerationParams
+        from ..generate.pipeline import Generator
+        from ..generate.reg_images import make_reg_images, reg_folder
+
+        if not model:
+            raise gr.Error("Give the base model.")
+        if not out:
+            raise gr.Error("Give the folder for the regularization images.")
+        params = GenerationParams(steps=int(steps), width=int(size), height=int(size), seed=0)
+        params.check()
+        progress(0, desc="loading the model")
+        gen = Generator.from_path(model)
+        made = make_reg_images(
+            gen, prompt, int(count), out, params, on_progress=lambda d, n: progress((d, n), desc="drawing")
+        )
+        folder = reg_folder(out, prompt)
+        root = folder.parent
+        thumbs = [(thumbnail(p, 128), p.name) for p in made[:48]]
+        return f"{len(made)} images in {folder}", thumbs, str(root)
+
+    make.click(
+        do_make,
+        [reg_model, class_prompt, reg_count, reg_out, reg_steps, reg_size],
+        [reg_status, reg_gallery, reg_dir],
+    )
+    return {"train_dir": train_dir, "reg_dir": reg_dir, "caption_ext": caption_ext, "scan": scan}

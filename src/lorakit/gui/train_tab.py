@@ -1,0 +1,374 @@
+"""Train tab: the kohya_ss layout (Source model / Folders / Training parameters) filling TrainConfig,
+and a live view of the background job (lorakit.train.job): progress, it/s, ETA, loss, samples, log.
+"""
+
+from __future__ import annotations
+
+import html
+import typing
+from pathlib import Path
+
+import gradio as gr
+
+from ..config import TrainConfig, base_type, field_index
+from ..errors import LoraKitError
+from ..train.job import Job, latest_job, start_job
+from .common import Settings, thumbnail, user_errors
+
+LABELS = {
+    "pretrained_model_name_or_path": "Pretrained model (SD1.x .safetensors/.ckpt or diffusers folder)",
+    "v_parameterization": "v-parameterization",
+    "clip_skip": "Clip skip",
+    "train_data_dir": "Image folder",
+    "reg_data_dir": "Regularisation folder",
+    "output_dir": "Output folder",
+    "output_name": "Output name",
+    "logging_dir": "Logging folder (TensorBoard)",
+    "train_batch_size": "Train batch size",
+    "max_train_epochs": "Epochs",
+    "max_train_steps": "Max train steps",
+    "network_dim": "Network rank (dimension)",
+    "network_alpha": "Network alpha",
+    "learning_rate": "Learning rate",
+    "unet_lr": "U-Net learning rate",
+    "text_encoder_lr": "Text encoder learning rate",
+    "mixed_precision": "Mixed precision",
+    "resolution": "Max resolution",
+    "optimizer_type": "Optimizer",
+    "lr_scheduler": "LR scheduler",
+    "seed": "Seed",
+    "save_every_n_epochs": "Save every N epochs",
+    "sample_every_n_epochs": "Sample every N epochs",
+    "sample_every_n_steps": "Sample every N steps",
+    "sample_at_first": "Sample before training",
+    "sample_sampler": "Sample sampler",
+    "progress_every_n_steps": "Report loss every N steps",
+}
+WIDE = {"pretrained_model_name_or_path", "train_data_dir", "reg_data_dir", "output_dir", "logging_dir"}
+GROUPS = {
+    "Source model": ["pretrained_model_name_or_path", "v_parameterization", "clip_skip"],
+    "Folders": ["train_data_dir", "reg_data_dir", "output_dir", "output_name", "logging_dir"],
+    "Training parameters": [
+        "train_batch_size", "max_train_epochs", "max_train_steps", "network_dim", "network_alpha",
+        "learning_rate", "unet_lr", "text_encoder_lr", "mixed_precision", "resolution",
+        "optimizer_type", "lr_scheduler", "seed", "save_every_n_epochs", "progress_every_n_steps",
+    ],
+    "Samples while training": ["sample_every_n_epochs", "sample_every_n_steps", "sample_at_first", "sample_sampler"],
+}  # fmt: skip
+CHOICES = {
+    "optimizer_type": ["AdamW", "AdamW8bit", "Lion", "Prodigy"],
+    "lr_scheduler": [
+        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
+    ],
+    "sample_sampler": ["ddim", "euler_a", "euler", "dpmsolver++", "k_dpm_2", "lms", "heun", "pndm"],
+}  # fmt: skip
+# Set by the GUI itself: save_state is always on (Stop -> Resume), resume is the Resume button,
+# the sample prompts are the text box, network_args is folded into conv_dim/conv_alpha.
+HIDDEN = {"save_state", "resume", "sample_prompts", "network_args", "save_model_as"}
+
+PRESETS: dict[str, dict] = {
+    "SD1.5 character (kohya-style defaults)": {
+        "resolution": "512,512", "train_batch_size": 2, "max_train_epochs": 10, "max_train_steps": 1600,
+        "network_dim": 32, "network_alpha": 16, "learning_rate": 1e-4, "unet_lr": 1e-4,
+        "text_encoder_lr": 5e-5, "optimizer_type": "AdamW", "lr_scheduler": "cosine",
+        "mixed_precision": "fp16", "cache_latents": True, "save_every_n_epochs": 2,
+        "sample_every_n_epochs": 1,
+    },
+    "SD1.5 style (lower text-encoder rate)": {
+        "resolution": "512,512", "train_batch_size": 2, "max_train_epochs": 10, "network_dim": 64,
+        "network_alpha": 32, "learning_rate": 1e-4, "unet_lr": 1e-4, "text_encoder_lr": 2e-5,
+        "optimizer_type": "AdamW", "lr_scheduler": "cosine_with_restarts", "mixed_precision": "fp16",
+        "cache_latents": True, "shuffle_caption": True, "keep_tokens": 1,
+    },
+    "Low VRAM (6-8 GB)": {
+        "train_batch_size": 1, "mixed_precision": "fp16", "gradient_checkpointing": True,
+        "cache_latents": True, "network_train_unet_only": True, "cache_text_encoder_outputs": True,
+        "shuffle_caption": False, "optimizer_type": "AdamW8bit",
+    },
+    "Quick test (tiny model, 64 px, CPU)": {
+        "resolution": "64", "train_batch_size": 2, "max_train_epochs": None, "max_train_steps": 40,
+        "network_dim": 4, "network_alpha": 4, "learning_rate": 1e-3, "unet_lr": None,
+        "text_encoder_lr": None, "mixed_precision": "no", "progress_every_n_steps": 2,
+        "sample_every_n_epochs": None, "sample_every_n_steps": 20, "sample_at_first": False,
+    },
+}  # fmt: skip
+
+
+def make_field(name: str, f, value):
+    """One widget per option, chosen by its type; the help text is the hint under it."""
+    tp, optional = base_type(f.type)
+    kw = {"label": LABELS.get(name, name), "info": f.metadata["help"], "elem_id": f"cfg-{name}"}
+    if name in WIDE:
+        kw.update(scale=2, min_width=320)
+    if tp is bool:
+        return gr.Checkbox(value=bool(value), **kw)
+    if typing.get_origin(tp) is typing.Literal:
+        return gr.Dropdown(list(typing.get_args(tp)), value=value, **kw)
+    if name in CHOICES:
+        return gr.Dropdown(CHOICES[name], value=value, allow_custom_value=True, **kw)
+    if tp in (int, float) and not optional:
+        return gr.Number(value=value, precision=0 if tp is int else None, **kw)
+    return gr.Textbox(value=to_text(value), **kw)  # strings, lists, and optional numbers (empty = unset)
+
+
+def to_text(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        return " ".join(value)
+    return str(value)
+
+
+def widget_value(name: str, value):
+    """A config value as its widget shows it."""
+    _, f = field_index()[name]
+    tp, optional = base_type(f.type)
+    if tp is bool or typing.get_origin(tp) is typing.Literal or name in CHOICES:
+        return value
+    if tp in (int, float) and not optional:
+        return value
+    return to_text(value)
+
+
+def config_from_widgets(names: list[str], values: list) -> TrainConfig:
+    flat = {}
+    for name, value in zip(names, values):
+        if isinstance(value, str):
+            value = value.strip()
+        flat[name] = value
+    return TrainConfig.from_dict(flat, source="Train tab")
+
+
+def read_text(path: str | None) -> str:
+    if path and Path(path).is_file():
+        return Path(path).read_text(encoding="utf-8")
+    return ""
+
+
+# --- the job view ---------------------------------------------------------------------
+
+
+def _duration(s: float) -> str:
+    s = int(max(s, 0))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+def status_html(job: Job | None) -> str:
+    if job is None:
+        return "<div class='lk-status'><b>No training yet.</b> Fill in the settings and press <b>Train</b>.</div>"
+    st = job.status()
+    rows = job.progress(with_previous=True)
+    last = rows[-1] if rows else None
+    state = st["state"]
+    pct = 100.0 * last["step"] / max(last["total_steps"], 1) if last else 0.0
+    if state == "done":
+        pct = 100.0
+    parts = [f"<span class='lk-state lk-{state}'>{state}</span> <b>{html.escape(job.name)}</b>"]
+    if last:
+        loss = f"{last['loss']:.4f}" if last.get("loss") is not None else "–"
+        parts.append(
+            f"<div class='lk-nums'>step <b class='lk-step'>{last['step']}/{last['total_steps']}</b> · "
+            f"epoch {last['epoch']}/{last['total_epochs']} · {last['its']:.2f} it/s · "
+            f"ETA {_duration(last['eta_s']) if state == 'running' else '–'} · loss {loss} · "
+            f"lr {last['lr']:.2e}</div>"
+        )
+    parts.append(f"<div class='lk-bar'><div style='width:{pct:.1f}%'></div></div>")
+    parts.append(f"<div class='lk-msg'>{html.escape(st.get('message') or '')}</div>")
+    if st.get("lora_path"):
+        parts.append(f"<div class='lk-lora'>LoRA: <code>{html.escape(st['lora_path'])}</code></div>")
+    return "<div class='lk-status'>" + "".join(parts) + "</div>"
+
+
+def loss_frame(job: Job | None):
+    import pandas as pd
+
+    rows = job.progress(with_previous=True) if job else []
+    pts = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None]
+    return pd.DataFrame(
+        {
+            "step": pd.Series([p[0] for p in pts], dtype="int64"),
+            "loss": pd.Series([p[1] for p in pts], dtype="float64"),
+        }
+    )
+
+
+def build(settings: Settings) -> dict:
+    index = field_index()
+    defaults = TrainConfig().flat()
+    defaults.update(
+        pretrained_model_name_or_path=settings.model,
+        output_dir=str(settings.lora_dir),
+        output_name="my-lora",
+        sample_every_n_epochs=1,
+    )
+    fields: dict[str, gr.components.Component] = {}
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=3):
+            with gr.Row():
+                preset = gr.Dropdown(
+                    list(PRESETS), label="Preset", value=None, scale=3, elem_id="train-preset"
+                )
+                apply_preset = gr.Button("Apply preset", scale=1)
+            with gr.Row():
+                config_path = gr.Textbox(
+                    label="Config file (TOML, the same `lorakit train --config` reads)",
+                    value=str(Path(settings.runs_dir).parent / "lorakit-train.toml"),
+                    scale=3,
+                    elem_id="train-config-path",
+                )
+                save_cfg = gr.Button("Save config", scale=1, elem_id="train-save-config")
+                load_cfg = gr.Button("Load config", scale=1, elem_id="train-load-config")
+            for group, names in GROUPS.items():
+                with gr.Accordion(group, open=True):
+                    if group == "Samples while training":
+                        sample_text = gr.Textbox(
+                            label="Sample prompts (one per line; kohya options --n --w --h --s --l --d)",
+                            lines=3,
+                            placeholder="usu bear, in the snow --n blurry --s 20 --d 1",
+                            elem_id="cfg-sample_prompts",
+                        )
+                    with gr.Row():
+                        for name in names:
+                            fields[name] = make_field(name, index[name][1], defaults[name])
+            with gr.Accordion("Advanced", open=False, elem_id="train-advanced"):
+                shown = {n for names in GROUPS.values() for n in names} | HIDDEN
+                rest = [n for n in index if n not in shown]
+                for i in range(0, len(rest), 3):
+                    with gr.Row():
+                        for name in rest[i : i + 3]:
+                            fields[name] = make_field(name, index[name][1], defaults[name])
+                gr.Markdown(
+                    "`save_state` is always on in the GUI, so that **Stop** keeps a state that "
+                    "**Resume** continues from."
+                )
+        with gr.Column(scale=2):
+            with gr.Row():
+                train_btn = gr.Button("Train", variant="primary", elem_id="train-start")
+                stop_btn = gr.Button("Stop", variant="stop", elem_id="train-stop")
+                resume_btn = gr.Button("Resume", elem_id="train-resume")
+            action_msg = gr.Markdown(elem_id="train-action")
+            status = gr.HTML(status_html(None), elem_id="train-status")
+            loss_plot = gr.LinePlot(
+                x="step", y="loss", title="Loss", height=220, elem_id="train-loss", label="Loss"
+            )
+            samples = gr.Gallery(
+                label="Latest samples", columns=4, height=200, allow_preview=True, elem_id="train-samples"
+            )
+            log_box = gr.Textbox(
+                label="Log", lines=12, max_lines=12, autoscroll=True, interactive=False, elem_id="train-log"
+            )
+    names = list(fields)
+    widgets = [fields[n] for n in names]
+    seen = gr.State({})
+
+    # --- config in and out ------------------------------------------------------------
+    def fill_from(cfg: TrainConfig, prompts: str):
+        flat = cfg.flat()
+        return [widget_value(n, flat[n]) for n in names] + [prompts]
+
+    @user_errors
+    def do_preset(name, *values):
+        if not name:
+            raise gr.Error("Pick a preset first.")
+        cfg = config_from_widgets(names, list(values[:-1]))
+        cfg.update(PRESETS[name], source=f"preset {name!r}")
+        return fill_from(cfg, values[-1])
+
+    apply_preset.click(do_preset, [preset, *widgets, sample_text], [*widgets, sample_text])
+
+    @user_errors
+    def do_save(path, *values):
+        cfg = config_from_widgets(names, list(values[:-1]))
+        if values[-1].strip():
+            prompts = Path(path).with_suffix(".sample_prompts.txt")
+            prompts.write_text(values[-1].strip() + "\n", encoding="utf-8")
+            cfg.sample.sample_prompts = str(prompts)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(cfg.to_toml(), encoding="utf-8")
+        return f"Saved {path} — `lorakit train --config {path}` runs the same training."
+
+    save_cfg.click(do_save, [config_path, *widgets, sample_text], [action_msg])
+
+    @user_errors
+    def do_load(path):
+        cfg = TrainConfig.from_toml(path)
+        return [*fill_from(cfg, read_text(cfg.sample.sample_prompts)), f"Loaded {path}"]
+
+    load_cfg.click(do_load, [config_path], [*widgets, sample_text, action_msg])
+
+    # --- the job ----------------------------------------------------------------------
+    @user_errors
+    def do_train(*values):
+        cfg = config_from_widgets(names, list(values[:-1]))
+        job = start_job(cfg, settings.runs_dir, sample_prompts_text=values[-1])
+        return (
+            f"Started **{job.name}**. You may close this page: training goes on, and the page shows it again."
+        )
+
+    train_btn.click(do_train, [*widgets, sample_text], [action_msg])
+
+    def do_stop():
+        job = latest_job(settings.runs_dir)
+        if job is None or not job.is_running():
+            return "Nothing is training."
+        job.stop()
+        return "Stopping: the trainer saves its state, then exits…"
+
+    stop_btn.click(do_stop, None, [action_msg])
+
+    @user_errors
+    def do_resume():
+        job = latest_job(settings.runs_dir)
+        if job is None:
+            raise gr.Error("There is no run to resume.")
+        if job.state == "done":
+            raise gr.Error(f"{job.name} has finished; there is nothing to resume.")
+        new = job.resume(settings.runs_dir)
+        return f"Resumed {job.name} as **{new.name}**."
+
+    resume_btn.click(do_resume, None, [action_msg])
+
+    def refresh(seen):
+        job = latest_job(settings.runs_dir)
+        seen = dict(seen or {})
+        out = [status_html(job)]
+        frame = loss_frame(job)
+        key = (job.name if job else None, len(frame))
+        out.append(frame if seen.get("loss") != key else gr.skip())
+        seen["loss"] = key
+        sample_paths = job.samples()[-8:] if job else []
+        key = [str(p) for p in sample_paths]
+        if seen.get("samples") != key:
+            out.append([(thumbnail(p, 512), p.stem) for p in reversed(sample_paths)])
+        else:
+            out.append(gr.skip())
+        seen["samples"] = key
+        text = job.log_text() if job else ""
+        out.append(text if seen.get("log") != text else gr.skip())
+        seen["log"] = text
+        running = bool(job and job.is_running())
+        out += [gr.update(interactive=not running), gr.update(interactive=running)]
+        out.append(gr.update(interactive=bool(job and job.state in ("stopped", "error"))))
+        return [*out, seen]
+
+    refresh_outputs = [status, loss_plot, samples, log_box, train_btn, stop_btn, resume_btn, seen]
+    timer = gr.Timer(1.0)
+    timer.tick(refresh, [seen], refresh_outputs, show_progress="hidden")
+
+    def on_load(seen):
+        """A reopened page shows the latest run with the settings it was started with."""
+        job = latest_job(settings.runs_dir)
+        fill = [gr.skip()] * (len(widgets) + 1)
+        if job is not None:
+            try:
+                cfg = job.config()
+                fill = fill_from(cfg, read_text(cfg.sample.sample_prompts))
+            except LoraKitError:
+                pass
+        return [*fill, *refresh({})]
+
+    return {
+        "fields": fields,
+        "on_load": (on_load, [seen], [*widgets, sample_text, *refresh_outputs]),
+        "is_running": lambda: bool((j := latest_job(settings.runs_dir)) and j.is_running()),
+    }
