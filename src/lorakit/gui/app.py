@@ -24,6 +24,8 @@ CSS = """
 .lk-bar > div { height: 100%; background: #2563eb; transition: width 0.4s; }
 .lk-msg { font-size: 0.9em; opacity: 0.85; white-space: pre-wrap; }
 .lk-lora code { word-break: break-all; }
+.lk-problem h3 { color: #dc2626; }
+.lk-pre { white-space: pre-wrap; font-size: 0.9em; }
 """
 
 INTRO = """\
@@ -67,7 +69,7 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
         fn, inputs, outputs = tr["on_load"]
 
         def on_load(*args):
-            selected = gr.Tabs(selected="train") if tr["is_running"]() else gr.skip()
+            selected = gr.Tabs(selected="train") if tr["has_job"]() else gr.skip()
             return [*fn(*args), selected]
 
         demo.load(on_load, inputs, [*outputs, tabs])

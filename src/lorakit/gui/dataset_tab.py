@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 from pathlib import Path
 
 import gradio as gr
@@ -53,20 +54,26 @@ def list_folders(train_dir: str, reg_dir: str, caption_extension: str):
 
 
 def check_folders(train_dir: str, reg_dir: str, caption_extension: str, bad_images: str) -> tuple[bool, str]:
-    """(ok, Markdown) with what training would say: the error that stops it, or warnings and totals."""
+    """(ok, HTML) with what training would say: the error that stops it, or warnings and totals."""
     if not train_dir:
-        return False, "Give the training image folder (the one holding `<repeats>_<prompt>` folders)."
+        return (
+            False,
+            "<p>Give the training image folder (the one holding <code>&lt;repeats&gt;_&lt;prompt&gt;</code> folders).</p>",
+        )
     try:
         plan = scan_dataset(train_dir, reg_dir or None, _ext(caption_extension), bad_images=bad_images)
     except LoraKitError as e:
-        text = str(e).replace("\n", "  \n")
-        return False, f"### ✗ Training would stop here\n\n{text}"
-    lines = [
-        f"### ✓ Ready: {plan.num_train_images} training samples per epoch "
-        f"(images × repeats), {plan.num_reg_images} regularization samples"
+        return False, (
+            "<div class='lk-problem'><h3>✗ Training would stop here</h3>"
+            f"<pre class='lk-pre'>{html.escape(str(e))}</pre></div>"
+        )
+    out = [
+        f"<h3>✓ Ready: {plan.num_train_images} training samples per epoch (images × repeats), "
+        f"{plan.num_reg_images} regularization samples</h3>"
     ]
-    lines += [f"- ⚠ {w}" for w in plan.warnings]
-    return True, "\n".join(lines)
+    if plan.warnings:
+        out.append("<ul>" + "".join(f"<li>⚠ {html.escape(w)}</li>" for w in plan.warnings) + "</ul>")
+    return True, "".join(out)
 
 
 def build(settings: Settings) -> dict:
@@ -86,7 +93,7 @@ def build(settings: Settings) -> dict:
         caption_ext = gr.Textbox(value=".caption", label="Caption extension", scale=1, elem_id="ds-ext")
         bad_images = gr.Radio(["stop", "skip"], value="stop", label="Broken images", scale=1)
     scan = gr.Button("Check dataset", variant="primary", elem_id="ds-scan")
-    problems = gr.Markdown(elem_id="ds-problems")
+    problems = gr.HTML(elem_id="ds-problems")
     table = gr.Dataframe(headers=COLUMNS, interactive=False, label="Folders", elem_id="ds-table")
     with gr.Row():
         with gr.Column(scale=3):
@@ -143,15 +150,21 @@ def build(settings: Settings) -> dict:
     with gr.Accordion("Make regularization images (the base model draws the class prompt)", open=False):
         with gr.Row():
             reg_model = gr.Textbox(value=settings.model, label="Base model", scale=3, elem_id="reg-model")
-            class_prompt = gr.Textbox(label="Class prompt", info="e.g. 'bear' for '20_usu bear'", scale=2)
+            class_prompt = gr.Textbox(
+                label="Class prompt", info="e.g. 'bear' for '20_usu bear'", scale=2, elem_id="reg-class"
+            )
             guess = gr.Button("From the training folder", scale=1)
         with gr.Row():
-            reg_count = gr.Number(value=50, precision=0, minimum=1, label="Images")
-            reg_out = gr.Textbox(label="Into folder", info="images go to <folder>/1_<class prompt>")
-            reg_steps = gr.Number(value=20, precision=0, minimum=1, label="Steps")
-            reg_size = gr.Number(value=512, precision=0, minimum=64, step=8, label="Size (px)")
+            reg_count = gr.Number(value=50, precision=0, minimum=1, label="Images", elem_id="reg-count")
+            reg_out = gr.Textbox(
+                label="Into folder", info="images go to <folder>/1_<class prompt>", elem_id="reg-out"
+            )
+            reg_steps = gr.Number(value=20, precision=0, minimum=1, label="Steps", elem_id="reg-steps")
+            reg_size = gr.Number(
+                value=512, precision=0, minimum=64, step=8, label="Size (px)", elem_id="reg-size"
+            )
         make = gr.Button("Make regularization images", elem_id="reg-make")
-        reg_status = gr.Markdown()
+        reg_status = gr.Markdown(elem_id="reg-status")
         reg_gallery = gr.Gallery(label="Regularization images", columns=8, height=240, allow_preview=False)
 
     @user_errors

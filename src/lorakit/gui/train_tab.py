@@ -370,5 +370,5 @@ def build(settings: Settings) -> dict:
     return {
         "fields": fields,
         "on_load": (on_load, [seen], [*widgets, sample_text, *refresh_outputs]),
-        "is_running": lambda: bool((j := latest_job(settings.runs_dir)) and j.is_running()),
+        "has_job": lambda: latest_job(settings.runs_dir) is not None,
     }

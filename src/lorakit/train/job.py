@@ -20,6 +20,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -44,6 +45,8 @@ PATH_OPTIONS = (
     "network_weights",
     "sample_prompts",
 )
+
+_TQDM_BAR = re.compile(r"\r?[^\r\n]*?\d+%\|[^|\r\n]*\|[^\]\r\n]*\]")
 
 # Popen handles of the jobs this process started: they tell a finished child from a running one
 # (a finished child that nobody waited for still answers kill(pid, 0)).
@@ -157,8 +160,9 @@ class Job:
         with path.open("rb") as f:
             f.seek(max(0, path.stat().st_size - max_chars))
             text = f.read().decode("utf-8", "replace")
+        text = _TQDM_BAR.sub("", text)  # the trainer's progress bar: the log has a line per report
         lines = [line.rsplit("\r", 1)[-1] if "\r" in line.rstrip("\r") else line for line in text.split("\n")]
-        return "\n".join(line.rstrip("\r") for line in lines)
+        return "\n".join(line.rstrip("\r") for line in lines if line.strip("\r "))
 
     def state_dir(self) -> Path:
         """Where Stop leaves the state that Resume continues from."""

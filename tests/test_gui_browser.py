@@ -1,0 +1,351 @@
+"""The GUI end to end: `lorakit gui` in a subprocess, driven in headless Chromium by Playwright.
+
+On the tiny model: check a dataset (and a bad folder), train from the Train tab and watch it
+finish (progress, loss plot, sample), stop and resume, draw with the new LoRA from its card,
+inspect it. A screenshot of each tab goes to pytest's tmp dir (and to $LORAKIT_SCREENSHOTS when set).
+Under CI=true a missing Chromium or Playwright fails these tests instead of skipping them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lorakit.quickstart import make_dataset, make_tiny_base
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = os.environ.get("LORAKIT_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+
+
+def _missing(why: str):
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"GUI browser tests cannot run: {why} (scripts/setup_gui_tests.sh installs it)")
+    pytest.skip(why)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gui")
+    base = make_tiny_base(root / "tiny.safetensors")
+    train_dir, reg_dir = make_dataset(root / "data", n_train=4, n_reg=2, repeats=2)
+    bad = root / "bad"
+    (bad / "usu bear").mkdir(parents=True)  # no <repeats>_ prefix
+    shots = root / "screenshots"
+    shots.mkdir()
+    return {"root": root, "base": base, "train": train_dir, "reg": reg_dir, "bad": bad, "shots": shots}
+
+
+@pytest.fixture(scope="module")
+def server(work):
+    root, port = work["root"], _free_port()
+    env = dict(
+        os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), GRADIO_TEMP_DIR=str(root / "gr")
+    )
+    cmd = [
+        sys.executable, "-m", "lorakit", "gui", "--port", str(port), "--model", str(work["base"]),
+        "--lora_dir", str(root / "loras"), "--runs_dir", str(root / "runs"), "--outputs_dir", str(root / "images"),
+    ]  # fmt: skip
+    log = (root / "server.log").open("w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=root, env=env)
+    url = None
+    end = time.monotonic() + 120
+    while time.monotonic() < end and proc.poll() is None:
+        m = re.search(r"lorakit GUI: (http://\S+)", (root / "server.log").read_text())
+        if m:
+            url = m.group(1)
+            break
+        time.sleep(0.3)
+    if url is None:
+        proc.kill()
+        pytest.fail(f"the GUI did not start:\n{(root / 'server.log').read_text()}")
+    assert url == f"http://127.0.0.1:{port}/"
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+    from lorakit.train.job import find_jobs
+
+    for job in find_jobs(root / "runs"):  # leave no training process behind
+        job.kill()
+
+
+@pytest.fixture(scope="module")
+def browser_page(server, work):
+    if not Path(CHROMIUM).is_file():
+        _missing(f"{CHROMIUM} not found")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _missing("playwright is not installed")
+    external: list[str] = []
+    with sync_playwright() as p:
+        ctx = p.chromium.launch_persistent_context(
+            str(work["root"] / "chromium-profile"),
+            executable_path=CHROMIUM,
+            headless=True,
+            args=CHROMIUM_ARGS,
+            viewport={"width": 1400, "height": 1000},
+        )
+        page = ctx.new_page()
+        page.set_default_timeout(30000)
+
+        def offline(route):  # the network is closed: only the GUI itself may be asked for anything
+            url = route.request.url
+            if url.startswith(("http://127.0.0.1", "data:", "blob:")):
+                route.continue_()
+            else:
+                external.append(url)
+                route.abort()
+
+        page.route("**/*", offline)
+        page.goto(server)
+        page.wait_for_selector("#lk-intro")
+        page.external_requests = external
+        yield page
+        ctx.close()
+
+
+def shot(page, work, name: str) -> None:
+    path = work["shots"] / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    assert path.stat().st_size > 10000
+    if os.environ.get("LORAKIT_SCREENSHOTS"):
+        dest = Path(os.environ["LORAKIT_SCREENSHOTS"])
+        dest.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, dest / path.name)
+
+
+def fill(page, elem_id: str, value) -> None:
+    box = page.locator(f"#{elem_id} textarea, #{elem_id} input:not([type=range])").first
+    box.fill(str(value))
+    box.dispatch_event("input")
+    box.blur()
+
+
+def tab(page, name: str) -> None:
+    page.locator(f"#tab-{name}-button").click()
+
+
+def status_text(page) -> str:
+    return page.locator("#train-status").inner_text()
+
+
+def wait_status(page, pattern: str, timeout: float) -> str:
+    end = time.monotonic() + timeout
+    text = ""
+    while time.monotonic() < end:
+        text = status_text(page)
+        if re.search(pattern, text, re.I | re.S):
+            return text
+        time.sleep(0.3)
+    log = page.locator("#train-log textarea").input_value()
+    raise AssertionError(f"status never matched {pattern!r}; it says:\n{text}\nlog:\n{log[-3000:]}")
+
+
+# --- the tests, in page order ---------------------------------------------------------
+
+
+def test_page_loads_offline_with_four_tabs(browser_page):
+    page = browser_page
+    for name in ("dataset", "train", "generate", "lora"):
+        assert page.locator(f"#tab-{name}-button").is_visible()
+    tab(page, "train")
+    assert "No training yet" in status_text(page)
+    assert page.external_requests == [], "the page tried to reach the internet"
+
+
+def test_dataset_tab_lists_folders_edits_captions_and_shows_problems(browser_page, work):
+    page = browser_page
+    tab(page, "dataset")
+    fill(page, "ds-train_dir", work["train"])
+    fill(page, "ds-reg_dir", work["reg"])
+    page.locator("#ds-scan").click()
+    page.wait_for_selector("#ds-problems :text('Ready')")
+    table = page.locator("#ds-table").inner_text()
+    assert "2_usu bear" in table and "1_bear" in table and "usu bear" in table
+    assert page.locator("#ds-gallery img").count() == 6  # 4 train + 2 reg thumbnails
+    assert "usu bear" in page.locator("#ds-gallery").inner_text()  # the captions training uses
+
+    page.locator("#ds-gallery img").first.click()
+    expect(page.locator("#ds-caption textarea")).to_have_value("usu bear")
+    fill(page, "ds-caption", "usu bear, black disc")
+    page.locator("#ds-save-caption").click()
+    caption = work["train"] / "2_usu bear" / "usu_00.caption"
+    _wait(lambda: caption.is_file(), 20, "the caption file")
+    assert caption.read_text().strip() == "usu bear, black disc"
+    page.wait_for_selector("#ds-gallery :text('usu bear, black disc')")
+    shot(page, work, "dataset")
+
+    fill(page, "ds-train_dir", work["bad"])
+    fill(page, "ds-reg_dir", "")
+    page.locator("#ds-scan").click()
+    page.wait_for_selector("#ds-problems :text('Training would stop here')")
+    problems = page.locator("#ds-problems").inner_text()
+    assert "folder names must be <repeats>_<prompt>" in problems and "usu bear" in problems
+    caption.unlink()
+
+
+def test_reg_images_are_drawn_with_a_progress_bar(browser_page, work):
+    page = browser_page
+    tab(page, "dataset")
+    page.get_by_text("Make regularization images (the base model").click()
+    fill(page, "reg-class", "bear")
+    fill(page, "reg-count", 2)
+    fill(page, "reg-out", work["root"] / "made-reg")
+    fill(page, "reg-steps", 2)
+    fill(page, "reg-size", 64)
+    page.locator("#reg-make").click()
+    page.wait_for_selector("#reg-status :text('2 images')", timeout=90000)
+    assert len(list((work["root"] / "made-reg" / "1_bear").glob("*.png"))) == 2
+    assert page.locator("#ds-reg_dir textarea, #ds-reg_dir input").first.input_value() == str(
+        work["root"] / "made-reg"
+    )
+
+
+def fill_train_tab(page, work, name: str, steps: int, every: int, samples: bool) -> None:
+    tab(page, "train")
+    fill(page, "cfg-train_data_dir", work["train"])
+    fill(page, "cfg-reg_data_dir", "")
+    fill(page, "cfg-output_name", name)
+    fill(page, "cfg-resolution", "64")
+    fill(page, "cfg-train_batch_size", 2)
+    fill(page, "cfg-max_train_steps", steps)
+    fill(page, "cfg-max_train_epochs", "")
+    fill(page, "cfg-network_dim", 2)
+    fill(page, "cfg-network_alpha", 2)
+    fill(page, "cfg-learning_rate", "0.001")
+    fill(page, "cfg-progress_every_n_steps", every)
+    fill(page, "cfg-seed", 3)
+    fill(page, "cfg-sample_prompts", "usu bear --s 2 --w 64 --h 64 --d 5" if samples else "")
+    fill(page, "cfg-sample_every_n_epochs", "")
+    fill(page, "cfg-sample_every_n_steps", max(steps // 2, 1) if samples else "")
+
+
+def test_train_shows_progress_loss_samples_and_saves_the_lora(browser_page, work):
+    page = browser_page
+    fill_train_tab(page, work, "gui-lora", steps=8, every=2, samples=True)
+    page.locator("#train-start").click()
+    text = wait_status(page, r"done.*step 8/8", 180)
+    lora = work["root"] / "loras" / "gui-lora.safetensors"
+    assert lora.is_file() and str(lora) in text
+    assert "it/s" in text and "loss" in text
+    # the loss plot draws the reported points (one per 2 steps)
+    page.wait_for_selector("#train-loss canvas, #train-loss svg")
+    assert page.locator("#train-loss .empty, #train-loss :text('No plot')").count() == 0
+    assert _plot_points(page) == 4
+    # the latest samples, drawn at steps 4 and 8
+    page.wait_for_selector("#train-samples img")
+    assert page.locator("#train-samples img").count() >= 2
+    assert "LoRA saved" in page.locator("#train-log textarea").input_value()
+    shot(page, work, "train")
+
+
+def test_stop_keeps_the_state_and_resume_finishes(browser_page, work):
+    page = browser_page
+    fill_train_tab(page, work, "gui-long", steps=300, every=5, samples=False)
+    page.locator("#train-start").click()
+    wait_status(page, r"running.*step (1[05]|[2-9]\d|\d{3})/300", 120)
+    page.locator("#train-stop").click()
+    text = wait_status(page, r"stopped", 60)
+    state = work["root"] / "loras" / "gui-long-state"
+    assert (state / "train_state.json").is_file(), text
+    assert not (work["root"] / "loras" / "gui-long.safetensors").exists()
+    page.reload()  # a reopened page shows the run as it was left
+    page.wait_for_selector("#lk-intro")
+    tab(page, "train")
+    assert re.search(r"stopped.*gui-long", status_text(page), re.S | re.I)
+    page.wait_for_selector("#train-resume:not([disabled])")
+    page.locator("#train-resume").click()
+    wait_status(page, r"done.*step 300/300", 240)
+    assert (work["root"] / "loras" / "gui-long.safetensors").is_file()
+
+
+def test_generate_with_the_new_lora_from_its_card(browser_page, work):
+    page = browser_page
+    tab(page, "generate")
+    page.wait_for_selector("#gen-loras :text('gui-lora')")
+    fill(page, "gen-prompt", "usu bear")
+    names = page.locator("#gen-loras").inner_text()
+    assert "gui-long" in names and "network" not in names  # state folders are not LoRAs
+    _click_card(page, "gui-lora")
+    expect(page.locator("#gen-prompt textarea")).to_have_value("usu bear <lora:gui-lora:1>")
+    fill(page, "gen-steps", 2)
+    fill(page, "gen-width", 64)
+    fill(page, "gen-height", 64)
+    fill(page, "gen-seed", 7)
+    page.locator("#gen-go").click()
+    page.wait_for_selector("#gen-images img", timeout=120000)
+    _wait(lambda: "Seed: 7" in page.locator("#gen-info textarea").input_value(), 30, "the parameters")
+    info = page.locator("#gen-info textarea").input_value()
+    assert "<lora:gui-lora:1>" in info and "Lora hashes" in info and "Size: 64x64" in info
+    assert len(list((work["root"] / "images").glob("*-7.png"))) == 1
+    shot(page, work, "generate")
+
+
+def test_lora_tab_shows_the_metadata(browser_page, work):
+    page = browser_page
+    tab(page, "lora")
+    fill(page, "lora-path", work["root"] / "loras" / "gui-lora.safetensors")
+    page.locator("#lora-inspect").click()
+    page.wait_for_selector("#lora-table :text('SD1.x')")
+    table = page.locator("#lora-table").inner_text()
+    assert "gui-lora" in table and "steps" in table and "dim / alpha" in table
+    shot(page, work, "lora")
+    assert page.external_requests == [], "the page tried to reach the internet"
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+def expect(locator):
+    from playwright.sync_api import expect as _expect
+
+    return _expect(locator)
+
+
+def _wait(cond, timeout: float, what: str):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _click_card(page, name: str) -> None:
+    items = page.locator("#gen-loras .thumbnail-item")
+    for i in range(items.count()):
+        if items.nth(i).inner_text().strip() == name:
+            items.nth(i).click()
+            return
+    raise AssertionError(f"no card named {name}: {page.locator('#gen-loras').inner_text()}")
+
+
+def _plot_points(page) -> int:
+    """Vertices of the loss line that Vega drew (one per progress report)."""
+    d = page.evaluate(
+        "() => { const p = document.querySelector('#train-loss .mark-line path'); return p ? p.getAttribute('d') : ''; }"
+    )
+    return len(re.findall(r"[ML]", d or ""))
