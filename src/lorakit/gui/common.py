@@ -51,19 +51,21 @@ def thumbnail(path: Path, size: int = 256):
 
 def placeholder(text: str, size: int = 192):
     """A plain card for a LoRA without a preview image."""
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw, ImageFont
 
     img = Image.new("RGB", (size, size), (52, 58, 74))
     d = ImageDraw.Draw(img)
+    font = ImageFont.load_default(size=size // 8)
     words, lines = text.replace("_", " ").replace("-", " ").split(), [""]
     for w in words:
-        if len(lines[-1]) + len(w) > 14:
+        if len(lines[-1]) + len(w) > 9:
             lines.append("")
         lines[-1] = (lines[-1] + " " + w).strip()
-    y = size // 2 - 8 * len(lines)
-    for line in lines[:6]:
-        d.text((12, y), line, fill=(230, 232, 240))
-        y += 16
+    step = size // 6
+    y = size // 2 - step * len(lines[:5]) // 2
+    for line in lines[:5]:
+        d.text((size // 12, y), line, fill=(230, 232, 240), font=font)
+        y += step
     return img
 
 

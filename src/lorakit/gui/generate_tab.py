@@ -79,7 +79,12 @@ def build(settings: Settings) -> dict:
                 gr.Markdown(f"**LoRAs** in `{settings.lora_dir}` — click a card to add it to the prompt")
                 refresh = gr.Button("Refresh", size="sm", scale=0, elem_id="gen-lora-refresh")
             cards = gr.Gallery(
-                columns=6, height=230, allow_preview=False, show_label=False, elem_id="gen-loras"
+                columns=6,
+                height=230,
+                allow_preview=False,
+                show_label=False,
+                fit_columns=False,
+                elem_id="gen-loras",
             )
         with gr.Column(scale=2):
             go = gr.Button("Generate", variant="primary", elem_id="gen-go")

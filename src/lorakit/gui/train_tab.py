@@ -252,7 +252,12 @@ def build(settings: Settings) -> dict:
                 x="step", y="loss", title="Loss", height=220, elem_id="train-loss", label="Loss"
             )
             samples = gr.Gallery(
-                label="Latest samples", columns=4, height=200, allow_preview=True, elem_id="train-samples"
+                label="Latest samples",
+                columns=4,
+                height=200,
+                allow_preview=True,
+                fit_columns=False,
+                elem_id="train-samples",
             )
             log_box = gr.Textbox(
                 label="Log", lines=12, max_lines=12, autoscroll=True, interactive=False, elem_id="train-log"
