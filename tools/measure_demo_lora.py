@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+EVAL_PROMPTS = ["usu bear", "bear", "a bear", "a cat"]
+
 
 def stats(images, prompt_label: str | None = None) -> dict:
     from lorakit.demo import metric as M
@@ -54,6 +56,9 @@ def main(argv=None) -> int:
     p.add_argument("--guidance", type=float, default=6.0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--only", choices=["noreg", "reg"], default=None)
+    p.add_argument(
+        "--extra", default="{}", help="more kohya options as JSON, e.g. '{\"text_encoder_lr\": 3e-3}'"
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -75,8 +80,10 @@ def main(argv=None) -> int:
     base_usu = draw(pipe, ["usu bear"] * len(seeds), seeds, args.sample_steps, args.guidance)
     dt = time.time() - t
     results["gen_images_per_s"] = round(len(seeds) / dt, 2)
-    base_bear = draw(pipe, ["a bear"] * len(seeds), seeds, args.sample_steps, args.guidance)
-    results["base"] = {"usu bear": stats(base_usu, "bear"), "a bear": stats(base_bear, "bear")}
+    base_imgs = {"usu bear": base_usu}
+    for prompt in EVAL_PROMPTS[1:]:
+        base_imgs[prompt] = draw(pipe, [prompt] * len(seeds), seeds, args.sample_steps, args.guidance)
+    results["base"] = {prompt: stats(imgs, "bear") for prompt, imgs in base_imgs.items()}
     print(json.dumps(results, indent=1), flush=True)
 
     train_dir = make_instance_dataset(work / "data", n=16, repeats=10)
@@ -105,6 +112,7 @@ def main(argv=None) -> int:
             "cache_latents": True,
             "seed": 42,
         }
+        flat.update(json.loads(args.extra))
         if name == "reg":
             flat["reg_data_dir"] = str(reg_dir.parent)
         t = time.time()
@@ -114,21 +122,14 @@ def main(argv=None) -> int:
         tensors, _ = read_lora_file(lora)
         merge_lora(m.unet, m.text_encoder, tensors, 1.0, 1.0)
         lp = diffusers_pipeline(m)
-        usu = draw(lp, ["usu bear"] * len(seeds), seeds, args.sample_steps, args.guidance)
-        bear = draw(lp, ["a bear"] * len(seeds), seeds, args.sample_steps, args.guidance)
-        results[name] = {
-            "train_s": round(train_s, 1),
-            "usu bear": stats(usu, "bear"),
-            "a bear": stats(bear, "bear"),
-            "bear_pixel_drift_vs_base": round(pixel_distance(bear, base_bear), 4),
-            "usu_pixel_drift_vs_base": round(pixel_distance(usu, base_usu), 4),
-        }
-        grid = np.concatenate(
-            [
-                np.concatenate([np.asarray(im) for im in row[:12]], 1)
-                for row in (base_usu, usu, base_bear, bear)
-            ]
-        )
+        results[name] = {"train_s": round(train_s, 1)}
+        rows = []
+        for prompt in EVAL_PROMPTS:
+            imgs = draw(lp, [prompt] * len(seeds), seeds, args.sample_steps, args.guidance)
+            results[name][prompt] = stats(imgs, "bear")
+            results[name][prompt]["pixel_drift_vs_base"] = round(pixel_distance(imgs, base_imgs[prompt]), 4)
+            rows += [base_imgs[prompt], imgs]
+        grid = np.concatenate([np.concatenate([np.asarray(im) for im in row[:12]], 1) for row in rows])
         from PIL import Image
 
         Image.fromarray(grid).save(work / f"grid-{name}.png")
