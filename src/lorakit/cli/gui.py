@@ -14,7 +14,10 @@ WARNING = """
 
 
 def cmd_gui(args: argparse.Namespace) -> int:
+    import logging
     from pathlib import Path
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own start-up probes
 
     try:
         from ..gui import app  # sets Gradio's analytics off before Gradio loads
