@@ -86,6 +86,16 @@ def test_two_loras_add_up(gen, lora_dir, trained_lora):
         torch.testing.assert_close(both[k], a[k] * (0.7 / 0.3), rtol=1e-4, atol=1e-7)
 
 
+def test_lora_list_skips_training_state_folders(lora_dir, trained_lora):
+    from lorakit.generate.loras import list_loras
+
+    state = lora_dir / "kurokuma-state"
+    state.mkdir()
+    shutil.copy(trained_lora, state / "network.safetensors")
+    (state / "train_state.json").write_text("{}")
+    assert [lf.name for lf in list_loras(lora_dir)] == ["kurokuma"]
+
+
 def test_lora_by_alias_and_unknown_name(gen):
     # ss_output_name of the trained file is "compat"
     gen.apply_loras("x <lora:compat:1>")

@@ -37,7 +37,11 @@ def list_loras(lora_dir: str | Path) -> list[LoraFile]:
     root = Path(lora_dir)
     if not root.is_dir():
         return []
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in LORA_SUFFIXES and p.is_file())
+    files = sorted(
+        p
+        for p in root.rglob("*")
+        if p.suffix.lower() in LORA_SUFFIXES and p.is_file() and not (p.parent / "train_state.json").exists()
+    )  # a training state folder (<name>-state/network.safetensors) is not a LoRA to draw with
     return [LoraFile(p.stem, p, _output_name(p)) for p in files]
 
 
