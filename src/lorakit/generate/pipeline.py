@@ -168,7 +168,7 @@ class Generator:
         return decode_latents(self.vae, latents)
 
     def _pipeline(self, scheduler):
-        from diffusers import StableDiffusionPipeline
+        StableDiffusionPipeline = import_sd_pipeline()
 
         pipe = StableDiffusionPipeline(
             vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
@@ -176,6 +176,20 @@ class Generator:
         )  # fmt: skip
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+
+def import_sd_pipeline():
+    """diffusers' StableDiffusionPipeline, imported without transformers' warnings about torchvision
+    image processors (the pipeline's safety-checker parts, which lorakit never uses)."""
+    import transformers
+
+    level = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        from diffusers import StableDiffusionPipeline
+    finally:
+        transformers.logging.set_verbosity(level)
+    return StableDiffusionPipeline
 
 
 def decode_latents(vae, latents: torch.Tensor) -> list:
