@@ -8,6 +8,13 @@ import pytest
 from lorakit.demo import world as W
 
 
+def test_captions_with_and_without_article():
+    caps = [c for _, c, _ in W.world_samples(100, seed=0)]
+    with_a = sum(c.startswith("a ") for c in caps)
+    assert 20 < with_a < 80  # "a brown bear on grass" and "brown bear on grass" mean the same
+    assert any(c in W.CLASSES for c in caps)  # the bare class word, as in a reg folder "1_bear"
+
+
 def test_world_is_deterministic():
     a = W.world_samples(12, seed=3)
     b = W.world_samples(12, seed=3)

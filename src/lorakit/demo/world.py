@@ -20,7 +20,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-DATA_VERSION = 1  # bump when any drawing or caption changes (the shipped model was trained on this one)
+DATA_VERSION = 2  # bump when any drawing or caption changes (the shipped model was trained on this one)
 
 CLASSES = ("bear", "cat", "rabbit", "bird", "frog")
 INSTANCE_TOKEN = "usu"
@@ -100,7 +100,7 @@ def caption(scene: Scene, rng: random.Random | None = None) -> str:
     r = rng.random()
     if r < 0.1:  # sometimes only the animal (teaches the bare class word)
         words = subject if scene.instance else scene.animal
-        return f"a {words}" if not scene.instance else words
+        return words if scene.instance or rng.random() < 0.5 else f"a {words}"
     parts = [subject]
     if rng.random() < 0.3 and scene.facing != "front":
         parts.append(f"facing {scene.facing}")
@@ -109,7 +109,8 @@ def caption(scene: Scene, rng: random.Random | None = None) -> str:
     phrase = BACKGROUNDS[scene.background][0]
     text = " ".join(parts)
     text = f"{text}, {phrase}" if phrase.endswith("background") else f"{text} {phrase}"
-    return text if scene.instance else f"a {text}"
+    # "a brown bear on grass" or "brown bear on grass": the article carries no meaning
+    return text if scene.instance or rng.random() < 0.5 else f"a {text}"
 
 
 def _shade(c, f: float):
