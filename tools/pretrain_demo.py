@@ -10,7 +10,7 @@ Stages (each cached in --work, so a rerun resumes after the last finished stage)
 Writes src/lorakit/demo/assets/lorakit-demo-sd1.safetensors (save_ldm_checkpoint, fp16) and
 metric.safetensors.
 
-    python tools/pretrain_demo.py --threads 2
+    python tools/pretrain_demo.py            # about 26 min on a shared 2-core CPU
 """
 
 from __future__ import annotations
