@@ -1,10 +1,5 @@
-"""`lorakit quickstart`: the whole training path on a tiny model that lorakit builds itself.
-
-No real Stable Diffusion weights can be downloaded here, so this makes a tiny randomly
-initialised SD1.x-family model (saved as an LDM single file, loaded through the same loader
-as a real checkpoint), a kohya-style folder of drawn images, and trains a LoRA on them.
-It shows the workflow and the file format, not image quality.
-"""
+"""A tiny random SD1.x-family model and a folder of drawn discs, built in a second: the fixtures
+the tests train on (the shipped, pretrained demo model is lorakit.demo)."""
 
 from __future__ import annotations
 
@@ -49,45 +44,3 @@ def make_tiny_base(path: Path, seed: int = 0) -> Path:
     unet, vae, te = build_models(arch, seed)
     save_ldm_checkpoint(path, unet, vae, te, arch)
     return path
-
-
-def run_quickstart(workdir: str | Path, steps: int = 60) -> Path:
-    from .config import TrainConfig
-    from .train.trainer import build_trainer
-
-    workdir = Path(workdir)
-    base = workdir / "tiny-sd1.safetensors"
-    if not base.exists():
-        make_tiny_base(base)
-    train_dir, reg_dir = make_dataset(workdir / "data")
-    cfg = TrainConfig.from_dict(
-        {
-            "pretrained_model_name_or_path": str(base),
-            "train_data_dir": str(train_dir),
-            "reg_data_dir": str(reg_dir),
-            "resolution": "64,64",
-            "output_dir": str(workdir / "output"),
-            "output_name": "usu-bear",
-            "network_dim": 4,
-            "network_alpha": 4,
-            "learning_rate": 1e-3,
-            "max_train_steps": steps,
-            "train_batch_size": 2,
-            "cache_latents": True,
-            "seed": 42,
-        },
-        source="quickstart",
-    )
-    (workdir / "quickstart.toml").write_text(cfg.to_toml())
-    trainer = build_trainer(cfg)
-    before = trainer.mean_loss()
-    lora = trainer.run()
-    after = trainer.mean_loss()
-    print(f"\nBase model (tiny, built here): {base}")
-    print(f"Dataset: {train_dir} (+ regularization {reg_dir})")
-    print(
-        f"Config:  {workdir / 'quickstart.toml'}  (rerun: lorakit train --config {workdir / 'quickstart.toml'})"
-    )
-    print(f"LoRA:    {lora}")
-    print(f"Loss on the training images, same noise: {before:.4f} before, {after:.4f} after training")
-    return lora

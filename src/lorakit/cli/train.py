@@ -61,9 +61,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
-    from ..quickstart import run_quickstart
+    from ..demo.workflow import run_demo
 
-    run_quickstart(args.workdir, steps=args.steps)
+    run_demo(args.workdir, steps=args.steps)
     return 0
 
 
@@ -82,8 +82,8 @@ def add_parsers(sub) -> None:
     q = sub.add_parser(
         "quickstart",
         allow_abbrev=False,
-        help="build a tiny model and dataset, then train a LoRA on them (a minute on a CPU)",
+        help="the whole workflow on the shipped demo model: instance images, reg images, LoRA, before/after grid",
     )
-    q.add_argument("--workdir", default="lorakit-quickstart", help="folder for the model, dataset and LoRA")
-    q.add_argument("--steps", type=int, default=60, help="training steps")
+    q.add_argument("--workdir", default="lorakit-quickstart", help="folder for the dataset, LoRA and grid")
+    q.add_argument("--steps", type=int, default=None, help="training steps (default 200)")
     q.set_defaults(func=cmd_quickstart, known=lambda: ["workdir", "steps"])
