@@ -29,63 +29,26 @@ import torch.nn.functional as F
 from lorakit.demo import DEMO_MODEL, METRIC_WEIGHTS
 from lorakit.demo import metric as M
 from lorakit.demo import world as W
+from lorakit.models.tiny import tiny_arch
 
-DEMO_ARCH = {
-    "unet": {
-        "_class_name": "UNet2DConditionModel",
-        "act_fn": "silu",
-        "attention_head_dim": 8,
-        "block_out_channels": [64, 128],
-        "center_input_sample": False,
-        "cross_attention_dim": 64,
-        "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-        "downsample_padding": 1,
-        "flip_sin_to_cos": True,
-        "freq_shift": 0,
-        "in_channels": 4,
-        "layers_per_block": 1,
-        "mid_block_scale_factor": 1,
-        "norm_eps": 1e-05,
-        "norm_num_groups": 32,
-        "out_channels": 4,
-        "sample_size": 8,
-        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    },
-    "vae": {
-        "_class_name": "AutoencoderKL",
-        "act_fn": "silu",
-        "block_out_channels": [16, 32, 32, 32],
-        "down_block_types": ["DownEncoderBlock2D"] * 4,
-        "in_channels": 3,
-        "latent_channels": 4,
-        "layers_per_block": 1,
-        "norm_num_groups": 8,
-        "out_channels": 3,
-        "sample_size": 64,
-        "scaling_factor": 0.18215,  # replaced by 1/std of the trained VAE's latents
-        "up_block_types": ["UpDecoderBlock2D"] * 4,
-    },
-    "text_encoder": {
-        "architectures": ["CLIPTextModel"],
-        "attention_dropout": 0.0,
-        "bos_token_id": 0,
-        "dropout": 0.0,
-        "eos_token_id": 2,
-        "hidden_act": "quick_gelu",
-        "hidden_size": 64,
-        "initializer_factor": 1.0,
-        "initializer_range": 0.02,
-        "intermediate_size": 256,
-        "layer_norm_eps": 1e-05,
-        "max_position_embeddings": 77,
-        "model_type": "clip_text_model",
-        "num_attention_heads": 4,
-        "num_hidden_layers": 2,
-        "pad_token_id": 1,
-        "projection_dim": 64,
-        "vocab_size": 49408,
-    },
-}
+
+def demo_arch() -> dict:
+    """The demo model: lorakit's tiny SD1.x-family layout, wider, with cross-attention in both UNet blocks."""
+    arch = tiny_arch()
+    arch["unet"].update(
+        block_out_channels=[64, 128],
+        cross_attention_dim=64,
+        down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    )
+    arch["vae"].update(
+        block_out_channels=[16, 32, 32, 32]
+    )  # scaling_factor: replaced by 1/std of the latents
+    arch["text_encoder"].update(hidden_size=64, intermediate_size=256, projection_dim=64)
+    return arch
+
+
+DEMO_ARCH = demo_arch()
 
 
 def log(msg: str) -> None:
