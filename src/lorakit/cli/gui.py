@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..demo import DEMO_MODEL
 from ..errors import LoraKitError
 
 WARNING = """
@@ -34,7 +35,7 @@ def cmd_gui(args: argparse.Namespace) -> int:
     if args.listen and not auth:
         print(WARNING.format(port=args.port), file=sys.stderr, flush=True)
     settings = app.Settings(
-        model=args.model or "",
+        model=args.model or str(DEMO_MODEL),  # the shipped demo model: the GUI works out of the box
         lora_dir=Path(args.lora_dir),
         runs_dir=Path(args.runs_dir),
         outputs_dir=Path(args.outputs_dir),
@@ -53,7 +54,11 @@ def add_parsers(sub) -> None:
     p.add_argument("--listen", action="store_true", help="serve on 0.0.0.0 (all interfaces); use with --auth")
     p.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
     p.add_argument("--auth", metavar="USER:PASS", help="require this user name and password")
-    p.add_argument("--model", default=None, help="default base model for training and drawing")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="default base model for training and drawing (default: lorakit's demo model)",
+    )
     p.add_argument(
         "--lora_dir",
         default="models/Lora",
