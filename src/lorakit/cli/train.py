@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import typing
 
@@ -15,7 +16,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     groups = {s: parser.add_argument_group(f"{s} options") for s in SECTIONS}
     for name, (section, f) in index.items():
         tp, _ = base_type(f.type)
-        default = f.default if f.default is not dataclass_missing() else f.default_factory()
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_text = f"{f.metadata['help']} (default: {default})"
         if tp is bool:
             groups[section].add_argument(
@@ -32,12 +33,6 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
                 metavar=name.upper() if not choices else None,
                 help=help_text,
             )
-
-
-def dataclass_missing():
-    import dataclasses
-
-    return dataclasses.MISSING
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

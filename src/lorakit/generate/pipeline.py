@@ -124,12 +124,12 @@ class Generator:
     @torch.no_grad()
     def generate(self, p: GenerationParams, on_image=None) -> list[GeneratedImage]:
         """Draw batch_count x batch_size images; image i of the run uses seed + i (as A1111)."""
-        from .prompt import encode_pair
+        from .prompt import encode_pair, extract_loras
 
         p.check()
         seed = p.seed if p.seed != -1 else random.randint(0, 2**32 - 1)
         text, loras = self.apply_loras(p.prompt)
-        neg_text, neg_loras = _strip(p.negative_prompt)
+        neg_text, _ = extract_loras(p.negative_prompt)  # LoRA tags there are ignored, as in A1111
         clip_skip = p.clip_skip if p.clip_skip > 1 else None
         cond, uncond = encode_pair(self.tokenizer, self.text_encoder, text, neg_text, clip_skip)
         out: list[GeneratedImage] = []
@@ -198,13 +198,6 @@ def decode_latents(vae, latents: torch.Tensor) -> list:
     x = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
     x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(a) for a in x]
-
-
-def _strip(negative: str) -> tuple[str, list]:
-    """LoRA tags in the negative prompt are ignored (as in A1111): keep the text only."""
-    from .prompt import extract_loras
-
-    return extract_loras(negative)
 
 
 def _num(x: float) -> str:

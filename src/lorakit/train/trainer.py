@@ -46,18 +46,6 @@ def _seed(cfg: TrainConfig) -> int:
     return cfg.training.seed
 
 
-def prepare_dataset(cfg: TrainConfig):
-    """Scan folders and check every image: fails in seconds, before any model is loaded."""
-    from ..dataset.folders import scan_dataset
-    from ..dataset.loader import DreamBoothDataset
-
-    d = cfg.dataset
-    plan = scan_dataset(d.train_data_dir, d.reg_data_dir, d.caption_extension, bad_images=d.bad_images)
-    for w in plan.warnings:
-        log.warning(w)
-    return plan, DreamBoothDataset(plan, d, cfg.training.seed)
-
-
 def build_trainer(cfg: TrainConfig) -> Trainer:
     """Check the config, the base model path and the dataset (fast), then load the models."""
     cfg.validate()
@@ -75,8 +63,11 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
         cfg.training.seed = read_position(cfg.output.resume).seed
     seed = _seed(cfg)
     sample_prompts = read_training_sample_prompts(cfg)
-    plan, dataset = prepare_dataset(cfg)
-    return Trainer(cfg, plan, dataset, seed, sample_prompts)
+    from ..dataset.loader import build_dataset
+
+    # scans the folders and checks every image: fails in seconds, before any model is loaded
+    dataset = build_dataset(cfg.dataset, seed, warn=log.warning)
+    return Trainer(cfg, dataset, seed, sample_prompts)
 
 
 def train(cfg: TrainConfig, on_progress: Callable[[Progress], None] | None = None) -> Path:
@@ -85,14 +76,14 @@ def train(cfg: TrainConfig, on_progress: Callable[[Progress], None] | None = Non
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, plan, dataset, seed: int, sample_prompts: list | None = None):
+    def __init__(self, cfg: TrainConfig, dataset, seed: int, sample_prompts: list | None = None):
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
         from ..models.loader import load_base_model
         from ..network.lora import LoRANetwork
 
-        self.cfg, self.plan, self.dataset, self.seed = cfg, plan, dataset, seed
+        self.cfg, self.dataset, self.seed = cfg, dataset, seed
         self.sample_prompts = sample_prompts or []
         t, o = cfg.training, cfg.output
         # accelerate keeps one global state per process; a second train() call in the same
@@ -160,7 +151,7 @@ class Trainer:
             raise ConfigError(
                 f"the dataset has fewer batches than processes ({self.acc.num_processes}): add images"
             )
-        self.steps_per_epoch, self.total_steps, self.epochs = steps_and_epochs(t, self.batches_per_epoch)
+        _, self.total_steps, self.epochs = steps_and_epochs(t, self.batches_per_epoch)
 
         groups = []
         if self.train_unet:
@@ -417,7 +408,7 @@ class Trainer:
     def _metadata(self) -> dict[str, str]:
         from ..network.metadata import file_hashes, new_session_id, training_metadata
 
-        p = self.plan
+        p = self.dataset.plan
         return training_metadata(
             self.cfg,
             session_id=new_session_id(),
