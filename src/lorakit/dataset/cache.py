@@ -18,6 +18,7 @@ import torch
 
 from ..atomic import atomic_file
 from ..errors import DatasetError
+from ..hashing import file_sha256
 from .buckets import Placement
 from .images import load_image, to_tensor
 
@@ -34,14 +35,6 @@ class CachedLatents:
 def cache_path(image: Path, bucket: tuple[int, int]) -> Path:
     """`<stem>_<WWWW>x<HHHH>_lorakit.npz`: kohya's naming with our suffix, so neither reads the other's."""
     return image.with_name(f"{image.stem}_{bucket[0]:04d}x{bucket[1]:04d}_lorakit.npz")
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def cache_key(image_sha256: str, placement: Placement, vae_fingerprint: str, flip_aug: bool) -> str:

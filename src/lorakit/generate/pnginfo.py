@@ -8,13 +8,13 @@ Layout (modules/processing.py create_infotext, modules/infotext_utils.py):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from pathlib import Path
 
 from lorakit.atomic import atomic_file
 from lorakit.errors import ModelError
+from lorakit.hashing import file_sha256
 
 NEGATIVE = "Negative prompt:"
 # A1111's re_param: `key: value` with value either JSON-quoted or up to the next comma
@@ -92,11 +92,7 @@ def read_png_parameters(path) -> str | None:
 
 def model_hash(path) -> str:
     """A1111 "Model hash": the first 10 hex digits of the sha256 of the whole file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:10]
+    return file_sha256(path)[:10]
 
 
 def lora_short_hash(addnet_hash: str) -> str:

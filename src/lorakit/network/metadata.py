@@ -12,6 +12,7 @@ from typing import Any
 
 from .. import __version__
 from ..config import TrainConfig, resolution_of
+from ..hashing import file_sha256
 
 # What kohya keeps with --no_metadata (SS_METADATA_MINIMUM_KEYS).
 MINIMUM_KEYS = (
@@ -29,14 +30,10 @@ def file_hashes(path: str | Path) -> tuple[str, str]:
     path = Path(path)
     if not path.is_file():
         return "IsADirectory", ""  # what kohya writes for diffusers folders
-    full = hashlib.sha256()
     with path.open("rb") as f:
         f.seek(0x100000)
         legacy = hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
-        f.seek(0)
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            full.update(chunk)
-    return legacy, full.hexdigest()
+    return legacy, file_sha256(path)
 
 
 def _s(v: Any) -> str:
