@@ -11,6 +11,7 @@ import logging
 import sys
 
 from ..errors import LoraKitError
+from ..threads import apply_threads
 from . import draw, gui, train
 
 
@@ -23,6 +24,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_parsers(sub)
     draw.add_parsers(sub)
     gui.add_parsers(sub)
+    for command in sub.choices.values():
+        command.add_argument(
+            "--threads",
+            default=None,
+            metavar="N",
+            help="CPU threads for torch: a number, or auto (default: one per core that is not busy, "
+            "from the load average; also LORAKIT_THREADS)",
+        )
     return parser
 
 
@@ -39,9 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for flag in unknown:
             if flag.startswith("--"):
-                raise LoraKitError(unknown_flag_message(flag, args.known()))
+                raise LoraKitError(unknown_flag_message(flag, [*args.known(), "threads"]))
         if unknown:
             raise LoraKitError(f"unexpected arguments: {' '.join(unknown)}")
+        try:
+            apply_threads(args.threads)
+        except ValueError as e:
+            raise LoraKitError(str(e)) from None
         return args.func(args)
     except LoraKitError as e:
         print(f"error: {e}", file=sys.stderr)
