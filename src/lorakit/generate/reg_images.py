@@ -1,7 +1,8 @@
 """Regularization images: the base model draws the class prompt alone (`bear`), into `reg/1_bear`.
 
 Image i always uses seed + i, so a run that stopped half way and is started again draws the
-missing images exactly as an uninterrupted run would have.
+missing images exactly as an uninterrupted run would have. An image drawn with other settings
+(another model, size, sampler...) is redrawn, never kept.
 """
 
 from __future__ import annotations
@@ -47,15 +48,37 @@ def image_path(folder: Path, class_prompt: str, index: int) -> Path:
     return folder / f"{stem}_{index:05d}.png"
 
 
-def _is_readable(path: Path) -> bool:
+def _settings(infotext: str | None) -> dict[str, str] | None:
+    """What decides the picture, from an A1111 infotext: prompt, negative prompt and every parameter
+    but the program version."""
+    from .pnginfo import parse_parameters
+
+    if not infotext:
+        return None
+    prompt, negative, params = parse_parameters(infotext)
+    params.pop("Version", None)
+    return {"Prompt": prompt, "Negative prompt": negative, **params}
+
+
+def _existing_settings(path: Path) -> dict[str, str] | None:
+    """The settings an existing image was drawn with; None if it is missing, broken or unlabelled."""
     from PIL import Image
 
+    from .pnginfo import read_png_parameters
+
+    if not path.is_file():
+        return None
     try:
         with Image.open(path) as im:
             im.verify()
-        return True
+        return _settings(read_png_parameters(path))
     except Exception:
-        return False
+        return None
+
+
+def _difference(old: dict[str, str], new: dict[str, str]) -> str:
+    keys = [k for k in dict.fromkeys([*new, *old]) if old.get(k) != new.get(k)]
+    return ", ".join(f"{k} {old.get(k, '-')} -> {new.get(k, '-')}" for k in keys[:3])
 
 
 def make_reg_images(
@@ -78,10 +101,30 @@ def make_reg_images(
     folder = reg_folder(out, class_prompt)
     folder.mkdir(parents=True, exist_ok=True)
     paths = [image_path(folder, class_prompt, i) for i in range(count)]
-    missing = [i for i, p in enumerate(paths) if not (p.is_file() and _is_readable(p))]
+    per_image = [
+        replace(params, prompt=class_prompt, seed=seed + i, batch_size=1, batch_count=1) for i in range(count)
+    ]
+    # an image is kept only if it was drawn with exactly these settings (model, prompt, size, sampler,
+    # steps, CFG, seed...): a resumed run then equals an uninterrupted one
+    missing, changed = [], []
+    for i, path in enumerate(paths):
+        old = _existing_settings(path)
+        new = _settings(generator.infotext(per_image[i], seed + i, [], 0))
+        if old != new:
+            missing.append(i)
+            if old is not None:
+                changed.append((path, _difference(old, new)))
+    if changed:
+        log.warning(
+            "redrawing %d image(s) in %s made with other settings (first: %s: %s)",
+            len(changed),
+            folder,
+            changed[0][0].name,
+            changed[0][1],
+        )
     if len(missing) < count:
         log.info(
-            "%d of %d images already in %s; drawing the other %d",
+            "%d of %d images already in %s with these settings; drawing the other %d",
             count - len(missing),
             count,
             folder,
@@ -89,8 +132,7 @@ def make_reg_images(
         )
     done = count - len(missing)
     for i in missing:  # one image per seed, so which images are missing never changes the others
-        p = replace(params, prompt=class_prompt, seed=seed + i, batch_size=1, batch_count=1)
-        item = generator.generate(p)[0]
+        item = generator.generate(per_image[i])[0]
         save_png_with_parameters(item.image, paths[i], item.infotext)
         done += 1
         if on_progress:
