@@ -8,6 +8,12 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test that tries to download fails instead
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# as `lorakit` itself does: fewer torch threads when the cores are busy (oversubscribed threads
+# make the suite many times slower on a loaded CI machine)
+from lorakit.threads import apply_threads  # noqa: E402
+
+apply_threads()
+
 
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> Path:
