@@ -17,8 +17,14 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     for name, (section, f) in index.items():
         tp, _ = base_type(f.type)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = f"{f.metadata['help']} (default: {default})"
-        if tp is bool:
+        help_text = f.metadata["help"]
+        if "default" not in help_text:  # some helps name their default already ("default: learning_rate")
+            help_text += f" (default: {default})"
+        if tp is bool and name.startswith("no_"):  # `--no_metadata`, never `--no-no_metadata`
+            groups[section].add_argument(
+                f"--{name}", action="store_const", const=True, default=None, help=help_text
+            )
+        elif tp is bool:
             groups[section].add_argument(
                 f"--{name}", action=argparse.BooleanOptionalAction, default=None, help=help_text
             )

@@ -1,0 +1,18 @@
+"""What the command line says: help text without doubled defaults or double negatives."""
+
+import re
+import subprocess
+import sys
+
+
+def test_train_help_has_one_default_per_option_and_no_double_negatives():
+    out = subprocess.run(
+        [sys.executable, "-m", "lorakit", "train", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    flat = " ".join(out.split())  # argparse wraps lines
+    assert "--no-no_" not in flat
+    assert "--no_metadata" in flat
+    for option in re.split(r"\s(?=--\w)", flat):
+        assert option.count("(default:") <= 1, option
+    assert "U-Net LoRA learning rate (default: learning_rate)" in flat
+    assert "--cache_latents, --no-cache_latents" in flat  # ordinary switches keep both forms
