@@ -1,6 +1,5 @@
 #!/usr/bin/env bash
-# Set up, then train a LoRA on a tiny model and dataset that lorakit builds itself.
+# Set up, then run the demo workflow (the same as `python3 scripts/quickstart.py`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
-exec .venv/bin/lorakit quickstart "$@"
+exec python3 scripts/quickstart.py "$@"
