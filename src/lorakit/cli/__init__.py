@@ -10,7 +10,7 @@ import difflib
 import logging
 import sys
 
-from ..errors import LoraKitError
+from ..errors import LoraKitError, explain_memory_error
 from ..threads import apply_threads
 from . import draw, gui, train
 
@@ -62,6 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except (MemoryError, OSError, RuntimeError) as e:  # out of RAM, page file or GPU memory: say what to do
+        advice = explain_memory_error(e, doing=f"running `lorakit {args.command}`")
+        if advice is None:
+            raise
+        print(f"error: {advice}\n({type(e).__name__}: {e})", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
