@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 
 from lorakit.errors import ModelError
 from lorakit.generate.pipeline import Generator
+from lorakit.network.inspect import architecture, inspect_lora
 
 CONV = "lora_unet_down_blocks_0_resnets_0_conv1"  # Conv2d 32 -> 32, 3x3
 WIDE_CONV = "lora_unet_up_blocks_1_resnets_0_conv1"  # Conv2d 96 -> 32, 3x3
@@ -95,6 +96,9 @@ def test_locon_with_lora_mid_merges_up_mid_down_and_unloads(gen, lora_dir):
     gen.apply_loras("x")
     assert changed(before, gen) == []
 
+    modules = inspect_lora(lora_dir / "tucker.safetensors")["modules"]
+    assert (modules["unet"], modules["conv3x3_locon"], modules["tucker"], modules["dora"]) == (3, 2, 1, 0)
+
 
 def test_tucker_delta_acts_like_running_down_mid_up_convs():
     """The merged Tucker update is the LyCORIS forward (1x1 down, kxk mid, 1x1 up) as one conv."""
@@ -158,6 +162,8 @@ def test_dora_scale_renormalises_along_its_axis(gen, lora_dir, on_output):
     gen.restore_base()
     assert changed(before, gen) == []
 
+    assert inspect_lora(lora_dir / "dora.safetensors")["modules"]["dora"] == 4
+
 
 def test_sd1_lora_with_ldm_unet_names_applies_like_diffusers_names(gen, lora_dir):
     ldm_to_ours = {
@@ -197,9 +203,13 @@ def test_sd1_lora_with_ldm_unet_names_applies_like_diffusers_names(gen, lora_dir
     assert changed(by_ours, gen) == []
     assert changed(base, gen) == sorted(ldm_to_ours.values())
 
-    from lorakit.network.inspect import inspect_lora
-
     assert inspect_lora(lora_dir / "ldm_names.safetensors")["architecture"] == "SD1.x/SD2.x"
+    sdxl = ["lora_te1_text_model_encoder_layers_0_mlp_fc1.alpha", "lora_unet_input_blocks_4_1_proj_in.alpha"]
+    assert (
+        architecture(sdxl)
+        == architecture(sdxl[1:] + ["lora_unet_input_blocks_7_1_transformer_blocks_9_ff_net_2.alpha"])
+        == "SDXL"
+    )
 
 
 def test_a_module_named_twice_is_refused(gen, lora_dir):

@@ -87,7 +87,8 @@ def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
     except (SafetensorError, struct.error, ValueError) as e:
         raise ModelError(f"{path}: not a readable .safetensors file ({e})") from None
     if not any(k.endswith(".lora_down.weight") for k in tensors):
-        lycoris = any(f".{p}" in k for k in tensors for p in ("hada_", "lokr_", "oft_", "diff"))
+        params = {k.partition(".")[2] for k in tensors}
+        lycoris = any(p.startswith(("hada_", "lokr_")) or p in ("diff", "oft_blocks") for p in params)
         kind = "a LyCORIS LoHa/LoKr/OFT/full file" if lycoris else "no kohya LoRA keys (`*.lora_down.weight`)"
         raise ModelError(f"{path}: {kind}; lorakit applies kohya LoRA and LyCORIS LoCon (incl. DoRA) files")
     return tensors, metadata
