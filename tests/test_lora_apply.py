@@ -298,3 +298,38 @@ def test_pt_lora_is_refused_with_how_to_convert(gen, lora_dir, tmp_path):
     assert changed(before, gen) == []
     with pytest.raises(ModelError, match="Convert"):
         read_lora_file(lora_dir / "old.pt")  # inspect and network_weights read through the same rule
+
+
+@pytest.mark.parametrize(
+    "tensors,named",
+    [
+        (
+            {"lora_down.weight": torch.zeros(2, 8, 1, 1), "lora_up.weight": torch.zeros(5, 2, 1, 1)},
+            "lora_down",
+        ),
+        ({"lora_down.weight": torch.zeros(2, 8, 3, 3), "lora_up.weight": torch.zeros(4, 2, 1, 1)}, "lora_up"),
+        (
+            {"lora_down.weight": torch.zeros(2, 8, 1, 1), "lora_mid.weight": torch.zeros(2, 2, 1, 1)}
+            | {"lora_up.weight": torch.zeros(5, 2, 1, 1)},
+            "Tucker",
+        ),
+        (
+            {"lora_down.weight": torch.zeros(2, 8, 3, 3), "lora_up.weight": torch.zeros(5, 2, 1, 1)}
+            | {"dora_scale": torch.zeros(1, 5, 1, 1)},
+            "dora_scale",
+        ),
+        (
+            {"lora_down.weight": torch.zeros(2, 8, 3, 3), "lora_up.weight": torch.zeros(5, 2)}
+            | {"alpha": torch.ones(2)},
+            "alpha",
+        ),
+    ],
+)
+def test_each_tensor_is_checked_against_the_weight_shape(tensors, named):
+    from lorakit.network.delta import check_fits, lora_modules
+
+    m = lora_modules({f"lora_unet_x.{k}": v for k, v in tensors.items()}, "'f.safetensors'")["lora_unet_x"]
+    with pytest.raises(
+        ModelError, match=rf"'f.safetensors': module lora_unet_x does not fit .*\(5, 8, 3, 3\): {named}"
+    ):
+        check_fits(m, torch.Size((5, 8, 3, 3)), "'f.safetensors'")

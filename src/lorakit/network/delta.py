@@ -62,6 +62,10 @@ def lora_modules(tensors: dict[str, torch.Tensor], source: str) -> dict[str, Mod
         if "lora_down.weight" not in t or "lora_up.weight" not in t:
             have = ", ".join(sorted(t))
             raise ModelError(f"LoRA {source}: module {name} has {have} but needs lora_down and lora_up")
+        if t["lora_down.weight"].dim() < 2 or t["lora_up.weight"].dim() < 2:
+            raise ModelError(
+                f"LoRA {source}: module {name}: lora_down/lora_up must be matrices or conv kernels"
+            )
         out[name] = ModuleLora(
             name, t["lora_down.weight"], t["lora_up.weight"], t.get("lora_mid.weight"), t.get("alpha"),
             t.get("dora_scale"),
@@ -77,30 +81,26 @@ def check_fits(m: ModuleLora, weight_shape: torch.Size, source: str) -> None:
     """Raise a clear error unless every tensor of `m` fits a weight of `weight_shape`."""
     out, inp, kernel = weight_shape[0], weight_shape[1], tuple(weight_shape[2:])
     r = m.rank
-    ones = (1,) * len(kernel)
+    pointwise = ((), (1, 1))  # kohya squeezes 1x1 convs to Linear shapes and back: both fit
 
     def fits(t: torch.Tensor, head: tuple, tails: tuple) -> bool:
         return tuple(t.shape[:2]) == head and tuple(t.shape[2:]) in tails
 
-    # kohya squeezes 1x1 convs to Linear shapes and back, so a 2-D/4-D mismatch of 1x1s is fine
-    point = ((), ones) if kernel == ones else ((),)
     problems = []
-    if not fits(m.up, (out, r), point + ((1, 1),)):
+    if not fits(m.up, (out, r), pointwise):
         problems.append(f"lora_up {_shape(m.up)} (expected ({out}, {r}{', 1, 1' if kernel else ''}))")
     if m.mid is None:
-        down_tails = point + ((1, 1),) if kernel == ones or not kernel else (kernel,)
-        if not fits(m.down, (r, inp), down_tails):
+        if not fits(m.down, (r, inp), pointwise if kernel in pointwise else (kernel,)):
             problems.append(
                 f"lora_down {_shape(m.down)} (expected ({r}, {inp}{''.join(f', {k}' for k in kernel)}))"
             )
-    else:
-        if not kernel or kernel == ones:
-            problems.append(f"lora_mid {_shape(m.mid)} on a module without a spatial kernel")
-        elif not fits(m.down, (r, inp), ((1, 1),)) or tuple(m.mid.shape) != (m.up.shape[1], r, *kernel):
-            problems.append(
-                f"Tucker lora_down {_shape(m.down)} / lora_mid {_shape(m.mid)} (expected ({r}, {inp}, 1, 1) / "
-                f"({m.up.shape[1]}, {r}, {', '.join(map(str, kernel))}))"
-            )
+    elif kernel in pointwise:
+        problems.append(f"lora_mid {_shape(m.mid)} on a module without a spatial kernel")
+    elif not fits(m.down, (r, inp), ((1, 1),)) or tuple(m.mid.shape) != (r, r, *kernel):
+        problems.append(
+            f"Tucker lora_down {_shape(m.down)} / lora_mid {_shape(m.mid)} (expected ({r}, {inp}, 1, 1) / "
+            f"({r}, {r}, {', '.join(map(str, kernel))}))"
+        )
     if m.alpha is not None and m.alpha.numel() != 1:
         problems.append(f"alpha {_shape(m.alpha)} (expected a scalar)")
     if m.dora_scale is not None:
