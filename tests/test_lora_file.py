@@ -63,7 +63,8 @@ def test_a_crash_while_writing_leaves_the_old_file_and_no_temp(tmp_path, monkeyp
     "name,content,match",
     [
         ("missing.safetensors", None, "does not exist"),
-        ("a.pt", b"x", "safetensors only"),
+        ("a.pt", b"x", r"a \.pt LoRA is a pickle.*Convert it.*a\.safetensors"),
+        ("a.bin.txt", b"x", "safetensors files only"),
         ("broken.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{not json", "not a readable"),
         ("empty.safetensors", b"", "not a readable"),
     ],
@@ -83,3 +84,10 @@ def test_a_file_without_lora_keys_is_refused(tmp_path):
     save_file({"model.diffusion_model.x": torch.zeros(1)}, str(tmp_path / "base.safetensors"))
     with pytest.raises(ModelError, match="no kohya LoRA keys"):
         lora_file.read_lora_file(tmp_path / "base.safetensors")
+    name = "lora_unet_conv_in"
+    save_file(
+        {f"{name}.hada_w1_a": torch.zeros(2, 2), f"{name}.alpha": torch.tensor(1.0)},
+        str(tmp_path / "h.safetensors"),
+    )
+    with pytest.raises(ModelError, match="LyCORIS LoHa/LoKr"):
+        lora_file.read_lora_file(tmp_path / "h.safetensors")

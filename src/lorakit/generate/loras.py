@@ -6,10 +6,9 @@ import difflib
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from ..errors import ModelError
 
+# Listed so that <lora:NAME> of an old .pt/.ckpt finds it and network.file explains how to convert it.
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
 
 
@@ -57,14 +56,3 @@ def resolve(name: str, loras: list[LoraFile], lora_dir: str | Path) -> LoraFile:
     close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
     hint = f" Close matches: {', '.join(close)}." if close else ""
     raise ModelError(f"LoRA {name!r} not found in {lora_dir} ({len(by_name)} LoRAs there).{hint}")
-
-
-def read_lora_tensors(path: Path) -> dict[str, torch.Tensor]:
-    from ..models.checkpoint import read_state_dict
-
-    tensors, _ = read_state_dict(path)  # .pt/.ckpt through torch.load(weights_only=True) only
-    unsupported = {k.rsplit(".", 2)[-2] for k in tensors if ".hada_" in k or ".lokr_" in k}
-    if unsupported or not any(k.endswith(".lora_down.weight") for k in tensors):
-        kind = "LoHa/LoKr" if unsupported else "not a kohya LoRA"
-        raise ModelError(f"{path}: {kind}; lorakit applies kohya LoRA and LoCon files")
-    return tensors

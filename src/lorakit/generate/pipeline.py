@@ -58,15 +58,14 @@ class Generator:
 
     # --- LoRAs ------------------------------------------------------------------------
     def _load_lora(self, name: str) -> _Lora:
-        from ..network.file import addnet_hash
-        from .loras import list_loras, read_lora_tensors, resolve
+        from ..network.file import addnet_hash, read_lora_file
+        from .loras import list_loras, resolve
 
         found = resolve(name, list_loras(self.lora_dir), self.lora_dir)
         key = (str(found.path), found.path.stat().st_mtime_ns)
         if key not in self._lora_cache:
-            tensors = read_lora_tensors(found.path)
-            short = addnet_hash(found.path)[:12] if found.path.suffix == ".safetensors" else ""
-            self._lora_cache[key] = _Lora(name, found.path, tensors, short)
+            tensors, _ = read_lora_file(found.path)
+            self._lora_cache[key] = _Lora(name, found.path, tensors, addnet_hash(found.path)[:12])
         return self._lora_cache[key]
 
     def apply_loras(self, prompt: str) -> tuple[str, list[_Lora]]:

@@ -81,17 +81,36 @@ def _unet_key(key: str, layers: int, up_with_attn: set[int]) -> str:
     raise KeyError(key)
 
 
+def _unet_layout(keys) -> tuple[int, set[int]]:
+    """(layers_per_block, up blocks with attention) of a UNet, read from its key names."""
+    down = [int(m[1]) for k in keys if (m := re.match(r"down_blocks\.\d+\.resnets\.(\d+)\.", k))]
+    up_with_attn = {int(m[1]) for k in keys if (m := re.match(r"up_blocks\.(\d+)\.attentions\.", k))}
+    return (max(down) + 1 if down else 1), up_with_attn
+
+
 def unet_to_ldm(unet_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """diffusers UNet2DConditionModel state dict -> LDM keys (without the model.diffusion_model. prefix)."""
-    down = [int(m[1]) for k in unet_sd if (m := re.match(r"down_blocks\.\d+\.resnets\.(\d+)\.", k))]
-    layers = max(down) + 1 if down else 1
-    up_with_attn = {int(m[1]) for k in unet_sd if (m := re.match(r"up_blocks\.(\d+)\.attentions\.", k))}
+    layers, up_with_attn = _unet_layout(unet_sd)
     out = {}
     for key, tensor in unet_sd.items():
         try:
             out[_unet_key(key, layers, up_with_attn)] = tensor
         except KeyError:
             raise ValueError(f"UNet key {key!r} has no SD1.x LDM equivalent") from None
+    return out
+
+
+def unet_module_paths_to_ldm(paths: list[str]) -> dict[str, str]:
+    """diffusers UNet module path -> LDM module path (e.g. down_blocks.0.resnets.0.conv1 ->
+    input_blocks.1.0.in_layers.2), for the paths that have one; `paths` are all the UNet's modules."""
+    keys = [f"{p}.weight" for p in paths]
+    layers, up_with_attn = _unet_layout(keys)
+    out = {}
+    for path, key in zip(paths, keys):
+        try:
+            out[path] = _unet_key(key, layers, up_with_attn).removesuffix(".weight")
+        except KeyError:
+            continue
     return out
 
 

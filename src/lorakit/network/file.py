@@ -56,16 +56,29 @@ def save_lora_file(
     return Path(path)
 
 
+PICKLE_SUFFIXES = (".pt", ".ckpt", ".bin", ".pth")
+
+
 def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """A kohya LoRA's tensors and metadata, with a clear error for anything else."""
+    """A LoRA's tensors and metadata: the one reader for drawing, inspecting and network_weights.
+
+    safetensors only: a .pt/.ckpt is a pickle, which can run code when loaded."""
     from safetensors import SafetensorError
     from safetensors.torch import load
 
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"LoRA file {path} does not exist")
-    if path.suffix.lower() != ".safetensors":
-        raise ModelError(f"{path}: lorakit reads LoRAs as .safetensors only (a .pt/.ckpt is a pickle)")
+    suffix = path.suffix.lower()
+    if suffix in PICKLE_SUFFIXES:
+        target = path.with_suffix(".safetensors")
+        raise ModelError(
+            f"{path}: a {suffix} LoRA is a pickle, which lorakit does not load (it can run code). Convert it "
+            f'once, if you trust it, to {target.name}, e.g.: python -c "import torch, safetensors.torch as st; '
+            f"st.save_file(torch.load(r'{path}', weights_only=True), r'{target}')\""
+        )
+    if suffix != ".safetensors":
+        raise ModelError(f"{path}: lorakit reads LoRAs as .safetensors files only")
     data = path.read_bytes()
     try:
         tensors = load(data)
@@ -74,5 +87,8 @@ def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
     except (SafetensorError, struct.error, ValueError) as e:
         raise ModelError(f"{path}: not a readable .safetensors file ({e})") from None
     if not any(k.endswith(".lora_down.weight") for k in tensors):
-        raise ModelError(f"{path}: no kohya LoRA keys (`*.lora_down.weight`) in this file")
+        params = {k.partition(".")[2] for k in tensors}
+        lycoris = any(p.startswith(("hada_", "lokr_")) or p in ("diff", "oft_blocks") for p in params)
+        kind = "a LyCORIS LoHa/LoKr/OFT/full file" if lycoris else "no kohya LoRA keys (`*.lora_down.weight`)"
+        raise ModelError(f"{path}: {kind}; lorakit applies kohya LoRA and LyCORIS LoCon (incl. DoRA) files")
     return tensors, metadata

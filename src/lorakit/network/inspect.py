@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
+from .delta import lora_modules
 from .file import addnet_hash, read_lora_file
 
 TRAINING_KEYS = (
@@ -33,7 +35,10 @@ TRAINING_KEYS = (
 
 
 def architecture(keys: list[str]) -> str:
-    if any(k.startswith(("lora_te1_", "lora_te2_")) for k in keys) or any("input_blocks_" in k for k in keys):
+    # SD1 files may use LDM UNet names too (input_blocks_...); SDXL's have two text encoders, a
+    # label embedding and transformer depth > 1, which SD1/SD2 never have
+    sdxl_unet = re.compile(r"lora_unet_(label_emb|.*_transformer_blocks_[1-9])")
+    if any(k.startswith(("lora_te1_", "lora_te2_")) or sdxl_unet.match(k) for k in keys):
         return "SDXL"
     if any(k.startswith("lora_transformer_") or "double_blocks" in k for k in keys):
         return "FLUX.1"
@@ -46,13 +51,12 @@ def inspect_lora(path: str | Path) -> dict:
     """A summary dict (what `lorakit inspect --json` prints)."""
     path = Path(path)
     tensors, meta = read_lora_file(path)
-    names = sorted({k.split(".", 1)[0] for k in tensors if k.endswith(".lora_down.weight")})
-    dims = {n: int(tensors[f"{n}.lora_down.weight"].shape[0]) for n in names}
-    alphas = {n: float(tensors[f"{n}.alpha"]) if f"{n}.alpha" in tensors else float(dims[n]) for n in names}
+    modules = lora_modules(tensors, str(path))
+    names = list(modules)
+    dims = {n: m.rank for n, m in modules.items()}
+    alphas = {n: float(m.alpha) if m.alpha is not None else float(m.rank) for n, m in modules.items()}
     conv3 = [
-        n
-        for n in names
-        if tensors[f"{n}.lora_down.weight"].dim() == 4 and tensors[f"{n}.lora_down.weight"].shape[2] > 1
+        n for n, m in modules.items() if m.mid is not None or (m.down.dim() == 4 and m.down.shape[2] > 1)
     ]
     pairs = Counter((dims[n], alphas[n]) for n in names)
     tag_frequency = json.loads(meta["ss_tag_frequency"]) if meta.get("ss_tag_frequency") else {}
@@ -66,6 +70,8 @@ def inspect_lora(path: str | Path) -> dict:
             "text_encoder": sum(n.startswith("lora_te") for n in names),
             "unet": sum(n.startswith("lora_unet_") for n in names),
             "conv3x3_locon": len(conv3),
+            "tucker": sum(m.mid is not None for m in modules.values()),
+            "dora": sum(m.dora_scale is not None for m in modules.values()),
         },
         "dim_alpha": [{"dim": d, "alpha": a, "modules": c} for (d, a), c in pairs.most_common()],
         "per_module": {n: {"dim": dims[n], "alpha": alphas[n]} for n in names} if len(pairs) > 1 else None,
@@ -90,6 +96,8 @@ def format_table(info: dict) -> str:
         "modules",
         f"{m['text_encoder']} text encoder + {m['unet']} U-Net ({m['conv3x3_locon']} LoCon 3x3 convs)",
     )
+    if m["tucker"] or m["dora"]:
+        row("LyCORIS", f"{m['tucker']} Tucker (lora_mid) modules, {m['dora']} DoRA (dora_scale) modules")
     for da in info["dim_alpha"]:
         row(
             "dim / alpha",

@@ -1,8 +1,10 @@
-"""Merge kohya-format LoRAs into a UNet and text encoder: W += m * (up @ down) * alpha / rank.
+"""Merge kohya LoRA / LyCORIS LoCon files into a UNet and text encoder (see delta.py for the maths).
 
 Merged, a LoRA costs nothing at generation time. LoraMerger keeps the original weights of every
-touched module, so switching or removing LoRAs restores the base bit for bit. Every module
-named in a file must exist in the model, or nothing is changed.
+touched module, so switching or removing LoRAs restores the base bit for bit. It is all or nothing:
+every file is checked against the model (each module exists, each shape fits) before a weight is
+touched, and if applying still fails the base weights are restored before the error is raised, so
+a generator that lives on (the GUI's) never draws with a half-applied LoRA.
 """
 
 from __future__ import annotations
@@ -11,51 +13,16 @@ import torch
 import torch.nn as nn
 
 from ..errors import ModelError
-from .targets import TE_CHILDREN, TE_PREFIX, UNET_PREFIX, te_layers
-
-
-def kohya_module_map(unet: nn.Module | None, text_encoder: nn.Module | None) -> dict[str, nn.Module]:
-    """kohya name -> Linear/Conv2d for every module a kohya SD1 LoRA may target."""
-    out: dict[str, nn.Module] = {}
-    if unet is not None:
-        for path, mod in unet.named_modules():
-            if isinstance(mod, nn.Linear | nn.Conv2d):
-                out[f"{UNET_PREFIX}_{path.replace('.', '_')}"] = mod
-    if text_encoder is not None:
-        _, layers = te_layers(text_encoder)
-        for i, layer in enumerate(layers):
-            for child in TE_CHILDREN:
-                out[f"{TE_PREFIX}_text_model_encoder_layers_{i}_{child.replace('.', '_')}"] = (
-                    layer.get_submodule(child)
-                )
-    return out
-
-
-def lora_module_names(tensors: dict[str, torch.Tensor]) -> list[str]:
-    return sorted({k.split(".", 1)[0] for k in tensors if k.endswith(".lora_down.weight")})
-
-
-def lora_delta(
-    down: torch.Tensor, up: torch.Tensor, alpha: torch.Tensor | None, weight: nn.Parameter
-) -> torch.Tensor:
-    """The weight update of one module at multiplier 1, shaped like `weight`."""
-    rank = down.shape[0]
-    scale = (float(alpha) if alpha is not None else rank) / rank
-    down, up = down.float(), up.float()
-    if down.dim() == 2:  # Linear
-        delta = up @ down
-    elif down.shape[2:] == (1, 1):  # 1x1 conv
-        delta = (up.flatten(1) @ down.flatten(1)).unsqueeze(-1).unsqueeze(-1)
-    else:  # 3x3 conv (LoCon): compose the 3x3 down with the 1x1 up
-        delta = torch.nn.functional.conv2d(down.permute(1, 0, 2, 3), up).permute(1, 0, 2, 3)
-    return (delta * scale).reshape(weight.shape)
+from .delta import ModuleLora, check_fits, lora_module_names, lora_modules, module_update
+from .targets import TE_PREFIX, kohya_module_map, ldm_unet_aliases
 
 
 class LoraMerger:
-    """Applies a set of (tensors, te_multiplier, unet_multiplier) to a UNet and text encoder."""
+    """Applies a set of (label, tensors, te_multiplier, unet_multiplier) to a UNet and text encoder."""
 
     def __init__(self, unet: nn.Module | None, text_encoder: nn.Module | None):
         self.modules = kohya_module_map(unet, text_encoder)
+        self.aliases = ldm_unet_aliases(unet) if unet is not None else {}
         self.backup: dict[str, torch.Tensor] = {}
         self.applied: list[tuple[str, float, float]] = []
 
@@ -66,36 +33,57 @@ class LoraMerger:
         self.backup.clear()
         self.applied = []
 
+    def resolve(self, label: str, tensors: dict[str, torch.Tensor]) -> dict[str, ModuleLora]:
+        """The file's modules under our kohya names, each checked against the model's weight."""
+        found = lora_modules(tensors, label)
+        unknown = sorted(n for n in found if n not in self.modules and n not in self.aliases)
+        if unknown:
+            raise ModelError(
+                f"LoRA {label!r}: {len(unknown)} of {len(found)} modules do not exist in this base model "
+                f"(e.g. {unknown[0]}): it was made for another architecture (SDXL? SD2?) and was not applied"
+            )
+        out: dict[str, ModuleLora] = {}
+        for name, m in found.items():
+            ours = self.aliases.get(name, name)
+            if ours in out:
+                raise ModelError(f"LoRA {label!r}: {name} and {out[ours].name} name the same module {ours}")
+            check_fits(m, self.modules[ours].weight.shape, repr(label))
+            out[ours] = m
+        return out
+
+    @torch.no_grad()
+    def _merge(self, modules: dict[str, ModuleLora], te_mult: float, unet_mult: float) -> None:
+        for name, m in modules.items():
+            mult = te_mult if name.startswith(TE_PREFIX + "_") else unet_mult
+            if mult == 0:
+                continue
+            weight = self.modules[name].weight
+            if name not in self.backup:
+                self.backup[name] = weight.detach().clone()
+            update = module_update(m, self.backup[name], mult)  # each LoRA works against the base
+            weight.copy_((weight.float() + update).to(weight.dtype))
+
     def apply(self, loras: list[tuple[str, dict[str, torch.Tensor], float, float]]) -> None:
         """Restore the base, then merge each (label, tensors, te_mult, unet_mult); all or nothing."""
         key = [(label, te, unet) for label, _, te, unet in loras]
         if key == self.applied:
             return
         self.restore()
-        for label, tensors, _, _ in loras:  # check every file before touching any weight
-            names = lora_module_names(tensors)
-            unknown = sorted(n for n in names if n not in self.modules)
-            if unknown:
-                raise ModelError(
-                    f"LoRA {label!r}: {len(unknown)} of {len(names)} modules do not exist in this base model "
-                    f"(e.g. {unknown[0]}): it was made for another architecture (SDXL? SD2?) and was not applied"
-                )
-        with torch.no_grad():
-            for _label, tensors, te_mult, unet_mult in loras:
-                for name in lora_module_names(tensors):
-                    mod = self.modules[name]
-                    mult = te_mult if name.startswith(TE_PREFIX + "_") else unet_mult
-                    if mult == 0:
-                        continue
-                    if name not in self.backup:
-                        self.backup[name] = mod.weight.detach().clone()
-                    delta = lora_delta(
-                        tensors[f"{name}.lora_down.weight"],
-                        tensors[f"{name}.lora_up.weight"],
-                        tensors.get(f"{name}.alpha"),
-                        mod.weight,
-                    ).to(mod.weight.device)
-                    mod.weight.copy_((mod.weight.float() + mult * delta).to(mod.weight.dtype))
+        checked = [(label, self.resolve(label, t), te, unet) for label, t, te, unet in loras]
+        failed = None
+        try:
+            for label, modules, te_mult, unet_mult in checked:
+                failed = label
+                self._merge(modules, te_mult, unet_mult)
+        except Exception as e:
+            self.restore()
+            raise ModelError(
+                f"LoRA {failed!r} could not be applied ({type(e).__name__}: {e}); "
+                "the base model's weights were restored"
+            ) from e
+        except BaseException:  # Ctrl-C mid-merge: leave the base intact all the same
+            self.restore()
+            raise
         self.applied = key
 
 

@@ -3,7 +3,9 @@
 UNet names are the diffusers module path with '.' -> '_' behind `lora_unet_` (kohya's SD1
 UNet keeps diffusers' names). Text-encoder names come from a fixed kohya list
 (`lora_te_text_model_encoder_layers_N_...`) rather than from the installed transformers'
-module paths, which lost `text_model.` in transformers 5.6.
+module paths, which lost `text_model.` in transformers 5.6. Files made by tools that work on the
+LDM UNet (A1111-side extractors, old kohya) name the same modules by their LDM path
+(`lora_unet_input_blocks_1_1_proj_in`); `ldm_unet_aliases` maps those onto ours.
 """
 
 from __future__ import annotations
@@ -26,6 +28,16 @@ TE_CHILDREN = (
     "mlp.fc1",
     "mlp.fc2",
 )
+
+
+def unet_module_name(path: str) -> str:
+    """kohya name of the UNet module at diffusers path `path`."""
+    return f"{UNET_PREFIX}_{path.replace('.', '_')}"
+
+
+def te_module_name(layer: int, child: str) -> str:
+    """kohya name of `child` (one of TE_CHILDREN) in text-encoder layer `layer`."""
+    return f"{TE_PREFIX}_text_model_encoder_layers_{layer}_{child.replace('.', '_')}"
 
 
 @dataclass(frozen=True)
@@ -57,7 +69,7 @@ def unet_targets(
             if is_3x3 and not conv_dim:
                 continue
             rank, a = (conv_dim, conv_alpha) if is_3x3 else (dim, alpha)
-            name = f"{UNET_PREFIX}_{path.replace('.', '_')}"
+            name = unet_module_name(path)
             found.setdefault(name, Target(name, path, child, rank, a, is_te=False))
     return list(found.values())
 
@@ -75,15 +87,36 @@ def te_targets(text_encoder: nn.Module, dim: int, alpha: float) -> list[Target]:
     for i, layer in enumerate(layers):
         for child in TE_CHILDREN:
             module = layer.get_submodule(child)
-            name = f"{TE_PREFIX}_text_model_encoder_layers_{i}_{child.replace('.', '_')}"
+            name = te_module_name(i, child)
             out.append(Target(name, f"{layers_path}.{i}.{child}", module, dim, alpha, is_te=True))
     return out
 
 
 def kohya_te_names(num_layers: int = 12) -> list[str]:
     """The fixed list of kohya text-encoder module names (72 for SD1.x's 12 layers)."""
-    return [
-        f"{TE_PREFIX}_text_model_encoder_layers_{i}_{c.replace('.', '_')}"
-        for i in range(num_layers)
-        for c in TE_CHILDREN
-    ]
+    return [te_module_name(i, c) for i in range(num_layers) for c in TE_CHILDREN]
+
+
+def kohya_module_map(unet: nn.Module | None, text_encoder: nn.Module | None) -> dict[str, nn.Module]:
+    """kohya name -> Linear/Conv2d for every module a LoRA file may adapt: all of the UNet's (LyCORIS
+    presets reach conv_in, time_embedding, ...) and the text encoder's TE_CHILDREN."""
+    out: dict[str, nn.Module] = {}
+    if unet is not None:
+        for path, mod in unet.named_modules():
+            if isinstance(mod, nn.Linear | nn.Conv2d):
+                out[unet_module_name(path)] = mod
+    if text_encoder is not None:
+        _, layers = te_layers(text_encoder)
+        for i, layer in enumerate(layers):
+            for child in TE_CHILDREN:
+                out[te_module_name(i, child)] = layer.get_submodule(child)
+    return out
+
+
+def ldm_unet_aliases(unet: nn.Module) -> dict[str, str]:
+    """LDM-style kohya name (`lora_unet_input_blocks_1_1_proj_in`, `lora_unet_middle_block_0_in_layers_2`)
+    -> our diffusers-style name, for every Linear/Conv2d of the UNet, as A1111 and ComfyUI resolve them."""
+    from ..models.ldm_layout import unet_module_paths_to_ldm
+
+    paths = [p for p, m in unet.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)]
+    return {unet_module_name(ldm): unet_module_name(p) for p, ldm in unet_module_paths_to_ldm(paths).items()}
