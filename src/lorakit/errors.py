@@ -19,3 +19,7 @@ class ModelError(LoraKitError):
 
 class TrainingError(LoraKitError):
     """Training cannot go on (NaN loss, out of memory)."""
+
+
+class GenerationError(LoraKitError):
+    """An image cannot be drawn as asked (the model produced NaN or infinite values)."""
