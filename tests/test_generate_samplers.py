@@ -296,3 +296,15 @@ def test_training_and_drawing_share_the_sd_schedule():
     # LDM computes the same betas in float64: the two agree to float32 rounding
     torch.testing.assert_close(train.alphas_cumprod, sd_alphas_cumprod(), rtol=1e-5, atol=1e-7)
     assert sd_alphas_cumprod()[-1].item() == pytest.approx(1 / (1 + SD1_SIGMA_MAX**2), rel=1e-4)
+
+
+def test_a_nan_training_sample_is_skipped_with_a_warning(tmp_path, caplog):
+    from lorakit.generate.sample_prompts import draw_samples
+
+    class NaNGenerator:
+        def generate(self, p):
+            raise GenerationError("the image for seed 1 came out NaN/infinite")
+
+    paths = draw_samples(NaNGenerator(), [GenerationParams(prompt="bear")], tmp_path, "tiny", epoch=1)
+    assert paths == [] and not list(tmp_path.glob("*.png"))
+    assert "sample 0 ('bear') not saved" in caplog.text and "NaN" in caplog.text
