@@ -21,6 +21,10 @@ class TrainingError(LoraKitError):
     """Training cannot go on (NaN loss, out of memory)."""
 
 
+class GenerationError(LoraKitError):
+    """An image cannot be drawn as asked (the model produced NaN or infinite values)."""
+
+
 # Windows: "The paging file is too small for this operation to complete" (ERROR_COMMITMENT_LIMIT)
 WINERROR_PAGING_FILE = 1455
 

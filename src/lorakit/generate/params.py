@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ..errors import ConfigError
@@ -33,3 +34,7 @@ class GenerationParams:
             raise ConfigError("steps, batch_count and batch_size must be at least 1")
         if self.clip_skip < 1:
             raise ConfigError("clip_skip must be 1 or more")
+        if not math.isfinite(self.cfg_scale) or self.cfg_scale < 0:
+            raise ConfigError(
+                f"cfg_scale {self.cfg_scale}: the CFG scale must be a number of 0 or more (7 is usual)"
+            )

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .. import __version__
+from ..errors import GenerationError
 from .params import GenerationParams
 
 
@@ -54,6 +55,7 @@ class Generator:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
         base = load_base_model(model_path, dtype=dtype, device=device)
+        base.vae.float()  # SD's VAE overflows in fp16; fp32 costs ~160 MB
         return cls(base.unet, base.vae, base.text_encoder, base.tokenizer, Path(model_path), Path(lora_dir))
 
     # --- LoRAs ------------------------------------------------------------------------
@@ -143,15 +145,18 @@ class Generator:
         return out
 
     def draw(self, cond: torch.Tensor, uncond: torch.Tensor, seeds: list[int], p: GenerationParams) -> list:
-        """The denoising loop (diffusers) and the VAE decode, for one batch of seeds."""
-        from .samplers import make_scheduler
+        """The denoising loop and the VAE decode, for one batch of seeds."""
+        from .kdiffusion import SeededNoise
+        from .samplers import is_k_sampler, k_sample, make_scheduler
 
+        shape = (4, p.height // 8, p.width // 8)
+        if is_k_sampler(p.sampler, p.schedule_type):
+            latents = k_sample(self.unet, cond, uncond, seeds, shape, p, self.prediction_type)
+            return decode_latents(self.vae, latents, seeds)
         pipe = self._pipeline(make_scheduler(p.sampler, p.schedule_type, self.prediction_type))
         device, dtype = self.unet.device, self.unet.dtype
-        shape = (4, p.height // 8, p.width // 8)
         # CPU noise per seed: the same image for a seed whatever the batch or device (A1111's "CPU" RNG)
-        gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-        latents = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device, dtype)
+        latents = SeededNoise(seeds, shape, device).next().to(dtype)
         n = len(seeds)
         latents = pipe(
             prompt_embeds=cond.to(device, dtype).expand(n, -1, -1),
@@ -160,11 +165,10 @@ class Generator:
             guidance_scale=p.cfg_scale,
             height=p.height,
             width=p.width,
-            generator=gens,
             latents=latents,
             output_type="latent",
         ).images
-        return decode_latents(self.vae, latents)
+        return decode_latents(self.vae, latents, seeds)
 
     def _pipeline(self, scheduler):
         StableDiffusionPipeline = import_sd_pipeline()
@@ -191,11 +195,27 @@ def import_sd_pipeline():
     return StableDiffusionPipeline
 
 
-def decode_latents(vae, latents: torch.Tensor) -> list:
+def decode_latents(vae, latents: torch.Tensor, seeds: list[int] | None = None) -> list:
+    """Latents -> PIL images. SD's VAE overflows in fp16, so an fp16 VAE decodes upcast to fp32 (as
+    diffusers' force_upcast does); an image that still comes out NaN or infinite is an error."""
     from PIL import Image
 
-    x = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
-    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    upcast = vae.dtype == torch.float16
+    if upcast:
+        vae.float()  # .float()/.half(): diffusers' .to(dtype) warns on every call
+    try:
+        x = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample.float()
+    finally:
+        if upcast:
+            vae.half()
+    bad = [i for i in range(x.shape[0]) if not torch.isfinite(x[i]).all()]
+    if bad:
+        which = f"seed {', '.join(str(seeds[i]) for i in bad)}" if seeds else "the batch"
+        raise GenerationError(
+            f"the image for {which} came out NaN/infinite, so nothing was saved for it. The model or "
+            "a LoRA overflowed: try a lower CFG scale or LoRA weight, or run in float32 (--device cpu)"
+        )
+    x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(a) for a in x]
 
 

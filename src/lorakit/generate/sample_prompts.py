@@ -6,6 +6,7 @@ size, `--s` steps, `--l` CFG scale, `--d` seed, `--ss` sampler (kohya or A1111 n
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -64,12 +65,17 @@ def sample_name(output_name: str, index: int, epoch: int | None = None, step: in
 def draw_samples(
     generator, prompts: list[GenerationParams], folder: Path, output_name: str, **when
 ) -> list[Path]:
+    from ..errors import GenerationError
     from .pnginfo import save_png_with_parameters
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, p in enumerate(prompts):
-        item = generator.generate(p)[0]
+        try:
+            item = generator.generate(p)[0]
+        except GenerationError as e:  # a NaN sample is reported, not saved, and does not stop training
+            logging.getLogger("lorakit").warning("sample %d (%r) not saved: %s", i, p.prompt, e)
+            continue
         path = folder / sample_name(output_name, i, **when)
         save_png_with_parameters(item.image, path, item.infotext)
         paths.append(path)

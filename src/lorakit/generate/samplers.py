@@ -1,52 +1,55 @@
-"""A1111 sampler names -> diffusers schedulers on SD1's training schedule.
+"""A1111 sampler names -> how lorakit draws them, as A1111 (>= 1.9) does.
+
+The k-diffusion samplers (Euler a ... DPM++ 2S a) run k-diffusion's algorithms (`kdiffusion.py`)
+over A1111's sigma schedules, with A1111's CPU noise: an image depends only on its seed. DDIM,
+PLMS and UniPC run diffusers' schedulers (A1111 runs its own ports of the original code).
 
 A1111 >= 1.9 writes the schedule apart ("Sampler: DPM++ 2M, Schedule type: Karras"); older
-versions fold it into the name ("DPM++ 2M Karras"). Both spellings are accepted.
+versions fold it into the name ("DPM++ 2M Karras"). Both spellings are accepted. "Automatic" is
+the sampler's own default schedule, as in A1111 (Karras for DPM++ 2M, for instance).
 """
 
 from __future__ import annotations
 
 import difflib
+from dataclasses import dataclass
+
+import torch
 
 from ..errors import ConfigError
+from ..models.schedule import SD_SCHEDULE
 
-# SD1.x's noise schedule (the same one kohya trains with).
-SD_SCHEDULE = {
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-}
 
-# name -> (diffusers class name, extra config)
-SAMPLERS: dict[str, tuple[str, dict]] = {
-    "Euler a": ("EulerAncestralDiscreteScheduler", {}),
-    "Euler": ("EulerDiscreteScheduler", {}),
-    "LMS": ("LMSDiscreteScheduler", {}),
-    "Heun": ("HeunDiscreteScheduler", {}),
-    "DPM2": ("KDPM2DiscreteScheduler", {}),
-    "DPM2 a": ("KDPM2AncestralDiscreteScheduler", {}),
-    "DPM++ 2M": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    "DPM++ 2M SDE": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
-    "DPM++ SDE": ("DPMSolverSDEScheduler", {}),
-    "DPM++ 2S a": ("DPMSolverSinglestepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    "DDIM": ("DDIMScheduler", {"set_alpha_to_one": False, "clip_sample": False}),
-    "PLMS": ("PNDMScheduler", {"skip_prk_steps": True}),
-    "UniPC": ("UniPCMultistepScheduler", {}),
+@dataclass(frozen=True)
+class KSampler:
+    """A1111's samplers_k_diffusion entry: k-diffusion function and options."""
+
+    function: str
+    default_schedule: str = "Automatic"  # "Automatic" here: the model's own (uniform in t) sigmas
+    discard_penultimate_sigma: bool = False
+    brownian_noise: bool = False
+
+
+K_SAMPLERS: dict[str, KSampler] = {
+    "Euler a": KSampler("sample_euler_ancestral"),
+    "Euler": KSampler("sample_euler"),
+    "LMS": KSampler("sample_lms"),
+    "Heun": KSampler("sample_heun"),
+    "DPM2": KSampler("sample_dpm_2", "Karras", discard_penultimate_sigma=True),
+    "DPM2 a": KSampler("sample_dpm_2_ancestral", "Karras", discard_penultimate_sigma=True),
+    "DPM++ 2M": KSampler("sample_dpmpp_2m", "Karras"),
+    "DPM++ 2M SDE": KSampler("sample_dpmpp_2m_sde", "Exponential", brownian_noise=True),
+    "DPM++ SDE": KSampler("sample_dpmpp_sde", "Karras", brownian_noise=True),
+    "DPM++ 2S a": KSampler("sample_dpmpp_2s_ancestral", "Karras"),
 }
-SCHEDULE_TYPES = ("Automatic", "Karras", "Uniform")
-KARRAS_OK = {
-    "LMS",
-    "Heun",
-    "DPM2",
-    "DPM2 a",
-    "DPM++ 2M",
-    "DPM++ 2M SDE",
-    "DPM++ SDE",
-    "DPM++ 2S a",
-    "Euler",
-    "UniPC",
+# name -> (diffusers class name, extra config, schedule types it accepts)
+DIFFUSERS_SAMPLERS: dict[str, tuple[str, dict, tuple[str, ...]]] = {
+    "DDIM": ("DDIMScheduler", {"set_alpha_to_one": False, "clip_sample": False}, ("Automatic",)),
+    "PLMS": ("PNDMScheduler", {"skip_prk_steps": True}, ("Automatic",)),
+    "UniPC": ("UniPCMultistepScheduler", {}, ("Automatic", "Karras")),
 }
+SAMPLERS = [*K_SAMPLERS, *DIFFUSERS_SAMPLERS]
+SCHEDULE_TYPES = ("Automatic", "Uniform", "Karras", "Exponential")
 # kohya's sample_prompts names (--ss), lower case
 KOHYA_NAMES = {
     "ddim": "DDIM",
@@ -69,9 +72,13 @@ KOHYA_NAMES = {
 }
 
 
+def _schedules_of(name: str) -> tuple[str, ...]:
+    return SCHEDULE_TYPES if name in K_SAMPLERS else DIFFUSERS_SAMPLERS[name][2]
+
+
 def all_names() -> list[str]:
     """Every sampler name accepted, as A1111's dropdown lists them."""
-    return list(SAMPLERS) + [f"{n} Karras" for n in SAMPLERS if n in KARRAS_OK]
+    return SAMPLERS + [f"{n} Karras" for n in SAMPLERS if "Karras" in _schedules_of(n)]
 
 
 def split_name(name: str, schedule_type: str | None = None) -> tuple[str, str]:
@@ -80,25 +87,42 @@ def split_name(name: str, schedule_type: str | None = None) -> tuple[str, str]:
     schedule = schedule_type or "Automatic"
     if name.lower() in KOHYA_NAMES:
         return KOHYA_NAMES[name.lower()], schedule
-    if name.endswith(" Karras"):
-        name, schedule = name[: -len(" Karras")], "Karras"
+    for suffix in ("Karras", "Exponential"):  # A1111 < 1.9 names
+        if name.endswith(f" {suffix}") and name[: -len(suffix) - 1] in SAMPLERS:
+            name, schedule = name[: -len(suffix) - 1], suffix
     if name not in SAMPLERS:
         close = difflib.get_close_matches(name, all_names(), n=3, cutoff=0.5)
         hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
         raise ConfigError(f"sampler {name!r} is unknown.{hint} Known: {', '.join(all_names())}")
     if schedule not in SCHEDULE_TYPES:
         raise ConfigError(f"schedule type {schedule!r} is unknown; use one of {', '.join(SCHEDULE_TYPES)}")
-    if schedule == "Karras" and name not in KARRAS_OK:
-        raise ConfigError(f"sampler {name!r} has no Karras schedule")
+    if schedule not in _schedules_of(name):
+        raise ConfigError(
+            f"sampler {name!r} has no {schedule} schedule; use {', '.join(_schedules_of(name))}"
+        )
     return name, schedule
 
 
+def resolve(name: str, schedule_type: str | None = None) -> tuple[str, str]:
+    """(sampler, schedule) with "Automatic" replaced by the sampler's default, as A1111 does."""
+    base, schedule = split_name(name, schedule_type)
+    if schedule == "Automatic" and base in K_SAMPLERS:
+        schedule = K_SAMPLERS[base].default_schedule
+    return base, schedule
+
+
+def display_name(name: str, schedule_type: str | None = None) -> tuple[str, str | None]:
+    """(Sampler, Schedule type) as A1111 >= 1.9 writes them into PNG info (none for the model's own)."""
+    base, schedule = resolve(name, schedule_type)
+    return base, (schedule if schedule != "Automatic" else None)
+
+
 def make_scheduler(name: str, schedule_type: str | None = None, prediction_type: str = "epsilon"):
-    """A fresh diffusers scheduler for an A1111 sampler name."""
+    """A fresh diffusers scheduler for DDIM, PLMS or UniPC."""
     import diffusers
 
     base, schedule = split_name(name, schedule_type)
-    cls_name, extra = SAMPLERS[base]
+    cls_name, extra, _ = DIFFUSERS_SAMPLERS[base]
     config = {**SD_SCHEDULE, **extra, "prediction_type": prediction_type}
     if schedule == "Karras":
         config["use_karras_sigmas"] = True
@@ -106,7 +130,76 @@ def make_scheduler(name: str, schedule_type: str | None = None, prediction_type:
     return getattr(diffusers, cls_name).from_config(config)
 
 
-def display_name(name: str, schedule_type: str | None = None) -> tuple[str, str | None]:
-    """(Sampler, Schedule type) as A1111 >= 1.9 writes them into PNG info."""
-    base, schedule = split_name(name, schedule_type)
-    return base, (schedule if schedule != "Automatic" else None)
+def is_k_sampler(name: str, schedule_type: str | None = None) -> bool:
+    return split_name(name, schedule_type)[0] in K_SAMPLERS
+
+
+# --- the k-diffusion route ----------------------------------------------------------------------
+
+
+def k_sigmas(name: str, schedule_type: str | None, steps: int) -> torch.Tensor:
+    """A1111's KDiffusionSampler.get_sigmas for SD1.x: steps + 1 sigmas ending in 0 (float32, CPU)."""
+    from ..models.schedule import sd_alphas_cumprod
+    from . import kdiffusion as K
+
+    base, schedule = resolve(name, schedule_type)
+    spec = K_SAMPLERS[base]
+    model = K.DiscreteSchedule(sd_alphas_cumprod())
+    n = steps + 1 if spec.discard_penultimate_sigma else steps
+    if schedule == "Karras":
+        sigmas = K.karras_sigmas(n, model.sigma_min, model.sigma_max)
+    elif schedule == "Exponential":
+        sigmas = K.exponential_sigmas(n, model.sigma_min, model.sigma_max)
+    else:  # Automatic without a default of its own, or Uniform: the model's sigmas
+        sigmas = model.get_sigmas(n)
+    if spec.discard_penultimate_sigma:
+        sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])
+    return sigmas
+
+
+class CFGDenoiser:
+    """The UNet as k-diffusion's denoiser D(x, sigma) (CompVisDenoiser, or CompVisVDenoiser for
+    v-prediction) with A1111's classifier-free guidance on the denoised images; cond and uncond run
+    as one batch. Sampling runs in float32 whatever the UNet's dtype."""
+
+    def __init__(self, unet, cond, uncond, cfg_scale: float, prediction_type: str = "epsilon"):
+        from ..models.schedule import sd_alphas_cumprod
+        from .kdiffusion import DiscreteSchedule
+
+        self.unet, self.cfg_scale, self.prediction_type = unet, cfg_scale, prediction_type
+        self.schedule = DiscreteSchedule(sd_alphas_cumprod())
+        self.cond, self.uncond = cond, uncond
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        sigma = sigma.to(x.device, torch.float32)
+        c_in = (sigma**2 + 1) ** -0.5
+        t = self.schedule.sigma_to_t(sigma)
+        x_in = torch.cat([x * c_in[:, None, None, None]] * 2)
+        dtype = self.unet.dtype
+        context = torch.cat([self.cond.expand(n, -1, -1), self.uncond.expand(n, -1, -1)]).to(x.device, dtype)
+        out = self.unet(x_in.to(dtype), torch.cat([t, t]), encoder_hidden_states=context).sample.float()
+        s, xx = torch.cat([sigma, sigma])[:, None, None, None], torch.cat([x, x])
+        if self.prediction_type == "v_prediction":
+            denoised = out * (-s * (s**2 + 1) ** -0.5) + xx / (s**2 + 1)
+        else:
+            denoised = xx - s * out
+        cond, uncond = denoised.chunk(2)
+        return uncond + (cond - uncond) * self.cfg_scale
+
+
+def k_sample(
+    unet, cond, uncond, seeds: list[int], shape, p, prediction_type: str = "epsilon"
+) -> torch.Tensor:
+    """Latents for one batch of seeds with a k-diffusion sampler, as A1111 draws them."""
+    from . import kdiffusion as K
+
+    base, _ = split_name(p.sampler, p.schedule_type)
+    spec = K_SAMPLERS[base]
+    device = unet.device
+    sigmas = k_sigmas(p.sampler, p.schedule_type, p.steps)
+    rng = K.SeededNoise(seeds, shape, device)
+    x = rng.next() * sigmas[0]
+    noise = K.BrownianNoise(seeds, shape, sigmas, device) if spec.brownian_noise else rng
+    model = CFGDenoiser(unet, cond, uncond, p.cfg_scale, prediction_type)
+    return getattr(K, spec.function)(model, x, sigmas, noise)

@@ -13,11 +13,10 @@ def noise_scheduler(v_parameterization: bool = False):
     """DDPM scaled_linear 0.00085-0.012 over 1000 steps, as kohya trains SD1.x."""
     from diffusers import DDPMScheduler
 
+    from ..models.schedule import SD_SCHEDULE
+
     return DDPMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
+        **SD_SCHEDULE,
         clip_sample=False,
         prediction_type="v_prediction" if v_parameterization else "epsilon",
     )
