@@ -121,10 +121,6 @@ class Trainer:
             train_unet=self.train_unet,
             train_text_encoder=self.train_te,
         )
-        if n.network_weights:
-            from ..network.file import read_lora_file
-
-            self.network.load_kohya_state_dict(read_lora_file(n.network_weights)[0], source=n.network_weights)
         te_count, unet_count = self.network.counts
         log.info("create LoRA for Text Encoder: %d modules. U-Net: %d modules.", te_count, unet_count)
 
@@ -137,6 +133,10 @@ class Trainer:
         )  # SD's VAE overflows in fp16
         torch.nn.Module.to(base.vae, self.device, vae_dtype)
         self.network.to(self.device, torch.float32)
+        if n.network_weights:  # after the cast: the file's values reach the fp32 LoRA unrounded
+            from ..network.file import read_lora_file
+
+            self.network.load_kohya_state_dict(read_lora_file(n.network_weights)[0], source=n.network_weights)
         if t.gradient_checkpointing:
             base.unet.enable_gradient_checkpointing()
             base.unet.train()  # diffusers checkpoints only in training mode
