@@ -22,7 +22,7 @@ from ..errors import ConfigError, ModelError, TrainingError
 from . import noise as N
 from .optim import build_lr_scheduler, build_optimizer, steps_and_epochs
 from .samples import draw_training_samples, read_training_sample_prompts
-from .state import Position, load_state, read_position, save_state
+from .state import Position, clean_output_folder, load_state, read_position, save_state
 
 log = logging.getLogger("lorakit")
 
@@ -166,6 +166,8 @@ class Trainer:
         self.lr_scheduler = build_lr_scheduler(t, optimizer, self.total_steps)
         self.optimizer = self.acc.prepare(optimizer)  # gradient scaling for fp16
         self.pos = Position(epoch=0, step=0, batch_in_epoch=0, seed=seed)
+        if self.acc.is_main_process:  # temp files and set-aside states of a killed earlier run
+            clean_output_folder(o.output_dir, o.output_name)
         if o.resume:
             self.pos = load_state(o.resume, self.network, self.optimizer.optimizer, self.lr_scheduler)
             log.info("resumed at epoch %d, step %d", self.pos.epoch, self.pos.step)
