@@ -1,18 +1,18 @@
 """The training loop: dataset -> base model -> LoRA network -> optimizer steps -> LoRA file.
 
 Everything that can be wrong with the input is checked before the models load. The step has
-no host sync except on logging steps, the shapes are static within a bucket and the frozen
-base runs in the mixed-precision dtype, so the step can later run under CUDA graphs.
+no host sync except on logging and saving steps (a nan/inf loss is flagged on the device and
+read there), the shapes are static within a bucket and the frozen base runs in the
+mixed-precision dtype, so the step can later run under CUDA graphs.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -20,9 +20,10 @@ import torch
 from ..config import TrainConfig
 from ..errors import ConfigError, ModelError, TrainingError
 from . import noise as N
+from .interrupts import interrupts_deferred
 from .optim import build_lr_scheduler, build_optimizer, steps_and_epochs
 from .samples import draw_training_samples, read_training_sample_prompts
-from .state import Position, load_state, read_position, save_state
+from .state import Position, clean_output_folder, load_state, read_position, save_state
 
 log = logging.getLogger("lorakit")
 
@@ -121,10 +122,6 @@ class Trainer:
             train_unet=self.train_unet,
             train_text_encoder=self.train_te,
         )
-        if n.network_weights:
-            from ..network.file import read_lora_file
-
-            self.network.load_kohya_state_dict(read_lora_file(n.network_weights)[0], source=n.network_weights)
         te_count, unet_count = self.network.counts
         log.info("create LoRA for Text Encoder: %d modules. U-Net: %d modules.", te_count, unet_count)
 
@@ -137,6 +134,10 @@ class Trainer:
         )  # SD's VAE overflows in fp16
         torch.nn.Module.to(base.vae, self.device, vae_dtype)
         self.network.to(self.device, torch.float32)
+        if n.network_weights:  # after the cast: the file's values reach the fp32 LoRA unrounded
+            from ..network.file import read_lora_file
+
+            self.network.load_kohya_state_dict(read_lora_file(n.network_weights)[0], source=n.network_weights)
         if t.gradient_checkpointing:
             base.unet.enable_gradient_checkpointing()
             base.unet.train()  # diffusers checkpoints only in training mode
@@ -166,9 +167,16 @@ class Trainer:
         self.lr_scheduler = build_lr_scheduler(t, optimizer, self.total_steps)
         self.optimizer = self.acc.prepare(optimizer)  # gradient scaling for fp16
         self.pos = Position(epoch=0, step=0, batch_in_epoch=0, seed=seed)
+        if self.acc.is_main_process:  # temp files and set-aside states of a killed earlier run
+            clean_output_folder(o.output_dir, o.output_name)
         if o.resume:
-            self.pos = load_state(o.resume, self.network, self.optimizer.optimizer, self.lr_scheduler)
+            self.pos = load_state(
+                o.resume, self.network, self.optimizer.optimizer, self.lr_scheduler, self.acc.scaler
+            )
             log.info("resumed at epoch %d, step %d", self.pos.epoch, self.pos.step)
+
+        self._first_bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
+        self.last_good: Path | None = None  # the last LoRA this run saved (all its weights finite)
 
         self._prepare_caches()
         self.metadata = self._metadata()
@@ -293,7 +301,8 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=pos.step, disable=not acc.is_main_process, desc="steps")
         loss_sum, loss_n = torch.zeros((), device=self.device), 0
         self._clock = (time.time(), pos.step)
-        last_good: Path | None = None
+        # where a resume can start: an optimizer-step boundary, with no accumulated gradients pending
+        boundary = replace(pos)
         sc = cfg.sample
         if sc.sample_at_first and pos.step == 0:
             self.sample(epoch=0) if sc.sample_every_n_epochs else self.sample(step=0)
@@ -306,13 +315,16 @@ class Trainer:
                 for batch in batches:
                     micro = epoch * self.batches_per_epoch + pos.batch_in_epoch  # seeds this batch's noise
                     loss = self.loss_of(batch, micro)
+                    self._note_finite(loss)
                     acc.backward(loss / accum)
                     loss_sum += loss.detach()
                     loss_n += 1
                     pos.batch_in_epoch += 1
                     if pos.batch_in_epoch % accum and pos.batch_in_epoch < self.batches_per_epoch:
                         continue
-                    self._optimizer_step(params)
+                    with interrupts_deferred():
+                        self._optimizer_step(params)
+                        boundary = replace(pos)
                     bar.update(1)
                     if (
                         sc.sample_every_n_steps
@@ -321,7 +333,7 @@ class Trainer:
                     ):
                         self.sample(step=pos.step)
                     if pos.step % cfg.output.progress_every_n_steps == 0 or pos.step == self.total_steps:
-                        self._report(loss_sum / max(loss_n, 1), bar, on_progress, last_good)
+                        self._report(loss_sum / max(loss_n, 1), bar, on_progress)
                         loss_sum.zero_()
                         loss_n = 0
                     if pos.step >= self.total_steps:
@@ -329,18 +341,20 @@ class Trainer:
                 if pos.batch_in_epoch >= self.batches_per_epoch:  # the epoch ran to its end
                     pos.epoch += 1
                     pos.batch_in_epoch = 0
+                    boundary = replace(pos)
                     every = cfg.output.save_every_n_epochs
                     if every and pos.epoch % every == 0 and pos.step < self.total_steps:
-                        last_good = self.save(f"{cfg.output.output_name}-{pos.epoch:06d}")
+                        self.save(f"{cfg.output.output_name}-{pos.epoch:06d}")
                     if sc.sample_every_n_epochs and pos.epoch % sc.sample_every_n_epochs == 0:
                         self.sample(epoch=pos.epoch)
         except KeyboardInterrupt:
             if cfg.output.save_state and acc.is_main_process:
-                folder = save_state(
-                    self._state_dir("-state"), self.network, self.optimizer.optimizer, self.lr_scheduler, pos
-                )
+                self._check_finite(collective=False)
+                # the weights are those of the last optimizer step: the micro-batches since then
+                # are run again on resume, so their dropped gradients are not lost
+                folder = self._save_state(self._state_dir("-state"), boundary)
                 log.warning(
-                    "interrupted at step %d: state saved to %s (resume with --resume)", pos.step, folder
+                    "interrupted at step %d: state saved to %s (resume with --resume)", boundary.step, folder
                 )
             raise
         finally:
@@ -355,18 +369,52 @@ class Trainer:
         if self.cfg.training.max_grad_norm:
             self.acc.clip_grad_norm_(params, self.cfg.training.max_grad_norm)
         self.optimizer.step()
-        self.lr_scheduler.step()
+        if not self.acc.optimizer_step_was_skipped:  # fp16: the loss scaler skips inf/nan gradients
+            self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.pos.step += 1
 
-    def _report(self, mean_loss: torch.Tensor, bar, on_progress, last_good: Path | None) -> None:
-        mean = mean_loss.item()  # the one host sync, on logging steps only
+    # --- non-finite loss or weights -------------------------------------------------
+    def _note_finite(self, loss: torch.Tensor) -> None:
+        """Remember (on the device, no host sync) the first step whose loss was nan or inf."""
+        step = torch.full_like(self._first_bad_step, self.pos.step + 1)
+        first = (self._first_bad_step < 0) & ~torch.isfinite(loss.detach())
+        self._first_bad_step = torch.where(first, step, self._first_bad_step)
+
+    def _check_finite(self, collective: bool = True) -> None:
+        """Raise before anything non-finite is written: a nan/inf loss seen so far, or nan/inf weights."""
+        weights_bad = torch.stack(
+            [~torch.isfinite(p.detach()).all() for p in self.network.parameters()]
+        ).any()
+        flags = torch.stack([self._first_bad_step, weights_bad.long()])
+        if collective and self.acc.num_processes > 1:  # every rank raises, or none does
+            flags = self.acc.gather(flags[None]).view(-1, 2)
+            flags = torch.stack([flags[:, 0].max(), flags[:, 1].max()])
+        first_bad, weights_bad = flags.tolist()  # the one host sync, on saves and reports only
+        if first_bad >= 0 or weights_bad:
+            raise self._nonfinite_error(first_bad)
+
+    def _nonfinite_error(self, first_bad: int) -> TrainingError:
+        what = (
+            f"the loss became nan or inf at step {first_bad}"
+            if first_bad >= 0
+            else f"the LoRA weights became nan or inf by step {self.pos.step}"
+        )
+        if self.last_good:
+            kept = f"the last good save, {self.last_good}, was kept"
+        elif self.cfg.output.resume:
+            kept = f"nothing was saved in this run; the state it resumed from, {self.cfg.output.resume}, is unchanged"
+        else:
+            kept = "nothing was saved"
+        return TrainingError(
+            f"{what} (found at step {self.pos.step}): training stopped; {kept}. "
+            "Lower the learning rate or use bf16."
+        )
+
+    def _report(self, mean_loss: torch.Tensor, bar, on_progress) -> None:
+        self._check_finite()
+        mean = mean_loss.item()  # finite now: every loss in it was
         pos = self.pos
-        if not math.isfinite(mean):
-            raise TrainingError(
-                f"loss became {mean} at step {pos.step}: training stopped; the last good save "
-                f"({last_good or 'none yet'}) was kept. Lower the learning rate or use bf16."
-            )
         now, (t_last, step_last) = time.time(), self._clock
         its = (pos.step - step_last) / max(now - t_last, 1e-9)
         self._clock = (now, pos.step)
@@ -388,6 +436,7 @@ class Trainer:
         o = self.cfg.output
         path = Path(o.output_dir) / f"{name}.{o.save_model_as}"
         self.acc.wait_for_everyone()
+        self._check_finite()  # never a nan LoRA or state
         if self.acc.is_main_process:
             meta = finish_metadata(
                 self.metadata, steps=self.pos.step, epoch=self.pos.epoch, no_metadata=o.no_metadata
@@ -395,15 +444,15 @@ class Trainer:
             save_lora_file(path, self.network.kohya_state_dict(), meta, o.save_precision)
             if o.save_state:
                 suffix = name[len(o.output_name) :] + "-state"
-                save_state(
-                    self._state_dir(suffix),
-                    self.network,
-                    self.optimizer.optimizer,
-                    self.lr_scheduler,
-                    self.pos,
-                )
+                self._save_state(self._state_dir(suffix), self.pos)
             log.info("saved %s", path)
+        self.last_good = path
         return path
+
+    def _save_state(self, folder: Path, pos: Position) -> Path:
+        return save_state(
+            folder, self.network, self.optimizer.optimizer, self.lr_scheduler, pos, self.acc.scaler
+        )
 
     def _metadata(self) -> dict[str, str]:
         from ..network.metadata import file_hashes, new_session_id, training_metadata
