@@ -20,7 +20,7 @@ import torch
 from ..config import TrainConfig
 from ..errors import ConfigError, ModelError, TrainingError
 from . import noise as N
-from .optim import build_lr_scheduler, build_optimizer, steps_and_epochs
+from .optim import build_lr_scheduler, build_optimizer, lora_param_groups, steps_and_epochs
 from .samples import draw_training_samples, read_training_sample_prompts
 from .state import Position, load_state, read_position, save_state
 
@@ -153,16 +153,7 @@ class Trainer:
             )
         _, self.total_steps, self.epochs = steps_and_epochs(t, self.batches_per_epoch)
 
-        groups = []
-        if self.train_unet:
-            groups.append(
-                {"params": self.network.parameters(is_te=False), "lr": t.unet_lr or t.learning_rate}
-            )
-        if self.train_te:
-            groups.append(
-                {"params": self.network.parameters(is_te=True), "lr": t.text_encoder_lr or t.learning_rate}
-            )
-        optimizer, self.optimizer_repr = build_optimizer(t, groups)
+        optimizer, self.optimizer_repr = build_optimizer(t, lora_param_groups(self.network, t))
         self.lr_scheduler = build_lr_scheduler(t, optimizer, self.total_steps)
         self.optimizer = self.acc.prepare(optimizer)  # gradient scaling for fp16
         self.pos = Position(epoch=0, step=0, batch_in_epoch=0, seed=seed)
