@@ -22,6 +22,9 @@ import tomllib
 
 from .errors import ConfigError
 
+MAX_RANK = 1280  # SD1.x's widest LoRA target: a rank above min(in, out) of every layer adds nothing
+MAX_SEED = 2**32 - 1  # numpy's seed range, which accelerate's set_seed feeds
+
 
 def opt(default: Any, help: str, **kw: Any) -> Any:
     """A config field with its one-line help text."""
@@ -247,6 +250,16 @@ class TrainConfig:
         for name, value in at_least_one.items():
             if value < 1:
                 raise ConfigError(f"{name} must be at least 1 (got {value})")
+        for name in ("network_dim", "conv_dim"):
+            rank = getattr(self.network, name)
+            if rank is not None and not 0 <= rank <= MAX_RANK:
+                raise ConfigError(
+                    f"{name} = {rank}: use a rank from 1 to {MAX_RANK}, the width of SD1.x's widest layer "
+                    "(a higher rank adds nothing); common ranks are 4 to 128"
+                )
+        seed = self.training.seed
+        if seed is not None and not 0 <= seed <= MAX_SEED:
+            raise ConfigError(f"seed = {seed}: a seed is a whole number from 0 to {MAX_SEED}")
         if self.dataset.bucket_reso_steps % 64:
             raise ConfigError("bucket_reso_steps must be a multiple of 64 for SD1.x")
         if self.model.max_token_length not in (None, 75, 150, 225):

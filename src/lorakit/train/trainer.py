@@ -21,6 +21,7 @@ from ..config import TrainConfig
 from ..errors import ConfigError, ModelError, TrainingError
 from . import noise as N
 from .optim import build_lr_scheduler, build_optimizer, lora_param_groups, steps_and_epochs
+from .preflight import check_output_folder
 from .samples import draw_training_samples, read_training_sample_prompts
 from .state import Position, load_state, read_position, save_state
 
@@ -67,6 +68,7 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
 
     # scans the folders and checks every image: fails in seconds, before any model is loaded
     dataset = build_dataset(cfg.dataset, seed, warn=log.warning)
+    check_output_folder(cfg, dataset.num_batches_per_rank(1))  # not writable or full: say so now
     return Trainer(cfg, dataset, seed, sample_prompts)
 
 
