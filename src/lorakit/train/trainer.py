@@ -376,14 +376,17 @@ class Trainer:
 
     def save(self, name: str) -> Path:
         from ..network.file import save_lora_file
-        from ..network.metadata import finish_metadata
+        from .metadata import finish_metadata, kohya_epoch
 
         o = self.cfg.output
         path = Path(o.output_dir) / f"{name}.{o.save_model_as}"
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
             meta = finish_metadata(
-                self.metadata, steps=self.pos.step, epoch=self.pos.epoch, no_metadata=o.no_metadata
+                self.metadata,
+                steps=self.pos.step,
+                epoch=kohya_epoch(self.pos.epoch, self.pos.batch_in_epoch),
+                no_metadata=o.no_metadata,
             )
             save_lora_file(path, self.network.kohya_state_dict(), meta, o.save_precision)
             if o.save_state:
@@ -399,7 +402,7 @@ class Trainer:
         return path
 
     def _metadata(self) -> dict[str, str]:
-        from ..network.metadata import file_hashes, new_session_id, training_metadata
+        from .metadata import file_hashes, new_session_id, training_metadata
 
         p = self.dataset.plan
         return training_metadata(
