@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +21,9 @@ from typing import Any, Literal
 import tomllib
 
 from .errors import ConfigError
+
+MAX_RANK = 1280  # SD1.x's widest LoRA target: a rank above min(in, out) of every layer adds nothing
+MAX_SEED = 2**32 - 1  # numpy's seed range, which accelerate's set_seed feeds
 
 
 def opt(default: Any, help: str, **kw: Any) -> Any:
@@ -86,8 +90,13 @@ class NetworkConfig:
 @dataclass
 class TrainingConfig:
     learning_rate: float = opt(1e-4, "learning rate")
-    unet_lr: float | None = opt(None, "U-Net LoRA learning rate (default: learning_rate)")
-    text_encoder_lr: float | None = opt(None, "text-encoder LoRA learning rate (default: learning_rate)")
+    unet_lr: float | None = opt(
+        None, "U-Net LoRA learning rate (default: learning_rate; 0 = do not train the U-Net LoRA)"
+    )
+    text_encoder_lr: float | None = opt(
+        None,
+        "text-encoder LoRA learning rate (default: learning_rate; 0 = do not train the text-encoder LoRA)",
+    )
     optimizer_type: str = opt("AdamW", "AdamW, AdamW8bit, Lion or Prodigy")
     optimizer_args: list[str] = opt([], "optimizer arguments as key=value, e.g. weight_decay=0.1")
     lr_scheduler: str = opt(
@@ -105,6 +114,15 @@ class TrainingConfig:
     seed: int | None = opt(None, "random seed; the same seed gives the same run")
     noise_offset: float | None = opt(None, "noise offset (e.g. 0.1) for darker/brighter images")
     min_snr_gamma: float | None = opt(None, "Min-SNR weighting gamma (5 is a common choice)")
+
+    # kohya: an unset part lr falls back to learning_rate; a part lr of 0 drops that part (None is not 0)
+    @property
+    def unet_learning_rate(self) -> float:
+        return self.learning_rate if self.unet_lr is None else self.unet_lr
+
+    @property
+    def text_encoder_learning_rate(self) -> float:
+        return self.learning_rate if self.text_encoder_lr is None else self.text_encoder_lr
 
 
 @dataclass
@@ -232,33 +250,57 @@ class TrainConfig:
         for name, value in at_least_one.items():
             if value < 1:
                 raise ConfigError(f"{name} must be at least 1 (got {value})")
+        for name in ("network_dim", "conv_dim"):
+            rank = getattr(self.network, name)
+            if rank is not None and not 0 <= rank <= MAX_RANK:
+                raise ConfigError(
+                    f"{name} = {rank}: use a rank from 1 to {MAX_RANK}, the width of SD1.x's widest layer "
+                    "(a higher rank adds nothing); common ranks are 4 to 128"
+                )
+        seed = self.training.seed
+        if seed is not None and not 0 <= seed <= MAX_SEED:
+            raise ConfigError(f"seed = {seed}: a seed is a whole number from 0 to {MAX_SEED}")
         if self.dataset.bucket_reso_steps % 64:
             raise ConfigError("bucket_reso_steps must be a multiple of 64 for SD1.x")
         if self.model.max_token_length not in (None, 75, 150, 225):
             raise ConfigError("max_token_length must be 75, 150 or 225")
         if self.model.clip_skip is not None and self.model.clip_skip < 1:
             raise ConfigError("clip_skip must be 1 or more")
+        self._validate_learning_rates()
         if self.dataset.cache_text_encoder_outputs and self.trains_text_encoder:
             raise ConfigError(
-                "cache_text_encoder_outputs needs a frozen text encoder: add network_train_unet_only"
+                "cache_text_encoder_outputs needs a frozen text encoder: add network_train_unet_only "
+                "(or set text_encoder_lr = 0)"
             )
         if self.dataset.cache_latents_to_disk:
             self.dataset.cache_latents = True
         resolution_of(self.dataset.resolution)
 
+    def _validate_learning_rates(self) -> None:
+        t = self.training
+        if not (math.isfinite(t.learning_rate) and t.learning_rate > 0):
+            raise ConfigError(f"learning_rate must be a number above 0, e.g. 1e-4 (got {t.learning_rate})")
+        for name in ("unet_lr", "text_encoder_lr"):
+            value = getattr(t, name)
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise ConfigError(
+                    f"{name} must be 0 (do not train that part) or a number above 0 (got {value})"
+                )
+        if not (self.trains_unet or self.trains_text_encoder):
+            raise ConfigError(
+                "nothing to train: unet_lr, text_encoder_lr and network_train_unet_only / "
+                "network_train_text_encoder_only leave neither the U-Net nor the text-encoder LoRA"
+            )
+
     @property
     def trains_text_encoder(self) -> bool:
-        return (
-            not self.network.network_train_unet_only
-            and (self.training.text_encoder_lr or self.training.learning_rate) > 0
-        )
+        """Whether the run has a text-encoder LoRA: not with network_train_unet_only or text_encoder_lr = 0."""
+        return not self.network.network_train_unet_only and self.training.text_encoder_learning_rate > 0
 
     @property
     def trains_unet(self) -> bool:
-        return (
-            not self.network.network_train_text_encoder_only
-            and (self.training.unet_lr or self.training.learning_rate) > 0
-        )
+        """Whether the run has a U-Net LoRA: not with network_train_text_encoder_only or unet_lr = 0."""
+        return not self.network.network_train_text_encoder_only and self.training.unet_learning_rate > 0
 
 
 def resolution_of(text: str | int | tuple[int, int]) -> tuple[int, int]:

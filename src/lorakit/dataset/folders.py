@@ -18,6 +18,7 @@ from ..errors import DatasetError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CAPTION_EXTENSIONS = (".caption", ".txt")
+MAX_REPEATS = 10_000  # each repeat is an entry in the epoch's sample list: far more runs out of memory
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,11 @@ def _list_folders(root: Path, option: str, is_reg: bool, warnings: list[str]) ->
         repeats, prompt = parsed
         if repeats < 1:
             raise DatasetError(f"{d}: repeats must be 1 or more, e.g. '{example}'")
+        if repeats > MAX_REPEATS:
+            raise DatasetError(
+                f"{d}: {repeats} repeats is more than lorakit allows ({MAX_REPEATS}); kohya users use 1 to "
+                f"about 100. Rename the folder, e.g. '{example}'"
+            )
         folders.append(_Folder(d, repeats, prompt, is_reg))
     return folders
 

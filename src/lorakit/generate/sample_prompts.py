@@ -7,11 +7,15 @@ size, `--s` steps, `--l` CFG scale, `--d` seed, `--ss` sampler (kohya or A1111 n
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 
 from ..errors import ConfigError
 from .params import GenerationParams
+
+MAX_SIDE = 2048  # A1111's largest size; SD1.x draws poorly far above its 512 training size
+MAX_SEED = 2**32 - 1  # A1111's seed range; torch's generators overflow a little above 2**64
 
 
 def parse_line(line: str, defaults: GenerationParams, where: str) -> GenerationParams:
@@ -24,22 +28,44 @@ def parse_line(line: str, defaults: GenerationParams, where: str) -> GenerationP
             if key == "n":
                 p.negative_prompt = value
             elif key == "w":
-                p.width = max(64, int(value) // 8 * 8)
+                p.width = max(64, _side(value, where, key) // 8 * 8)  # kohya floors to /8, at least 64
             elif key == "h":
-                p.height = max(64, int(value) // 8 * 8)
+                p.height = max(64, _side(value, where, key) // 8 * 8)
             elif key == "s":
-                p.steps = min(max(int(value), 1), 1000)
+                p.steps = min(max(int(value), 1), 1000)  # kohya's clamp
             elif key == "l":
                 p.cfg_scale = float(value)
+                if not (math.isfinite(p.cfg_scale) and p.cfg_scale >= 0):
+                    raise ConfigError(f"{where}: --l {value}: the CFG scale must be a number of 0 or more")
             elif key == "d":
                 p.seed = int(value)
+                if not (p.seed == -1 or 0 <= p.seed <= MAX_SEED):
+                    raise ConfigError(f"{where}: --d {value}: a seed is -1 (random) or 0 to {MAX_SEED}")
             elif key == "ss":
+                _check_sampler(value, where)
                 p.sampler = value
             else:
                 raise ConfigError(f"{where}: unknown option --{key} (use --n --w --h --s --l --d --ss)")
         except ValueError:
             raise ConfigError(f"{where}: --{key} {value!r} is not a number") from None
     return p
+
+
+def _side(value: str, where: str, key: str) -> int:
+    side = int(value)
+    if side > MAX_SIDE:
+        raise ConfigError(f"{where}: --{key} {value}: sample images are at most {MAX_SIDE} pixels a side")
+    return side
+
+
+def _check_sampler(name: str, where: str) -> None:
+    """An unknown --ss name fails while the file is read, not when the first samples are drawn."""
+    from .samplers import split_name
+
+    try:
+        split_name(name)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def read_sample_prompts(path: str | Path, defaults: GenerationParams) -> list[GenerationParams]:

@@ -11,6 +11,7 @@ import torch
 
 from ..atomic import atomic_file
 from ..errors import ModelError
+from ..hashing import legacy_hash
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32}
 
@@ -21,11 +22,6 @@ def addnet_hash_of_bytes(data: bytes) -> str:
     This is kohya's `sshs_model_hash` and the hash A1111 shows as "Lora hashes" (first 12 hex)."""
     (n,) = struct.unpack("<Q", data[:8])
     return hashlib.sha256(data[8 + n :]).hexdigest()
-
-
-def legacy_hash_of_bytes(data: bytes) -> str:
-    """Old A1111 hash: sha256 of 64 KiB at offset 1 MiB, first 8 hex."""
-    return hashlib.sha256(data[0x100000 : 0x100000 + 0x10000]).hexdigest()[:8]
 
 
 def addnet_hash(path: str | Path) -> str:
@@ -50,7 +46,7 @@ def save_lora_file(
     metadata = {
         **metadata,
         "sshs_model_hash": addnet_hash_of_bytes(probe),
-        "sshs_legacy_hash": legacy_hash_of_bytes(probe),
+        "sshs_legacy_hash": legacy_hash(probe),
     }
     atomic_write_bytes(path, save(tensors, metadata))
     return Path(path)

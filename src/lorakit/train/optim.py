@@ -27,6 +27,17 @@ def parse_kwargs(items: list[str], field: str) -> dict:
     return out
 
 
+def lora_param_groups(network, cfg: TrainingConfig) -> list[dict]:
+    """One optimizer group per trained part, U-Net first, each at its own lr (kohya's
+    prepare_optimizer_params); a part at lr 0, or without LoRA modules, gets no group."""
+    groups = []
+    for is_te, lr in ((False, cfg.unet_learning_rate), (True, cfg.text_encoder_learning_rate)):
+        params = network.parameters(is_te=is_te)
+        if params and lr > 0:
+            groups.append({"params": params, "lr": lr})
+    return groups
+
+
 def build_optimizer(cfg: TrainingConfig, param_groups: list[dict]) -> tuple[torch.optim.Optimizer, str]:
     """(optimizer, kohya-style description for ss_optimizer)."""
     kwargs = parse_kwargs(cfg.optimizer_args, "optimizer_args")

@@ -21,7 +21,8 @@ from ..config import TrainConfig
 from ..errors import ConfigError, ModelError, TrainingError
 from . import noise as N
 from .interrupts import interrupts_deferred
-from .optim import build_lr_scheduler, build_optimizer, steps_and_epochs
+from .optim import build_lr_scheduler, build_optimizer, lora_param_groups, steps_and_epochs
+from .preflight import check_output_folder
 from .samples import draw_training_samples, read_training_sample_prompts
 from .state import Position, clean_output_folder, load_state, read_position, save_state
 
@@ -68,6 +69,7 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
 
     # scans the folders and checks every image: fails in seconds, before any model is loaded
     dataset = build_dataset(cfg.dataset, seed, warn=log.warning)
+    check_output_folder(cfg, dataset.num_batches_per_rank(1))  # not writable or full: say so now
     return Trainer(cfg, dataset, seed, sample_prompts)
 
 
@@ -154,16 +156,7 @@ class Trainer:
             )
         _, self.total_steps, self.epochs = steps_and_epochs(t, self.batches_per_epoch)
 
-        groups = []
-        if self.train_unet:
-            groups.append(
-                {"params": self.network.parameters(is_te=False), "lr": t.unet_lr or t.learning_rate}
-            )
-        if self.train_te:
-            groups.append(
-                {"params": self.network.parameters(is_te=True), "lr": t.text_encoder_lr or t.learning_rate}
-            )
-        optimizer, self.optimizer_repr = build_optimizer(t, groups)
+        optimizer, self.optimizer_repr = build_optimizer(t, lora_param_groups(self.network, t))
         self.lr_scheduler = build_lr_scheduler(t, optimizer, self.total_steps)
         self.optimizer = self.acc.prepare(optimizer)  # gradient scaling for fp16
         self.pos = Position(epoch=0, step=0, batch_in_epoch=0, seed=seed)
@@ -431,7 +424,7 @@ class Trainer:
 
     def save(self, name: str) -> Path:
         from ..network.file import save_lora_file
-        from ..network.metadata import finish_metadata
+        from .metadata import finish_metadata, kohya_epoch
 
         o = self.cfg.output
         path = Path(o.output_dir) / f"{name}.{o.save_model_as}"
@@ -439,7 +432,10 @@ class Trainer:
         self._check_finite()  # never a nan LoRA or state
         if self.acc.is_main_process:
             meta = finish_metadata(
-                self.metadata, steps=self.pos.step, epoch=self.pos.epoch, no_metadata=o.no_metadata
+                self.metadata,
+                steps=self.pos.step,
+                epoch=kohya_epoch(self.pos.epoch, self.pos.batch_in_epoch),
+                no_metadata=o.no_metadata,
             )
             save_lora_file(path, self.network.kohya_state_dict(), meta, o.save_precision)
             if o.save_state:
@@ -455,7 +451,7 @@ class Trainer:
         )
 
     def _metadata(self) -> dict[str, str]:
-        from ..network.metadata import file_hashes, new_session_id, training_metadata
+        from .metadata import file_hashes, new_session_id, training_metadata
 
         p = self.dataset.plan
         return training_metadata(

@@ -1,9 +1,10 @@
-"""kohya's `ss_*` training metadata and the `modelspec.*` keys, as strings (like kohya's)."""
+"""kohya's `ss_*` training metadata and the `modelspec.*` keys of a LoRA, as strings (like kohya's).
+
+It lives in train/ because it is built from the training config; network/ only writes the file."""
 
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import time
 import uuid
@@ -12,7 +13,7 @@ from typing import Any
 
 from .. import __version__
 from ..config import TrainConfig, resolution_of
-from ..hashing import file_sha256
+from ..hashing import file_sha256, legacy_hash
 
 # What kohya keeps with --no_metadata (SS_METADATA_MINIMUM_KEYS).
 MINIMUM_KEYS = (
@@ -26,14 +27,11 @@ MINIMUM_KEYS = (
 
 
 def file_hashes(path: str | Path) -> tuple[str, str]:
-    """(old A1111 hash: 64 KiB at 1 MiB, 8 hex; full-file sha256), as kohya stores for the base model."""
+    """(old A1111 hash, full-file sha256) of the base model, as kohya stores them."""
     path = Path(path)
     if not path.is_file():
         return "IsADirectory", ""  # what kohya writes for diffusers folders
-    with path.open("rb") as f:
-        f.seek(0x100000)
-        legacy = hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
-    return legacy, file_sha256(path)
+    return legacy_hash(path), file_sha256(path)
 
 
 def _s(v: Any) -> str:
@@ -136,8 +134,14 @@ def training_metadata(
     return meta
 
 
+def kohya_epoch(epochs_done: int, batch_in_epoch: int) -> int:
+    """kohya's ss_epoch: the 1-based epoch a save falls in; a save at an epoch's end counts that epoch,
+    a save mid-epoch (a run stopped by max_train_steps) the epoch it is in, never 0."""
+    return epochs_done + (1 if batch_in_epoch else 0)
+
+
 def finish_metadata(base: dict[str, str], *, steps: int, epoch: int, no_metadata: bool) -> dict[str, str]:
-    """The per-save keys: steps and epoch done, time of the save."""
+    """The per-save keys: steps done, kohya's epoch number (`kohya_epoch`), time of the save."""
     if no_metadata:
         return dict(base)
     return {
@@ -151,7 +155,7 @@ def finish_metadata(base: dict[str, str], *, steps: int, epoch: int, no_metadata
 def modelspec(cfg: TrainConfig, started_at: float) -> dict[str, str]:
     """SAI model spec 1.0.1 keys, as kohya's sai_model_spec.build_metadata writes them for an SD1 LoRA."""
     w, h = resolution_of(cfg.dataset.resolution)
-    date = datetime.datetime.fromtimestamp(started_at).isoformat()
+    date = datetime.datetime.fromtimestamp(int(started_at)).isoformat()  # kohya drops the microseconds
     clip_skip = cfg.model.clip_skip
     spec = {
         "modelspec.sai_model_spec": "1.0.1",
