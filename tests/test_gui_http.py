@@ -197,10 +197,17 @@ def test_caption_save_writes_only_beside_a_scanned_image(site):
     # the real thing: the image the server listed at that index, with the scanned extension
     picked = api("pick_image", [forged_scan], event_data={"index": 1, "value": None})["data"]
     assert picked[0] == str((folder / "usu_01.png").resolve()) and picked[1] == "usu bear"
-    out = api("save_caption", [forged_scan, 0, "usu bear, smiling", str(site["train"]), "", ".txt", "stop"])
+    out = api(
+        "save_caption", [forged_scan, 0, "usu bear, smiling", str(site["train"]), "", ".caption", "stop"]
+    )
     target = folder / "usu_01.caption"
     assert out["data"][0] == f"Saved {target.resolve()}"
     assert target.read_text() == "usu bear, smiling\n"
+    again = api(
+        "save_caption", [forged_scan, 0, "usu bear, sitting", str(site["train"]), "", ".caption", "stop"]
+    )
+    assert again.get("data", [""])[0].startswith("Saved"), again
+    assert target.read_text() == "usu bear, sitting\n"  # the same image stays picked after the rescan
     assert _files(outside) == outside_before and _files(site["work"]) == work_before | {target}
     target.unlink()
 
@@ -354,6 +361,10 @@ def test_login_limiter_counts_failures_in_a_window_and_locks_for_a_while():
     assert lim.retry_after("a") == 1
     now[0] = 380
     assert lim.retry_after("a") == 0
+    for _ in range(3):
+        lim.failed("c")
+    lim.succeeded("c")  # the right password (an attempt counts as failed until it succeeds)
+    assert lim.retry_after("c") == 0
 
 
 def test_host_allowed_only_names_this_server_on_loopback():

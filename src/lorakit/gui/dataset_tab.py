@@ -159,12 +159,14 @@ def build(settings: Settings) -> dict:
         if target.resolve().parent != image.parent:
             raise gr.Error(f"{target} links to another folder; edit it outside the GUI.")
         target.write_text(text.strip() + "\n", encoding="utf-8")
-        return (f"Saved {target}",) + do_scan(train, reg, ext, bad)[:3]
+        *shown, new_scan, _ = do_scan(train, reg, ext, bad)  # the gallery and its list change together
+        still = new_scan["images"].index(image) if image in new_scan["images"] else None
+        return f"Saved {target}", *shown, new_scan, still
 
     save_caption.click(
         do_save,
         [scanned, selected, caption, train_dir, reg_dir, caption_ext, bad_images],
-        [caption_status, problems, table, gallery],
+        [caption_status, *scan_outputs],
         api_name="save_caption",
     )
 

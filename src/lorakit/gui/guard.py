@@ -80,6 +80,7 @@ class LoginLimiter:
 
     def succeeded(self, client: str) -> None:
         self._failures.pop(client, None)
+        self._locked_until.pop(client, None)
 
 
 def host_allowed(host: str | None, origin: str | None, port: int) -> bool:
@@ -108,7 +109,12 @@ class RequestGuard:
         port = (scope.get("server") or ("", 0))[1]
         if self.check_host and not host_allowed(headers.get("host"), headers.get("origin"), port):
             return await self._refuse(
-                scope, receive, send, 403, "foreign Host or Origin: open the GUI at its own address"
+                scope,
+                receive,
+                send,
+                403,
+                f"foreign Host or Origin: open the GUI at its own address, http://127.0.0.1:{port}/ "
+                "(an SSH tunnel must keep the port), or start it with --listen --auth",
             )
         is_login = scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in LOGIN_PATHS
         if self.limiter is None or not is_login:
@@ -119,6 +125,8 @@ class RequestGuard:
             return await self._refuse(
                 scope, receive, send, 429, f"too many failed logins: try again in {int(wait) + 1} s"
             )
+        # Counted as failed until it succeeds, so that guesses sent in parallel cannot all slip through.
+        self.limiter.failed(client)
         status = {}
 
         async def watch(message):
@@ -129,8 +137,6 @@ class RequestGuard:
         await self.app(scope, receive, watch)
         if status.get("code") == 200:
             self.limiter.succeeded(client)
-        elif status.get("code") in (400, 401, 403):
-            self.limiter.failed(client)
 
     @staticmethod
     async def _refuse(scope, receive, send, code: int, text: str) -> None:
