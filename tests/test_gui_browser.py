@@ -170,9 +170,9 @@ def wait_status(page, pattern: str, timeout: float) -> str:
 def test_page_loads_offline_with_four_tabs(browser_page):
     page = browser_page
     for name in ("dataset", "train", "generate", "lora"):
-        assert page.locator(f"#tab-{name}-button").is_visible()
+        expect(page.locator(f"#tab-{name}-button")).to_be_visible()
     tab(page, "train")
-    assert "No training yet" in status_text(page)
+    expect(page.locator("#train-status")).to_contain_text("No training yet")
     assert page.external_requests == [], "the page tried to reach the internet"
 
 
@@ -183,10 +183,10 @@ def test_dataset_tab_lists_folders_edits_captions_and_shows_problems(browser_pag
     fill(page, "ds-reg_dir", work["reg"])
     page.locator("#ds-scan").click()
     page.wait_for_selector("#ds-problems :text('Ready')")
-    table = page.locator("#ds-table").inner_text()
-    assert "2_usu bear" in table and "1_bear" in table and "usu bear" in table
-    assert page.locator("#ds-gallery img").count() == 6  # 4 train + 2 reg thumbnails
-    assert "usu bear" in page.locator("#ds-gallery").inner_text()  # the captions training uses
+    for text in ("2_usu bear", "1_bear", "usu bear"):
+        expect(page.locator("#ds-table")).to_contain_text(text)
+    expect(page.locator("#ds-gallery img")).to_have_count(6)  # 4 train + 2 reg thumbnails
+    expect(page.locator("#ds-gallery")).to_contain_text("usu bear")  # the captions training uses
 
     page.locator("#ds-gallery img").first.click()
     expect(page.locator("#ds-caption textarea")).to_have_value("usu bear")
@@ -202,8 +202,8 @@ def test_dataset_tab_lists_folders_edits_captions_and_shows_problems(browser_pag
     fill(page, "ds-reg_dir", "")
     page.locator("#ds-scan").click()
     page.wait_for_selector("#ds-problems :text('Training would stop here')")
-    problems = page.locator("#ds-problems").inner_text()
-    assert "folder names must be <repeats>_<prompt>" in problems and "usu bear" in problems
+    expect(page.locator("#ds-problems")).to_contain_text("folder names must be <repeats>_<prompt>")
+    expect(page.locator("#ds-problems")).to_contain_text("usu bear")
     caption.unlink()
 
 
@@ -219,8 +219,8 @@ def test_reg_images_are_drawn_with_a_progress_bar(browser_page, work):
     page.locator("#reg-make").click()
     page.wait_for_selector("#reg-status :text('2 images')", timeout=90000)
     assert len(list((work["root"] / "made-reg" / "1_bear").glob("*.png"))) == 2
-    assert page.locator("#ds-reg_dir textarea, #ds-reg_dir input").first.input_value() == str(
-        work["root"] / "made-reg"
+    expect(page.locator("#ds-reg_dir textarea, #ds-reg_dir input").first).to_have_value(
+        str(work["root"] / "made-reg")
     )
 
 
@@ -253,12 +253,11 @@ def test_train_shows_progress_loss_samples_and_saves_the_lora(browser_page, work
     assert "it/s" in text and "loss" in text
     # the loss plot draws the reported points (one per 2 steps)
     page.wait_for_selector("#train-loss canvas, #train-loss svg")
-    assert page.locator("#train-loss .empty, #train-loss :text('No plot')").count() == 0
-    assert _plot_points(page) == 4
+    expect(page.locator("#train-loss .empty, #train-loss :text('No plot')")).to_have_count(0)
+    _wait(lambda: _plot_points(page) == 4, 30, f"4 loss points (the plot has {_plot_points(page)})")
     # the latest samples, drawn at steps 4 and 8
-    page.wait_for_selector("#train-samples img")
-    assert page.locator("#train-samples img").count() >= 2
-    assert "LoRA saved" in page.locator("#train-log textarea").input_value()
+    expect(page.locator("#train-samples img").nth(1)).to_be_attached()
+    expect(page.locator("#train-log textarea")).to_have_value(re.compile("LoRA saved"))
     shot(page, work, "train")
 
 
@@ -275,7 +274,7 @@ def test_stop_keeps_the_state_and_resume_finishes(browser_page, work):
     page.reload()  # a reopened page shows the run as it was left
     page.wait_for_selector("#lk-intro")
     tab(page, "train")
-    assert re.search(r"stopped.*gui-long", status_text(page), re.S | re.I)
+    expect(page.locator("#train-status")).to_contain_text(re.compile(r"stopped.*gui-long", re.S | re.I))
     page.wait_for_selector("#train-resume:not([disabled])")
     page.locator("#train-resume").click()
     wait_status(page, r"done.*step 300/300", 240)
@@ -287,8 +286,8 @@ def test_generate_with_the_new_lora_from_its_card(browser_page, work):
     tab(page, "generate")
     page.wait_for_selector("#gen-loras :text('gui-lora')")
     fill(page, "gen-prompt", "usu bear")
-    names = page.locator("#gen-loras").inner_text()
-    assert "gui-long" in names and "network" not in names  # state folders are not LoRAs
+    expect(page.locator("#gen-loras")).to_contain_text("gui-long")
+    expect(page.locator("#gen-loras")).not_to_contain_text("network")  # state folders are not LoRAs
     _click_card(page, "gui-lora")
     expect(page.locator("#gen-prompt textarea")).to_have_value("usu bear <lora:gui-lora:1>")
     fill(page, "gen-steps", 2)
@@ -297,7 +296,7 @@ def test_generate_with_the_new_lora_from_its_card(browser_page, work):
     fill(page, "gen-seed", 7)
     page.locator("#gen-go").click()
     page.wait_for_selector("#gen-images img", timeout=120000)
-    _wait(lambda: "Seed: 7" in page.locator("#gen-info textarea").input_value(), 30, "the parameters")
+    expect(page.locator("#gen-info textarea")).to_have_value(re.compile("Seed: 7"))
     info = page.locator("#gen-info textarea").input_value()
     assert "<lora:gui-lora:1>" in info and "Lora hashes" in info and "Size: 64x64" in info
     assert len(list((work["root"] / "images").glob("*-7.png"))) == 1
@@ -309,9 +308,8 @@ def test_lora_tab_shows_the_metadata(browser_page, work):
     tab(page, "lora")
     fill(page, "lora-path", work["root"] / "loras" / "gui-lora.safetensors")
     page.locator("#lora-inspect").click()
-    page.wait_for_selector("#lora-table :text('SD1.x')")
-    table = page.locator("#lora-table").inner_text()
-    assert "gui-lora" in table and "steps" in table and "dim / alpha" in table
+    for text in ("SD1.x", "gui-lora", "steps", "dim / alpha"):
+        expect(page.locator("#lora-table")).to_contain_text(text)
     shot(page, work, "lora")
     assert page.external_requests == [], "the page tried to reach the internet"
 
@@ -320,8 +318,10 @@ def test_lora_tab_shows_the_metadata(browser_page, work):
 
 
 def expect(locator):
+    """Playwright's waiting assertions, with room for a slow machine (the default is 5 s)."""
     from playwright.sync_api import expect as _expect
 
+    _expect.set_options(timeout=30000)
     return _expect(locator)
 
 
@@ -335,12 +335,11 @@ def _wait(cond, timeout: float, what: str):
 
 
 def _click_card(page, name: str) -> None:
-    items = page.locator("#gen-loras .thumbnail-item")
-    for i in range(items.count()):
-        if items.nth(i).inner_text().strip() == name:
-            items.nth(i).click()
-            return
-    raise AssertionError(f"no card named {name}: {page.locator('#gen-loras').inner_text()}")
+    card = page.locator("#gen-loras .thumbnail-item").filter(
+        has_text=re.compile(rf"^\s*{re.escape(name)}\s*$")
+    )
+    expect(card).to_have_count(1)
+    card.click()
 
 
 def _plot_points(page) -> int:

@@ -39,6 +39,8 @@ def cmd_gui(args: argparse.Namespace) -> int:
         lora_dir=Path(args.lora_dir),
         runs_dir=Path(args.runs_dir),
         outputs_dir=Path(args.outputs_dir),
+        config_dir=Path(args.config_dir),
+        data_dirs=tuple(Path(d) for d in args.data_dir or ()),
     )
     app.launch(settings, host=host, port=args.port, auth=auth)
     return 0
@@ -66,6 +68,21 @@ def add_parsers(sub) -> None:
     )
     p.add_argument("--runs_dir", default="runs", help="folder of training jobs (config, progress, log)")
     p.add_argument("--outputs_dir", default="outputs/txt2img-images", help="folder for generated images")
-    p.set_defaults(
-        func=cmd_gui, known=lambda: ["listen", "port", "auth", "model", "lora_dir", "runs_dir", "outputs_dir"]
+    p.add_argument(
+        "--config_dir",
+        default=".",
+        help="the only folder Save/Load config uses (<name>.toml; default: the working folder)",
     )
+    p.add_argument(
+        "--data_dir",
+        action="append",
+        metavar="FOLDER",
+        help="a folder of datasets the GUI may read and write captions in, besides the working folder "
+        "(repeat for more); training may also write there",
+    )
+    p.set_defaults(
+        func=cmd_gui,
+        known=lambda: [
+            "listen", "port", "auth", "model", "lora_dir", "runs_dir", "outputs_dir", "config_dir", "data_dir",
+        ],
+    )  # fmt: skip

@@ -83,7 +83,7 @@ def scan_dataset(
                 f"{folder.path}: no usable images (png, jpg, jpeg, webp, bmp). "
                 "Add images or remove the folder."
             )
-        folder.captions = [_read_caption(p, caption_extension, folder.prompt) for p in folder.images]
+        folder.captions = [read_caption(p, caption_extension, folder.prompt) for p in folder.images]
         if any(c == "" for c in folder.captions):
             warnings.append(
                 f"{folder.path}: some images have neither a caption file nor a folder prompt; "
@@ -181,7 +181,7 @@ def _check_images(folders: list[_Folder], bad_images: str, warnings: list[str]) 
         f.sizes = [results[p] for p in f.images]  # type: ignore[misc]
 
 
-def _read_caption(image: Path, ext: str, prompt: str) -> str:
+def read_caption(image: Path, ext: str, prompt: str) -> str:
     """kohya's rule: `<stem><ext>` beside the image, first line only; else the folder prompt."""
     path = image.with_name(image.stem + ext)
     if not path.is_file():

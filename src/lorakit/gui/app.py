@@ -84,12 +84,21 @@ def launch(
     auth: tuple[str, str] | None = None,
     block: bool = True,
 ) -> gr.Blocks:
+    from starlette.middleware import Middleware
+
+    from .guard import LOOPBACK_HOSTS, LoginLimiter, RequestGuard
+
     settings = settings or Settings()
     for d in (settings.lora_dir, settings.runs_dir, settings.outputs_dir):
         Path(d).mkdir(parents=True, exist_ok=True)
     demo = build_app(settings)
     demo.queue(default_concurrency_limit=1)
+    # On a loopback address only pages of this server may talk to it (no DNS rebinding); under
+    # --listen the Host is whatever name the machine is reached by, and --auth guards it.
+    check_host = host in (*LOOPBACK_HOSTS, "::1")
+    guard = Middleware(RequestGuard, check_host=check_host, limiter=LoginLimiter() if auth else None)
     demo.launch(
+        app_kwargs={"middleware": [guard]},
         server_name=host,
         server_port=port,
         auth=auth,

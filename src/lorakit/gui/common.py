@@ -22,6 +22,24 @@ class Settings:
     lora_dir: Path = Path("models/Lora")  # the LoRA gallery; Train saves here by default
     runs_dir: Path = Path("runs")  # one folder per training job (lorakit.train.job)
     outputs_dir: Path = Path("outputs/txt2img-images")  # generated images
+    config_dir: Path = Path(".")  # Save/Load config reads and writes <config_dir>/<name>.toml only
+    data_dirs: tuple[Path, ...] = ()  # dataset folders allowed besides the working folder
+
+    def data_roots(self) -> list[Path]:
+        """Where the GUI may read datasets and write captions and reg images."""
+        return [Path.cwd(), *self.data_dirs]
+
+    def output_roots(self) -> list[Path]:
+        """Where training started from the GUI may write (LoRAs, samples, states, logs)."""
+        return [*self.data_roots(), self.lora_dir]
+
+    def data_dir(self, path: str, what: str) -> Path:
+        """A dataset folder the user typed, resolved, if it lies in data_roots (else ConfigError)."""
+        from .guard import inside
+
+        return inside(
+            path, self.data_roots(), what, "start `lorakit gui --data_dir FOLDER` to allow another one"
+        )
 
 
 def user_errors(fn):

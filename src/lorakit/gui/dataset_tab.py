@@ -7,7 +7,13 @@ from pathlib import Path
 
 import gradio as gr
 
-from ..dataset.folders import IMAGE_EXTENSIONS, parse_folder_name, scan_dataset
+from ..dataset.folders import (
+    CAPTION_EXTENSIONS,
+    IMAGE_EXTENSIONS,
+    parse_folder_name,
+    read_caption,
+    scan_dataset,
+)
 from ..errors import LoraKitError
 from .common import Settings, thumbnail, user_errors
 
@@ -15,16 +21,12 @@ MAX_THUMBS = 60
 COLUMNS = ["folder", "kind", "repeats", "prompt", "images", "caption files"]
 
 
-def _caption_of(image: Path, ext: str, folder_prompt: str) -> tuple[str, bool]:
-    """(caption training uses, whether a caption file holds it) — kohya's rule, first line of the file."""
-    path = image.with_name(image.stem + ext)
-    if path.is_file():
-        try:
-            lines = path.read_text(encoding="utf-8-sig").splitlines()
-        except (OSError, UnicodeDecodeError):
-            return "(unreadable caption file)", True
-        return (lines[0].strip() if lines else ""), True
-    return folder_prompt, False
+def _caption_of(image: Path, ext: str, folder_prompt: str) -> tuple[str, str | None]:
+    """(caption training uses, None), or ("", why training would stop on it): the dataset's own rule."""
+    try:
+        return read_caption(image, ext, folder_prompt), None
+    except (LoraKitError, OSError) as e:
+        return "", str(e)
 
 
 def _ext(caption_extension: str) -> str:
@@ -48,8 +50,8 @@ def list_folders(train_dir: str, reg_dir: str, caption_extension: str):
             n_caps = sum(p.with_name(p.stem + ext).is_file() for p in images)
             rows.append([sub.name, kind, repeats, prompt, len(images), n_caps])
             for p in images:
-                caption, _ = _caption_of(p, ext, prompt if parsed else "")
-                items.append((p, caption))
+                caption, error = _caption_of(p, ext, prompt if parsed else "")
+                items.append((p, f"✗ {error}" if error else caption))
     return rows, items
 
 
@@ -109,42 +111,63 @@ def build(settings: Settings) -> dict:
             caption = gr.Textbox(label="Caption", lines=3, elem_id="ds-caption")
             save_caption = gr.Button("Save caption", elem_id="ds-save-caption")
             caption_status = gr.Markdown()
-    paths = gr.State([])
+    # The last scan, kept on the server: a save names an image by its place in this list, so
+    # the client never chooses which file is written.
+    scanned = gr.State({"images": [], "ext": ".caption"})
+    selected = gr.State(None)
 
+    @user_errors
     def do_scan(train, reg, ext, bad):
+        train = str(settings.data_dir(train, "training image folder")) if train else ""
+        reg = str(settings.data_dir(reg, "regularization folder")) if reg else ""
         rows, items = list_folders(train, reg, ext)
         _, text = check_folders(train, reg, ext, bad)
         shown, thumbs = [], []
         for p, c in items[:MAX_THUMBS]:
             im = thumbnail(p)  # a broken image has none; the problems above name it
             if im is not None:
-                shown.append(str(p))
+                shown.append(p)
                 thumbs.append((im, c or "(no caption)"))
-        return text, rows, thumbs, shown
+        return text, rows, thumbs, {"images": shown, "ext": _ext(ext)}, None
 
-    scan_outputs = [problems, table, gallery, paths]
-    scan.click(do_scan, [train_dir, reg_dir, caption_ext, bad_images], scan_outputs)
+    scan_outputs = [problems, table, gallery, scanned, selected]
+    scan.click(do_scan, [train_dir, reg_dir, caption_ext, bad_images], scan_outputs, api_name="scan_dataset")
 
-    def pick(shown, ext, evt: gr.SelectData):
-        path = Path(shown[evt.index])
+    def pick(scan, evt: gr.SelectData):
+        images = scan["images"]
+        if not isinstance(evt.index, int) or not 0 <= evt.index < len(images):
+            raise gr.Error("Scan the dataset again: that image is not in the list.")
+        path = images[evt.index]
         parsed = parse_folder_name(path.parent.name)
-        text, _ = _caption_of(path, _ext(ext), parsed[1] if parsed else "")
-        return str(path), text
+        text, error = _caption_of(path, scan["ext"], parsed[1] if parsed else "")
+        return str(path), text, f"✗ {error}" if error else "", evt.index
 
-    gallery.select(pick, [paths, caption_ext], [image_path, caption])
+    gallery.select(pick, [scanned], [image_path, caption, caption_status, selected], api_name="pick_image")
 
     @user_errors
-    def do_save(path, text, train, reg, ext, bad):
-        if not path:
+    def do_save(scan, index, text, train, reg, ext, bad):
+        if index is None or not 0 <= index < len(scan["images"]):
             raise gr.Error("Click an image first.")
-        target = Path(path).with_name(Path(path).stem + _ext(ext))
+        image, cap_ext = scan["images"][index], scan["ext"]
+        if cap_ext.lower() not in CAPTION_EXTENSIONS:
+            raise gr.Error(
+                f"The GUI saves captions only as {' or '.join(CAPTION_EXTENSIONS)} files, not {cap_ext!r}: "
+                "set the caption extension and check the dataset again."
+            )
+        image = settings.data_dir(image, "image")  # still inside, and not swapped for a link since
+        target = image.with_name(image.stem + cap_ext)
+        if target.resolve().parent != image.parent:
+            raise gr.Error(f"{target} links to another folder; edit it outside the GUI.")
         target.write_text(text.strip() + "\n", encoding="utf-8")
-        return (f"Saved {target}",) + do_scan(train, reg, ext, bad)
+        *shown, new_scan, _ = do_scan(train, reg, ext, bad)  # the gallery and its list change together
+        still = new_scan["images"].index(image) if image in new_scan["images"] else None
+        return f"Saved {target}", *shown, new_scan, still
 
     save_caption.click(
         do_save,
-        [image_path, caption, train_dir, reg_dir, caption_ext, bad_images],
+        [scanned, selected, caption, train_dir, reg_dir, caption_ext, bad_images],
         [caption_status, *scan_outputs],
+        api_name="save_caption",
     )
 
     with gr.Accordion("Make regularization images (the base model draws the class prompt)", open=False):
@@ -171,7 +194,10 @@ def build(settings: Settings) -> dict:
     def do_guess(train):
         from ..generate.reg_images import class_prompt_from_folder
 
-        subs = [p for p in sorted(Path(train or ".").iterdir()) if p.is_dir()] if train else []
+        if not train:
+            raise gr.Error("Give the training folder first.")
+        root = settings.data_dir(train, "training image folder")
+        subs = [p for p in sorted(root.iterdir()) if p.is_dir()] if root.is_dir() else []
         if not subs:
             raise gr.Error("Give the training folder first.")
         return class_prompt_from_folder(subs[0]), str(Path(train).parent / "reg")
@@ -188,6 +214,11 @@ def build(settings: Settings) -> dict:
             raise gr.Error("Give the base model.")
         if not out:
             raise gr.Error("Give the folder for the regularization images.")
+        if any(c in (prompt or "") for c in "/\\") or ".." in (prompt or ""):
+            raise gr.Error(
+                "The class prompt names the folder 1_<class prompt>: leave out '/', '\\' and '..'."
+            )
+        settings.data_dir(reg_folder(out, prompt or ""), "regularization folder")
         params = GenerationParams(steps=int(steps), width=int(size), height=int(size), seed=0)
         params.check()
         progress(0, desc="loading the model")

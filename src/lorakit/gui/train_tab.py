@@ -11,9 +11,10 @@ from pathlib import Path
 import gradio as gr
 
 from ..config import TrainConfig, base_type, field_index
-from ..errors import LoraKitError
+from ..errors import ConfigError, LoraKitError
 from ..train.job import Job, latest_job, start_job
 from .common import Settings, thumbnail, user_errors
+from .guard import config_file, inside
 
 LABELS = {
     "pretrained_model_name_or_path": "Pretrained model (SD1.x .safetensors/.ckpt or diffusers folder)",
@@ -145,6 +146,20 @@ def read_text(path: str | None) -> str:
     return ""
 
 
+def check_folders(cfg: TrainConfig, settings: Settings) -> None:
+    """The dataset folders lie in the data roots and the outputs in the output roots (see Settings)."""
+    d, o = cfg.dataset, cfg.output
+    for what, value in (("train_data_dir", d.train_data_dir), ("reg_data_dir", d.reg_data_dir)):
+        if value:
+            settings.data_dir(value, what)
+    hint = "start `lorakit gui --data_dir FOLDER` to allow another one, or use the LoRA folder"
+    for what, value in (("output_dir", o.output_dir), ("logging_dir", o.logging_dir)):
+        if value:
+            inside(value, settings.output_roots(), what, hint)
+    if any(c in o.output_name for c in "/\\") or o.output_name in ("", ".", ".."):
+        raise ConfigError(f"output_name {o.output_name!r}: a file name without a folder, e.g. 'my-lora'")
+
+
 # --- the job view ---------------------------------------------------------------------
 
 
@@ -211,8 +226,9 @@ def build(settings: Settings) -> dict:
                 apply_preset = gr.Button("Apply preset", scale=1)
             with gr.Row():
                 config_path = gr.Textbox(
-                    label="Config file (TOML, the same `lorakit train --config` reads)",
-                    value=str(Path(settings.runs_dir).parent / "lorakit-train.toml"),
+                    label="Config name (TOML, the same `lorakit train --config` reads)",
+                    info=f"saved as {Path(settings.config_dir).absolute() / '<name>.toml'}",
+                    value="lorakit-train",
                     scale=3,
                     elem_id="train-config-path",
                 )
@@ -281,30 +297,36 @@ def build(settings: Settings) -> dict:
 
     apply_preset.click(do_preset, [preset, *widgets, sample_text], [*widgets, sample_text])
 
+    # Only <config_dir>/<name>.toml (and its .sample_prompts.txt): the client names a config, not a path.
     @user_errors
-    def do_save(path, *values):
+    def do_save(name, *values):
+        path = config_file(settings.config_dir, name)
         cfg = config_from_widgets(names, list(values[:-1]))
         if values[-1].strip():
-            prompts = Path(path).with_suffix(".sample_prompts.txt")
+            prompts = path.with_suffix(".sample_prompts.txt")
             prompts.write_text(values[-1].strip() + "\n", encoding="utf-8")
             cfg.sample.sample_prompts = str(prompts)
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(cfg.to_toml(), encoding="utf-8")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(cfg.to_toml(), encoding="utf-8")
         return f"Saved {path} — `lorakit train --config {path}` runs the same training."
 
-    save_cfg.click(do_save, [config_path, *widgets, sample_text], [action_msg])
+    save_cfg.click(do_save, [config_path, *widgets, sample_text], [action_msg], api_name="save_config")
 
     @user_errors
-    def do_load(path):
+    def do_load(name):
+        path = config_file(settings.config_dir, name)
+        if not path.is_file():
+            raise gr.Error(f"{path} does not exist: save a config under that name first.")
         cfg = TrainConfig.from_toml(path)
         return [*fill_from(cfg, read_text(cfg.sample.sample_prompts)), f"Loaded {path}"]
 
-    load_cfg.click(do_load, [config_path], [*widgets, sample_text, action_msg])
+    load_cfg.click(do_load, [config_path], [*widgets, sample_text, action_msg], api_name="load_config")
 
     # --- the job ----------------------------------------------------------------------
     @user_errors
     def do_train(*values):
         cfg = config_from_widgets(names, list(values[:-1]))
+        check_folders(cfg, settings)
         job = start_job(cfg, settings.runs_dir, sample_prompts_text=values[-1])
         return (
             f"Started **{job.name}**. You may close this page: training goes on, and the page shows it again."
@@ -329,9 +351,9 @@ def build(settings: Settings) -> dict:
         if job.state == "done":
             raise gr.Error(f"{job.name} has finished; there is nothing to resume.")
         new = job.resume(settings.runs_dir)
-        return f"Resumed {job.name} as **{new.name}**."
+        return f"Resumed {job.name} as **{new.name}**, from `{new.config().output.resume}`."
 
-    resume_btn.click(do_resume, None, [action_msg])
+    resume_btn.click(do_resume, None, [action_msg], api_name="resume")
 
     def refresh(seen):
         job = latest_job(settings.runs_dir)

@@ -4,7 +4,7 @@
     job.status()["state"]                 # running | done | stopped | error
     job.progress()                        # the Progress reports so far, as dicts
     job.stop(); job.wait()                # SIGINT: the trainer saves its state and exits ("stopped")
-    job2 = job.resume()                   # a new job that continues from <output_dir>/<output_name>-state
+    job2 = job.resume()                   # a new job that continues from the newest saved state
 
 A run folder `<runs_dir>/<YYYYmmdd-HHMMSS>-<output_name>/` holds everything about one job:
 `config.toml` (the same TOML `lorakit train --config` reads), `job.json` (when, resumed from what),
@@ -45,6 +45,9 @@ PATH_OPTIONS = (
     "network_weights",
     "sample_prompts",
 )
+
+# What train/state.py's load_state needs (read here without importing torch); the position file last.
+STATE_FILES = ("network.safetensors", "optimizer.pt", "train_state.json")
 
 _TQDM_BAR = re.compile(r"\r?[^\r\n]*?\d+%\|[^|\r\n]*\|[^\]\r\n]*\]")
 
@@ -169,6 +172,21 @@ class Job:
         o = self.config().output
         return Path(o.output_dir) / f"{o.output_name}-state"
 
+    def resumable_state(self) -> Path | None:
+        """The newest complete state of this run's output name, or None.
+
+        Stop leaves `<name>-state`; each epoch save (save_every_n_epochs) leaves `<name>-NNNNNN-state`,
+        which is all a crashed run has. Hidden temp folders and states missing a file are skipped.
+        """
+        o = self.config().output
+        folder = Path(o.output_dir)
+        pattern = re.compile(re.escape(o.output_name) + r"(-\d+)?-state")
+        found = []
+        for d in folder.iterdir() if folder.is_dir() else []:
+            if pattern.fullmatch(d.name) and (written := _state_written(d)) is not None:
+                found.append((written, d.name, d))
+        return max(found)[2] if found else None
+
     def samples(self) -> list[Path]:
         """Sample images this run's output name has, oldest first."""
         o = self.config().output
@@ -214,14 +232,28 @@ class Job:
         """Start a new job with the same config that continues from the saved state."""
         if self.is_running():
             raise TrainingError(f"{self.name} is still running: stop it before resuming")
-        state = self.state_dir()
-        if not state.is_dir():
+        state = self.resumable_state()
+        if state is None:
             raise TrainingError(
-                f"nothing to resume: {state} does not exist (the run stopped before its first save)"
+                f"nothing to resume: no complete {self.state_dir().name} or epoch state in "
+                f"{self.state_dir().parent} (the run stopped before its first save)"
             )
         cfg = self.config()
         cfg.output.resume = str(state)
         return start_job(cfg, runs_dir or self.run_dir.parent, resumed_from=self.run_dir)
+
+
+def _state_written(folder: Path) -> float | None:
+    """When a state folder was completed (its train_state.json), or None when it is not a whole state."""
+    needed = [folder / n for n in STATE_FILES]
+    try:
+        if not all(p.is_file() for p in needed) or not isinstance(
+            json.loads(needed[-1].read_text())["step"], int
+        ):
+            return None
+        return needed[-1].stat().st_mtime
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _absolute_paths(cfg: TrainConfig) -> None:

@@ -1,0 +1,400 @@
+"""The GUI server against forged requests: `lorakit gui` in a subprocess, called over HTTP the way
+a hostile page or client would (Gradio's queue API with hand-made data, foreign Host/Origin headers,
+password guessing), plus the rules behind it (guard.py) and the Dataset/Train tabs' helpers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("gradio")
+httpx = pytest.importorskip("httpx")
+
+from lorakit.config import TrainConfig  # noqa: E402
+from lorakit.errors import ConfigError  # noqa: E402
+from lorakit.gui.guard import LoginLimiter, config_file, host_allowed  # noqa: E402
+from lorakit.quickstart import make_dataset  # noqa: E402
+
+PASSWORD = "s3cret-pass"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(root: Path, cwd: Path, *args: str) -> tuple[subprocess.Popen, str, int]:
+    port = _free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1", GRADIO_TEMP_DIR=str(root / f"gr-{port}"))
+    cmd = [
+        sys.executable,
+        "-m",
+        "lorakit",
+        "gui",
+        "--port",
+        str(port),
+        "--model",
+        str(root / "no-model"),
+        *args,
+    ]
+    log_path = root / f"server-{port}.log"
+    proc = subprocess.Popen(cmd, stdout=log_path.open("w"), stderr=subprocess.STDOUT, cwd=cwd, env=env)
+    end = time.monotonic() + 120
+    while time.monotonic() < end and proc.poll() is None:
+        if re.search(r"lorakit GUI: http://", log_path.read_text()):
+            return proc, f"http://127.0.0.1:{port}", port
+        time.sleep(0.3)
+    proc.kill()
+    pytest.fail(f"the GUI did not start:\n{log_path.read_text()}")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    """A working folder with a dataset and a config folder; an outside folder with a dataset
+    and a secret; an extra --data_dir root."""
+    root = tmp_path_factory.mktemp("guihttp")
+    work, outside, extra = root / "work", root / "outside", root / "extra"
+    train, _ = make_dataset(work / "data", n_train=2, n_reg=0, repeats=2)
+    make_dataset(outside / "data", n_train=1, n_reg=0, repeats=1)
+    make_dataset(extra / "data", n_train=1, n_reg=0, repeats=3)
+    (outside / "secret.toml").write_text('[model]\npretrained_model_name_or_path = "TOP-SECRET"\n')
+    (work / "link").symlink_to(outside / "data", target_is_directory=True)
+    (work / "configs").mkdir()
+    proc, url, port = _start(
+        root, work, "--config_dir", str(work / "configs"), "--data_dir", str(extra), "--runs_dir", "runs"
+    )
+    yield {
+        "root": root,
+        "work": work,
+        "outside": outside,
+        "extra": extra,
+        "train": train,
+        "url": url,
+        "port": port,
+    }
+    _stop(proc)
+    from lorakit.train.job import find_jobs
+
+    for job in find_jobs(work / "runs"):  # leave no training process behind
+        job.kill()
+
+
+class Api:
+    """Gradio's queue protocol by hand: whatever data a client likes, for one session."""
+
+    def __init__(self, url: str, session: str, cookies=None) -> None:
+        self.url, self.session, self.cookies = url, session, cookies
+        config = httpx.get(f"{url}/config", cookies=cookies).json()
+        deps = [d for d in config["dependencies"] if d.get("api_name")]
+        self.ids = {d["api_name"]: d["id"] for d in deps}
+        self.n_inputs = {d["api_name"]: len(d["inputs"]) for d in deps}
+
+    def __call__(self, api_name: str, data: list, event_data=None) -> dict:
+        data = data + [None] * (self.n_inputs[api_name] - len(data))  # the fields a forger leaves out
+        body = {"data": data, "fn_index": self.ids[api_name], "session_hash": self.session}
+        body.update(event_data=event_data, trigger_id=None)
+        r = httpx.post(f"{self.url}/gradio_api/queue/join", json=body, cookies=self.cookies)
+        assert r.status_code == 200, r.text
+        params = {"session_hash": self.session}
+        with httpx.stream("GET", f"{self.url}/gradio_api/queue/data", params=params, timeout=60) as s:
+            for line in s.iter_lines():
+                if line.startswith("data:"):
+                    msg = json.loads(line[5:])
+                    if msg.get("msg") == "process_completed":
+                        return msg["output"]
+        raise AssertionError("no answer")
+
+
+def _files(folder: Path) -> set[Path]:
+    return {p for p in folder.rglob("*") if p.is_file()}
+
+
+# --- Host / Origin -----------------------------------------------------------------------
+
+
+def test_foreign_host_or_origin_gets_403(site):
+    url, port = site["url"], site["port"]
+    assert httpx.get(url + "/").status_code == 200
+    for host in (f"localhost:{port}", f"[::1]:{port}"):
+        assert httpx.get(url + "/", headers={"Host": host}).status_code == 200
+    for host in (
+        f"evil.example:{port}",
+        "evil.example",
+        f"127.0.0.1:{port + 1}",
+        f"127.0.0.1.evil.example:{port}",
+    ):
+        assert httpx.get(url + "/config", headers={"Host": host}).status_code == 403, host
+    for origin in ("http://evil.example", f"http://evil.example:{port}", "null"):
+        assert httpx.get(url + "/config", headers={"Origin": origin}).status_code == 403, origin
+    assert httpx.get(url + "/config", headers={"Origin": f"http://127.0.0.1:{port}"}).status_code == 200
+    # a rebinding page's API call does not reach a handler
+    before = _files(site["work"])
+    body = {"data": ["x"], "fn_index": 0, "session_hash": "rebind"}
+    r = httpx.post(url + "/gradio_api/queue/join", json=body, headers={"Host": f"evil.example:{port}"})
+    assert r.status_code == 403 and _files(site["work"]) == before
+
+
+# --- Dataset: scan and captions ------------------------------------------------------------
+
+
+def _scan(api: Api, folder, ext=".caption") -> dict:
+    return api("scan_dataset", [str(folder), "", ext, "stop"])
+
+
+def test_dataset_scan_refuses_folders_outside_the_roots(site):
+    api = Api(site["url"], "scan-outside")
+    for folder in (site["outside"] / "data" / "train", "../outside/data/train", site["work"] / "link"):
+        out = _scan(api, folder)
+        assert "outside the folders this GUI may use" in out.get("error", ""), (folder, out)
+        assert "--data_dir" in out["error"]
+    ok = _scan(api, "data/train")  # relative to the working folder
+    assert "Ready" in ok["data"][0] and "2_usu bear" in json.dumps(ok["data"][1])
+    extra = _scan(api, site["extra"] / "data" / "train")  # a --data_dir root
+    assert "Ready" in extra["data"][0] and "3_usu bear" in json.dumps(extra["data"][1])
+
+
+def test_caption_save_writes_only_beside_a_scanned_image(site):
+    outside, folder = site["outside"], site["train"] / "2_usu bear"
+    forged_scan = {"images": [str(outside / "x.png")], "ext": ".pth"}
+    outside_before, work_before = _files(outside), _files(site["work"])
+
+    # a session that never scanned: forged state values are not used
+    api = Api(site["url"], "forger")
+    out = api("save_caption", [forged_scan, 0, "import os", str(outside), "", ".pth", "stop"])
+    assert "Click an image first" in out.get("error", "")
+
+    # a scan with a code-like extension: listing works, saving does not follow the extension
+    assert "Ready" in _scan(api, site["train"], ext=".pth")["data"][0]
+    api("pick_image", [forged_scan], event_data={"index": 0, "value": None})
+    out = api("save_caption", [forged_scan, 0, "import os", str(site["train"]), "", ".pth", "stop"])
+    assert "saves captions only as .caption or .txt" in out.get("error", "")
+
+    # an index outside the scan is refused
+    assert "Ready" in _scan(api, site["train"])["data"][0]
+    assert "not in the list" in api("pick_image", [None], event_data={"index": 7, "value": None}).get(
+        "error", ""
+    )
+    assert _files(outside) == outside_before and _files(site["work"]) == work_before
+
+    # the real thing: the image the server listed at that index, with the scanned extension
+    picked = api("pick_image", [forged_scan], event_data={"index": 1, "value": None})["data"]
+    assert picked[0] == str((folder / "usu_01.png").resolve()) and picked[1] == "usu bear"
+    out = api(
+        "save_caption", [forged_scan, 0, "usu bear, smiling", str(site["train"]), "", ".caption", "stop"]
+    )
+    target = folder / "usu_01.caption"
+    assert out["data"][0] == f"Saved {target.resolve()}"
+    assert target.read_text() == "usu bear, smiling\n"
+    again = api(
+        "save_caption", [forged_scan, 0, "usu bear, sitting", str(site["train"]), "", ".caption", "stop"]
+    )
+    assert again.get("data", [""])[0].startswith("Saved"), again
+    assert target.read_text() == "usu bear, sitting\n"  # the same image stays picked after the rescan
+    assert _files(outside) == outside_before and _files(site["work"]) == work_before | {target}
+    target.unlink()
+
+
+# --- Train tab: config files, training folders, Resume -----------------------------------
+
+
+def test_config_save_and_load_only_toml_files_in_the_config_folder(site):
+    configs, outside = site["work"] / "configs", site["outside"]
+    api = Api(site["url"], "configs")
+    (configs / "base.toml").write_text(
+        TrainConfig.from_dict({"network_dim": 7, "output_name": "base"}).to_toml()
+    )
+    before = _files(site["root"])
+    for name in ("../evil", str(outside / "evil"), "sub/evil", "..", "", "a\\b", ".hidden"):
+        out = api("save_config", [name])
+        assert "use a plain name" in out.get("error", ""), (name, out)
+        out = api("load_config", [name])
+        assert "use a plain name" in out.get("error", ""), (name, out)
+    out = api("load_config", ["../../outside/secret"])
+    assert "TOP-SECRET" not in json.dumps(out)
+    assert _files(site["root"]) == before
+
+    loaded = api("load_config", ["base.toml"])["data"]
+    assert 7 in loaded and loaded[-1].startswith("Loaded ")
+    saved = api("save_config", ["copy.py", *loaded[:-1]])["data"][0]
+    assert saved.startswith(f"Saved {configs / 'copy.py.toml'}")  # the extension is the server's
+    assert _files(site["root"]) == before | {configs / "copy.py.toml"}
+    assert TrainConfig.from_toml(configs / "copy.py.toml").network.network_dim == 7
+
+
+def test_training_folders_must_lie_in_the_roots(site, monkeypatch):
+    from lorakit.gui.common import Settings
+    from lorakit.gui.train_tab import check_folders
+
+    monkeypatch.chdir(site["work"])
+    settings = Settings(lora_dir=site["work"] / "models", data_dirs=(site["extra"],))
+    good = {"train_data_dir": "data/train", "output_dir": "models", "output_name": "x"}
+    check_folders(TrainConfig.from_dict(good), settings)
+    check_folders(
+        TrainConfig.from_dict(good | {"train_data_dir": str(site["extra"] / "data" / "train")}), settings
+    )
+    for bad, match in (
+        ({"train_data_dir": str(site["outside"] / "data" / "train")}, "train_data_dir .* is outside"),
+        ({"reg_data_dir": "../outside"}, "reg_data_dir .* is outside"),
+        ({"output_dir": str(site["outside"])}, "output_dir .* is outside"),
+        ({"logging_dir": "/"}, "logging_dir .* is outside"),
+        ({"output_name": "../../x"}, "output_name"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            check_folders(TrainConfig.from_dict(good | bad), settings)
+
+
+def _fake_state(folder: Path, step: int, complete: bool = True) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "network.safetensors").write_bytes(b"x")
+    if complete:
+        (folder / "optimizer.pt").write_bytes(b"x")
+    (folder / "train_state.json").write_text(
+        json.dumps({"epoch": 1, "step": step, "batch_in_epoch": 0, "seed": 1})
+    )
+    time.sleep(0.02)  # distinct modification times
+    return folder
+
+
+def _crashed_run(runs: Path, out: Path, train: Path, name: str):
+    """A run folder as a crashed trainer leaves it (status "error"), without running one."""
+    from lorakit.train.job import Job, _write_json
+
+    run = runs / f"20240101-000000-{name}"
+    run.mkdir(parents=True)
+    cfg = TrainConfig.from_dict(
+        {
+            "train_data_dir": str(train),
+            "output_dir": str(out),
+            "output_name": name,
+            "pretrained_model_name_or_path": "m",
+        }
+    )
+    (run / "config.toml").write_text(cfg.to_toml())
+    _write_json(run / "job.json", {"created": time.time(), "resumed_from": None})
+    _write_json(run / "status.json", {"state": "error", "message": "killed", "lora_path": None, "pid": None})
+    return Job(run)
+
+
+def test_resume_after_a_crash_offers_the_newest_complete_epoch_state(site):
+    out = site["work"] / "models" / "Lora"
+    job = _crashed_run(site["work"] / "runs", out, site["train"], "crashy")
+    _fake_state(out / "crashy-000001-state", step=4)
+    newest = _fake_state(out / "crashy-000002-state", step=8)
+    _fake_state(out / "crashy-000003-state", step=12, complete=False)  # cut short: no optimizer.pt
+    _fake_state(out / ".crashy-000004-state.tmp1", step=16)  # a save's temp folder
+    _fake_state(out / "crashy-extra-state", step=20)  # another output name ("crashy-extra")
+    assert job.resumable_state() == newest
+
+    api = Api(site["url"], "resume")
+    msg = api("resume", [])["data"][0]
+    try:
+        assert f"from `{newest}`" in msg, msg
+    finally:
+        from lorakit.train.job import find_jobs
+
+        for j in find_jobs(site["work"] / "runs"):
+            j.kill()
+
+
+# --- --listen --auth ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("guiauth")
+    proc, url, port = _start(root, root, "--listen", "--auth", f"user:{PASSWORD}")
+    yield url, port
+    _stop(proc)
+
+
+def _login(url: str, password: str) -> httpx.Response:
+    return httpx.post(url + "/login", data={"username": "user", "password": password})
+
+
+def test_listen_auth_asks_for_the_password_and_refuses_guessing(shared):
+    url, port = shared
+    # any name reaches a --listen server (it is meant to be reached by the machine's name)
+    assert httpx.get(url + "/", headers={"Host": f"my-box.lan:{port}"}).status_code == 200
+    assert httpx.get(url + "/config").status_code == 401  # the app itself needs the login
+    ok = _login(url, PASSWORD)
+    assert ok.status_code == 200 and ok.json() == {"success": True}
+    config = httpx.get(url + "/config", cookies=ok.cookies)
+    assert config.status_code == 200 and config.json()["dependencies"]
+    for _ in range(5):
+        assert _login(url, "guess").status_code == 400
+    refused = _login(url, PASSWORD)  # even the right password, for a while
+    assert refused.status_code == 429 and "too many failed logins" in refused.text
+
+
+# --- the rules themselves -----------------------------------------------------------------------
+
+
+def test_login_limiter_counts_failures_in_a_window_and_locks_for_a_while():
+    now = [0.0]
+    lim = LoginLimiter(max_failures=3, window_s=60, lockout_s=300, clock=lambda: now[0])
+    for t in (0, 30, 70):  # the first failure has left the window when the third comes
+        now[0] = t
+        lim.failed("a")
+    assert lim.retry_after("a") == 0
+    now[0] = 80
+    lim.failed("a")
+    assert lim.retry_after("a") == 300 and lim.retry_after("b") == 0  # per client
+    now[0] = 379
+    assert lim.retry_after("a") == 1
+    now[0] = 380
+    assert lim.retry_after("a") == 0
+    for _ in range(3):
+        lim.failed("c")
+    lim.succeeded("c")  # the right password (an attempt counts as failed until it succeeds)
+    assert lim.retry_after("c") == 0
+
+
+def test_host_allowed_only_names_this_server_on_loopback():
+    assert host_allowed("127.0.0.1:7860", None, 7860)
+    assert host_allowed("LOCALHOST:7860", "http://localhost:7860", 7860)
+    assert host_allowed("localhost", None, 80)
+    assert not host_allowed("localhost", None, 7860)
+    assert not host_allowed(None, None, 7860)
+    assert not host_allowed("127.0.0.1:7860", "http://127.0.0.1:7861", 7860)
+
+
+def test_config_file_is_a_toml_in_the_config_folder(tmp_path):
+    assert config_file(tmp_path, " my-lora ") == tmp_path / "my-lora.toml"
+    assert config_file(tmp_path, "my-lora.TOML") == tmp_path / "my-lora.toml"
+    assert config_file(tmp_path, "v1.5 style") == tmp_path / "v1.5 style.toml"
+    for name in ("../x", "a/b", "a\\b", "..", "x..y", "/etc/passwd", "C:evil", ".toml", "-"):
+        with pytest.raises(ConfigError, match="plain name"):
+            config_file(tmp_path, name)
+
+
+def test_dataset_tab_shows_the_caption_training_uses_or_its_error(tmp_path):
+    from lorakit.gui.dataset_tab import list_folders
+
+    train, _ = make_dataset(tmp_path, n_train=3, n_reg=0, repeats=2)
+    folder = train / "2_usu bear"
+    (folder / "usu_00.caption").write_text("first line\nsecond line\n")
+    (folder / "usu_01.caption").write_text("")  # training stops on an empty caption file
+    (folder / "usu_02.caption").write_bytes(b"\xff\xfe bad")
+    _, items = list_folders(str(train), "", ".caption")
+    captions = [c for _, c in items]
+    assert captions[0] == "first line"
+    assert captions[1].startswith("✗ ") and "caption file is empty" in captions[1]
+    assert captions[2].startswith("✗ ") and "not UTF-8" in captions[2]
