@@ -78,10 +78,14 @@ def caption_all(train_dir, text: str) -> None:
 
 
 @pytest.mark.parametrize("v_pred", [False, True], ids=["epsilon", "v"])
-def test_min_snr_gamma_weights_each_sample_like_kohya(train_config, steps, v_pred):
+def test_min_snr_gamma_weights_each_sample_like_kohya(train_config, tiny_data, steps, v_pred):
     gamma = 1.0
-    train(train_config(min_snr_gamma=gamma, v_parameterization=v_pred, max_train_steps=3))
+    reg = dict(
+        reg_data_dir=str(tiny_data[1]), prior_loss_weight=0.5
+    )  # kohya: loss x weights, then x SNR weight
+    train(train_config(min_snr_gamma=gamma, v_parameterization=v_pred, max_train_steps=3, **reg))
     assert len(steps["loss"]) == 3
+    assert 0.5 in torch.cat(steps["weights"]).tolist()  # a reg sample was among them
     all_weights = []
     for t, per_sample, w, loss in zip(steps["t"], steps["per_sample"], steps["weights"], steps["loss"]):
         snr = (AC[t] / (1 - AC[t])).float()
@@ -124,16 +128,20 @@ def test_noise_offset_adds_one_constant_per_sample_and_channel(train_config, tmp
 
 
 @pytest.mark.parametrize(
-    "scheduler,warmup,expected",
+    "scheduler,warmup,accum,expected",
     [
         # diffusers' schedules (what kohya uses): warm-up lr = step / warmup; a float < 1 is a ratio of the steps
-        ("constant_with_warmup", 2, [0.0, 0.5, 1.0, 1.0]),
-        ("cosine", 0.5, [0.0, 0.5, 1.0, 0.5 * (1 + math.cos(math.pi * 0.5))]),
-        ("linear", 2, [0.0, 0.5, 1.0, 0.5]),
+        ("constant_with_warmup", 2, 1, [0.0, 0.5, 1.0, 1.0]),
+        ("cosine", 0.5, 1, [0.0, 0.5, 1.0, 0.5 * (1 + math.cos(math.pi * 0.5))]),
+        ("linear", 2, 1, [0.0, 0.5, 1.0, 0.5]),
+        ("linear", 2, 2, [0.0, 0.5, 1.0, 0.5]),  # steps count optimizer steps, not micro-batches
     ],
 )
-def test_learning_rate_of_each_step_follows_the_schedule(train_config, scheduler, warmup, expected):
-    tr = build_trainer(train_config(lr_scheduler=scheduler, lr_warmup_steps=warmup, max_train_steps=4))
+def test_learning_rate_of_each_step_follows_the_schedule(train_config, scheduler, warmup, accum, expected):
+    cfg = train_config(
+        lr_scheduler=scheduler, lr_warmup_steps=warmup, gradient_accumulation_steps=accum, max_train_steps=4
+    )
+    tr = build_trainer(cfg)
     seen = []
     real_step = tr.optimizer.step
 
