@@ -145,4 +145,15 @@ def test_progress_reports(tmp_path, to_disk):
     paths = [img(tmp_path / f"{i}.png") for i in range(3)]
     calls = []
     cache_latents(items(paths), FakeVAE(), "v", to_disk=to_disk, progress=lambda d, t: calls.append((d, t)))
-    assert calls[-1] == (3, 3)
+    assert calls == [(1, 3), (2, 3), (3, 3)]  # one report per VAE batch (batch_size 1)
+    calls.clear()
+    cache_latents(
+        items(paths),
+        FakeVAE(),
+        "v",
+        to_disk=to_disk,
+        batch_size=2,
+        progress=lambda d, t: calls.append((d, t)),
+    )
+    # from disk nothing is left to encode; in memory all 3 again, in batches of 2
+    assert calls == ([] if to_disk else [(2, 3), (3, 3)])

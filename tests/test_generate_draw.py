@@ -97,8 +97,13 @@ def test_lora_list_skips_training_state_folders(lora_dir, trained_lora):
 
 
 def test_lora_by_alias_and_unknown_name(gen):
-    # ss_output_name of the trained file is "compat"
-    gen.apply_loras("x <lora:compat:1>")
+    base = snapshot(gen.unet)
+    gen.apply_loras("x <lora:kurokuma:1>")
+    by_file = {k: v - base[k] for k, v in snapshot(gen.unet).items()}
+    gen.apply_loras("x <lora:compat:1>")  # ss_output_name of the trained file is "compat"
+    by_alias = {k: v - base[k] for k, v in snapshot(gen.unet).items()}
+    assert any(d.abs().max() > 0 for d in by_alias.values())
+    assert all(torch.equal(by_alias[k], by_file[k]) for k in base)  # the same file, found by its alias
     with pytest.raises(ModelError, match=r"'kurokumaa' not found.*kurokuma"):
         gen.apply_loras("x <lora:kurokumaa:1>")
 

@@ -32,11 +32,16 @@ def tiny_file(tiny, tmp_path_factory):
 
 @pytest.fixture
 def offline(monkeypatch):
-    def refuse(*args, **kwargs):
+    attempts = []
+
+    def refuse(sock, address, *args, **kwargs):
+        attempts.append(address)  # recorded: a caller that swallows the OSError must not hide it
         raise OSError("network access attempted during an offline test")
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    yield
+    assert attempts == [], f"tried to connect to {attempts}"
 
 
 def assert_same_weights(models, base: BaseModel):

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from lorakit.network.lora import LoRANetwork
-from lorakit.network.targets import kohya_te_names
 
 
 def sd15_models():
@@ -59,10 +58,16 @@ def test_kohya_key_names_and_shapes(sd15_state_dict, name, down, up):
     assert sd[f"{name}.alpha"].dim() == 0 and float(sd[f"{name}.alpha"]) == 4.0
 
 
+# kohya's six Linear layers in every CLIP encoder layer, as its files name them
+KOHYA_TE_CHILDREN = ["self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj", "self_attn_out_proj", "mlp_fc1", "mlp_fc2"]  # fmt: skip
+
+
 def test_text_encoder_names_are_kohya_fixed_list(sd15_state_dict):
     _, sd = sd15_state_dict
-    te_names = sorted({k.split(".")[0] for k in sd if k.startswith("lora_te_")})
-    assert te_names == sorted(kohya_te_names(12))
+    te_names = {k.split(".")[0] for k in sd if k.startswith("lora_te_")}
+    expected = {f"lora_te_text_model_encoder_layers_{i}_{c}" for i in range(12) for c in KOHYA_TE_CHILDREN}
+    assert te_names == expected
+    assert "lora_te_text_model_encoder_layers_11_self_attn_out_proj" in te_names
 
 
 def test_every_unet_module_is_inside_a_transformer_block(sd15_state_dict):

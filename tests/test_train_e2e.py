@@ -1,5 +1,6 @@
 """Training end to end on the tiny model: learning, the file, determinism, resume, failures."""
 
+import hashlib
 import json
 
 import pytest
@@ -8,7 +9,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from lorakit.errors import ConfigError, TrainingError
-from lorakit.network.file import addnet_hash
 from lorakit.train import trainer as trainer_mod
 from lorakit.train.trainer import Trainer, build_trainer, train
 
@@ -55,7 +55,9 @@ def test_saved_file_is_kohya_format(train_config, tiny_base):
     assert meta["ss_sd_model_name"] == tiny_base.name
     assert meta["ss_num_train_images"] == "8"  # 4 images x 2 repeats
     assert '"2_usu bear": {"n_repeats": 2, "img_count": 4}' in meta["ss_dataset_dirs"]
-    assert meta["sshs_model_hash"] == addnet_hash(path)  # A1111's "Lora hashes" source
+    data = path.read_bytes()  # A1111's "Lora hashes" source: sha256 of the bytes after the header
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    assert meta["sshs_model_hash"] == hashlib.sha256(data[header_end:]).hexdigest()
     assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
     assert meta["modelspec.sai_model_spec"] == "1.0.1"
     assert not list(path.parent.glob(".*tmp"))  # no temp file left behind
@@ -144,16 +146,23 @@ def test_unet_only_and_text_encoder_only(train_config, tmp_path):
     assert t and all(k.startswith("lora_te_") for k in t)
 
 
-def test_text_encoder_cache_and_gradient_checkpointing_train(train_config, tmp_path):
-    cfg = train_config(
-        network_train_unet_only=True,
-        cache_text_encoder_outputs=True,
-        gradient_checkpointing=True,
-        max_train_steps=2,
+def test_text_encoder_cache_and_gradient_checkpointing_train_like_the_plain_run(train_config, tmp_path):
+    common = dict(network_train_unet_only=True, max_train_steps=2, save_precision="float")
+    plain = tensors(train(train_config(output_dir=str(tmp_path / "plain"), **common)))
+    cached = tensors(
+        train(
+            train_config(
+                output_dir=str(tmp_path / "cached"),
+                cache_text_encoder_outputs=True,
+                gradient_checkpointing=True,
+                **common,
+            )
+        )
     )
-    path = train(cfg)
-    ups = [v for k, v in tensors(path).items() if k.endswith("lora_up.weight")]
-    assert any(v.abs().sum() > 0 for v in ups)  # up starts at zero: gradients reached it
+    assert cached.keys() == plain.keys()
+    assert all(v.abs().max() > 0 for k, v in plain.items() if k.endswith("lora_up.weight"))
+    for k in plain:  # the frozen TE's output, cached once or computed each step, is the same
+        torch.testing.assert_close(cached[k], plain[k], rtol=1e-5, atol=1e-7, msg=k)
 
 
 def test_cache_text_encoder_outputs_needs_frozen_text_encoder(train_config):
@@ -171,26 +180,49 @@ def test_network_weights_starts_from_a_file(train_config, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "opts",
+    "opts,meta",
     [
-        {"optimizer_type": "Lion", "learning_rate": 1e-4},
-        {"optimizer_type": "Prodigy", "learning_rate": 1.0},
-        {"lr_scheduler": "cosine", "lr_warmup_steps": 0.5, "min_snr_gamma": 5, "noise_offset": 0.1},
-        {
-            "v_parameterization": True,
-            "gradient_accumulation_steps": 2,
-            "max_token_length": 150,
-            "clip_skip": 2,
-        },
-        {"conv_dim": 2, "conv_alpha": 1, "mixed_precision": "bf16"},
+        ({"optimizer_type": "Lion", "learning_rate": 1e-4}, {"ss_learning_rate": "0.0001"}),
+        ({"optimizer_type": "Prodigy", "learning_rate": 1.0}, {"ss_learning_rate": "1.0"}),
+        (
+            {"lr_scheduler": "cosine", "lr_warmup_steps": 0.5, "min_snr_gamma": 5, "noise_offset": 0.1},
+            {
+                "ss_lr_scheduler": "cosine",
+                "ss_lr_warmup_steps": "0.5",
+                "ss_min_snr_gamma": "5.0",
+                "ss_noise_offset": "0.1",
+            },
+        ),
+        (
+            {
+                "v_parameterization": True,
+                "gradient_accumulation_steps": 2,
+                "max_token_length": 150,
+                "clip_skip": 2,
+            },
+            {
+                "ss_base_model_version": "sd_v1_v",
+                "ss_gradient_accumulation_steps": "2",
+                "ss_total_batch_size": "4",
+                "ss_max_token_length": "150",
+                "ss_clip_skip": "2",
+                "modelspec.prediction_type": "v",
+            },
+        ),
+        ({"conv_dim": 2, "conv_alpha": 1, "mixed_precision": "bf16"}, {"ss_mixed_precision": "bf16"}),
     ],
     ids=["lion", "prodigy", "cosine-snr-offset", "vpred-accum-tokens-clipskip", "locon-bf16"],
 )
-def test_training_options_run_and_change_the_weights(train_config, opts):
+def test_training_options_run_and_are_recorded(train_config, opts, meta):
+    """These options run and end up in the metadata; their effects are in test_train_options.py."""
     path = train(train_config(max_train_steps=2, **opts))
     ups = [v for k, v in tensors(path).items() if k.endswith("lora_up.weight")]
     assert any(v.float().abs().sum() > 0 for v in ups)
     assert all(torch.isfinite(v.float()).all() for v in ups)
+    written = metadata(path)
+    assert {k: written.get(k) for k in meta} == meta
+    if "optimizer_type" in opts:
+        assert opts["optimizer_type"] in written["ss_optimizer"]
 
 
 def test_out_of_memory_gives_advice(train_config, monkeypatch):
@@ -207,12 +239,16 @@ def test_out_of_memory_gives_advice(train_config, monkeypatch):
 def test_training_needs_no_network(train_config, monkeypatch):
     import socket
 
+    attempts = []
+
     def refuse(*a, **k):
+        attempts.append(a[1:] or k)  # recorded: a caller that swallows the OSError must not hide it
         raise OSError("network is unreachable (test)")
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
     assert train(train_config(max_train_steps=1)).is_file()
+    assert attempts == []
 
 
 def test_buckets_disk_cache_and_tensorboard(train_config, tiny_data, tmp_path):
