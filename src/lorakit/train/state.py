@@ -9,12 +9,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from ..atomic import atomic_path, make_temp_dir
 from ..errors import ConfigError
 
 STATE_FILE = "train_state.json"
@@ -32,10 +32,10 @@ def save_state(folder: str | Path, network, optimizer, lr_scheduler, pos: Positi
     from safetensors.torch import save_file
 
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    tmp = make_temp_dir(folder)
     try:
-        save_file(network.kohya_state_dict(torch.float32), str(tmp / "network.safetensors"))
+        with atomic_path(tmp / "network.safetensors") as weights:  # keeps the umask's mode
+            save_file(network.kohya_state_dict(torch.float32), str(weights))
         torch.save(
             {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict()},
             tmp / "optimizer.pt",
