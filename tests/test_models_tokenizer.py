@@ -1,4 +1,5 @@
-"""The shipped CLIP tokenizer matches open_clip's SimpleTokenizer (the reference CLIP BPE)."""
+"""The shipped CLIP tokenizer gives the ids of transformers 4.x's slow CLIPTokenizer, the one kohya and
+A1111 run (with ftfy installed, as both have it)."""
 
 from __future__ import annotations
 
@@ -26,13 +27,108 @@ def tok():
 
 
 @pytest.fixture(scope="module")
-def simple_tokenizer():
-    # `import open_clip` needs torchvision; its tokenizer module alone does not
+def open_clip_dir() -> Path:
+    # `import open_clip` needs torchvision; its tokenizer module and BPE table alone do not
     spec = importlib.util.find_spec("open_clip")
-    if spec is None:
+    if spec is None or not spec.submodule_search_locations:
         pytest.skip("open_clip_torch not installed")
-    folder = Path(next(iter(spec.submodule_search_locations)))
-    return _load_by_path("_open_clip_tokenizer", folder / "tokenizer.py").SimpleTokenizer()
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+@pytest.fixture(scope="module")
+def simple_tokenizer(open_clip_dir):
+    """open_clip's SimpleTokenizer (the reference CLIP BPE, written apart from transformers) cleaning text
+    as transformers' CLIPTokenizer does: ftfy only, without open_clip's extra double HTML unescape."""
+    module = _load_by_path("_open_clip_tokenizer", open_clip_dir / "tokenizer.py")
+    module.basic_clean = lambda text: module.ftfy.fix_text(text).strip()
+    return module.SimpleTokenizer()
+
+
+# Ids (without BOS/EOS) from transformers 4.57.6's slow CLIPTokenizer with ftfy 6.3.1, built from the
+# shipped vocab.json/merges.txt. It lowercases with str.lower() (a word-final Σ gives ς, 480, not σ, 481)
+# and unescapes HTML only through ftfy: entities that end in `;`, in text without `<`.
+TRICKY_IDS = {
+    "ΟΔΟΣ": [138, 123, 138, 112, 138, 123, 139, 480],
+    "ΣΑΣ.": [139, 225, 138, 109, 139, 480, 269],
+    "όσος ΑΓΡΌΣ": [139, 234, 139, 225, 138, 123, 139, 480, 138, 109, 138, 111, 139, 223, 139, 234, 139, 480],
+    "ΑΣ1": [138, 109, 139, 480, 272],
+    "Σ": [139, 481],
+    "&amp": [261, 6259],
+    "&amp;": [261],
+    "&lt;": [283],
+    "&#39": [5, 258, 274, 280],
+    "&#39;": [262],
+    "<&amp>": [27, 261, 6259, 285],
+    "&lt;3": [283, 274],
+    "a &amp b": [320, 261, 6259, 321],
+    "1 &gt 2": [272, 261, 4725, 273],
+    "x&amp;amp;y": [343, 261, 344],
+    "&quot;hi&quot;": [257, 1883, 257],
+    "<|endoftext|>&amp;": [EOS_ID, 261],
+    "<|ENDOFTEXT|>": [EOS_ID],
+    "a <|endoftext|> b": [320, EOS_ID, 321],
+    "\U0001f431 \U0001f469\u200d\U0001f680 \u2764\ufe0f": [22979, 26304, 13542, 1752],
+    "日本語 東京タワー 한국어": [
+        39121,
+        44353,
+        34002,
+        508,
+        48338,
+        21078,
+        105,
+        34941,
+        2429,
+        107,
+        30391,
+        15197,
+        250,
+        31871,
+        255,
+        31625,
+        368,
+    ],
+    "café naïve Ünïcödé e\u0301": [15304, 1097, 35689, 563, 6522, 77, 35689, 66, 7255, 67, 4166, 4166],
+    "İstanbul ẞ": [328, 16384, 11231, 127, 509],
+    "a  b   c": [320, 321, 322],
+    "new\nline\r\n\ttab": [686, 1148, 14724],
+    "  lead and trail  ": [2784, 537, 4921],
+    "\u00a0nbsp\u3000ideo": [6459, 4393, 1909, 334],
+    "“curly” ‘single’ I’m": [257, 20795, 257, 568, 17005, 262, 328, 880],
+    "ﬁne ｆｕｌｌ ﾊﾝｶｸ": [3797, 1476, 2429, 237, 17671, 37367, 3909, 363],
+    "â€œmojibakeâ€\x9d": [257, 617, 3252, 11878, 257],
+    "(masterpiece:1.2), <lora:x:0.8>": [
+        263,
+        12066,
+        281,
+        272,
+        269,
+        273,
+        2361,
+        283,
+        2179,
+        320,
+        281,
+        343,
+        281,
+        271,
+        269,
+        279,
+        285,
+    ],
+}
+
+
+def test_tricky_strings_match_the_transformers_slow_tokenizer(tok):
+    texts = list(TRICKY_IDS)
+    wrong = {
+        t: ids
+        for t, ids in zip(texts, tok(texts, add_special_tokens=False).input_ids)
+        if ids != TRICKY_IDS[t]
+    }
+    assert not wrong, f"{len(wrong)} differ: {wrong}"
+    for text, expected in TRICKY_IDS.items():  # one prompt, with BOS/EOS, and tokenize() agree
+        assert tok(text).input_ids == [BOS_ID, *expected, EOS_ID], text
+        assert tok.convert_tokens_to_ids(tok.tokenize(text)) == expected, text
 
 
 def test_known_ids_and_special_tokens(tok):
@@ -156,7 +252,7 @@ def _prompts(n: int = 400) -> list[str]:
     return out
 
 
-def test_matches_open_clip_simple_tokenizer(tok, simple_tokenizer):
+def test_matches_a_separate_clip_bpe_on_random_prompts(tok, simple_tokenizer):
     prompts = _prompts()
     assert len(prompts) >= 300
     # open_clip's encode() gives the untruncated BPE ids without BOS/EOS
@@ -176,8 +272,8 @@ def test_special_token_text_is_special(tok):
     assert tok("x <|endoftext|>", add_special_tokens=False).input_ids == [343, EOS_ID]
 
 
-def test_vocab_files_are_what_the_tool_derives():
+def test_vocab_files_are_what_the_tool_derives(open_clip_dir):
     tool = _load_by_path("_make_clip_tokenizer", ROOT / "tools" / "make_clip_tokenizer.py")
-    vocab_json, merges_txt = tool.derive()
+    vocab_json, merges_txt = tool.derive(open_clip_dir / "bpe_simple_vocab_16e6.txt.gz")
     assert (TOKENIZER_DIR / "vocab.json").read_text(encoding="utf-8") == vocab_json
     assert (TOKENIZER_DIR / "merges.txt").read_text(encoding="utf-8") == merges_txt

@@ -1,13 +1,53 @@
-"""Atomic writes: a crash or a full disk never leaves a truncated file under the final name."""
+"""Atomic writes: a crash or a full disk never leaves a truncated file under the final name.
+
+Temp files and folders are created with modes 0o666 / 0o777 so the OS applies the umask, as for any
+ordinary file (0644 / 0755 by default, like kohya and A1111): `tempfile.mkstemp`/`mkdtemp` would make
+them 0600 / 0700, unreadable to an A1111 or ComfyUI running as another user. Windows ignores the bits.
+"""
 
 from __future__ import annotations
 
 import os
-import tempfile
-from collections.abc import Iterator
+import secrets
+import stat
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
+
+_TRIES = 100
+
+
+def _new_beside(path: Path, suffix: str, create: Callable[[Path], None]) -> Path:
+    """A new hidden name `.<name>.<random><suffix>` beside `path`, created by `create`."""
+    for _ in range(_TRIES):
+        candidate = path.parent / f".{path.name}.{secrets.token_hex(4)}{suffix}"
+        try:
+            create(candidate)
+        except FileExistsError:
+            continue
+        return candidate
+    raise FileExistsError(f"no free temporary name beside {path}")
+
+
+def _create_file(path: Path) -> None:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    os.close(os.open(path, flags, 0o666))
+
+
+def _restore_mode(path: Path, mode: int) -> None:
+    """Give `path` back the mode it was created with: some writers (safetensors' `save_file`) write
+    their own 0600 temp file and rename it over ours. Windows has only a read-only bit: left alone."""
+    if os.name != "nt" and stat.S_IMODE(path.stat().st_mode) != mode:
+        os.chmod(path, mode)
+
+
+def make_temp_dir(path: str | Path, suffix: str = ".tmp") -> Path:
+    """A new empty hidden folder `.<name>.<random><suffix>` beside `path` (mode 0o777 less the
+    umask), to fill then rename in."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return _new_beside(path, suffix, lambda p: p.mkdir(0o777))
 
 
 @contextmanager
@@ -15,13 +55,14 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """A temp path beside `path`; renamed onto `path` when the block succeeds, removed otherwise."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = _new_beside(path, ".tmp", _create_file)
+    mode = stat.S_IMODE(tmp.stat().st_mode)  # 0o666 less the umask, applied by the OS
     try:
-        yield Path(tmp)
+        yield tmp
+        _restore_mode(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lorakit.atomic import atomic_path
 from lorakit.demo import METRIC_WEIGHTS
 from lorakit.demo.world import CLASSES, INSTANCE_CLASS
 
@@ -68,9 +69,9 @@ def save_metric(net: MetricNet, path: str | Path = METRIC_WEIGHTS) -> Path:
     from safetensors.torch import save_file
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().to(torch.float16).contiguous() for k, v in net.state_dict().items()}
-    save_file(sd, str(path), metadata={"labels": ",".join(LABELS)})
+    with atomic_path(path) as tmp:  # mode follows the umask (safetensors alone writes 0600)
+        save_file(sd, str(tmp), metadata={"labels": ",".join(LABELS)})
     return path
 
 

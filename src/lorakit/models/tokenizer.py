@@ -6,17 +6,19 @@ the vocab/merges here are that tokenizer's, derived by tools/make_clip_tokenizer
 
 from __future__ import annotations
 
-import html
 import json
 from functools import lru_cache
 from pathlib import Path
 
+import regex
 from transformers import CLIPTokenizer
 
 TOKENIZER_DIR = Path(__file__).resolve().parent / "tokenizer"
 MAX_LENGTH = 77
 BOS_ID = 49406
 EOS_ID = 49407
+_SPECIAL = regex.compile(r"(<\|startoftext\|>|<\|endoftext\|>)")
+_WHITESPACE = regex.compile(r"\s+")
 
 
 @lru_cache(maxsize=1)
@@ -28,10 +30,15 @@ def _files() -> tuple[dict[str, int], list[tuple[str, str]]]:
 
 
 def _clean(text: str) -> str:
-    # CLIP's basic_clean (OpenAI CLIP, open_clip): ftfy, then HTML entities unescaped twice
+    """The text cleaning of transformers 4.x's slow CLIPTokenizer, which kohya and A1111 run: per piece
+    between special tokens, ftfy.fix_text (it unescapes HTML entities only when they end in `;` and the
+    text has no `<`), whitespace runs to one space, strip, then Python's lower() (a final Σ gives ς)."""
     import ftfy
 
-    return html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    pieces = _SPECIAL.split(text)
+    return "".join(
+        p if i % 2 else _WHITESPACE.sub(" ", ftfy.fix_text(p)).strip().lower() for i, p in enumerate(pieces)
+    )
 
 
 def _fix(text):
@@ -43,11 +50,12 @@ def _fix(text):
 
 
 class SDClipTokenizer(CLIPTokenizer):
-    """CLIPTokenizer that cleans text like CLIP's own tokenizer (ftfy.fix_text + HTML unescape).
+    """CLIPTokenizer that cleans text like the slow transformers 4.x CLIPTokenizer (see `_clean`).
 
-    The slow transformers 4.x CLIPTokenizer that SD1.x, A1111 and kohya used also ran ftfy (curly
-    quotes, full-width letters, ligatures, most HTML entities); the transformers 5 tokenizers
-    backend skips it, so the same caption would give other ids than at inference time."""
+    That tokenizer, which A1111 and kohya run, applies ftfy (curly quotes, full-width letters,
+    ligatures, mojibake, HTML entities) and Python's lower(); the transformers 5 tokenizers backend,
+    like 4.x's CLIPTokenizerFast, skips ftfy and lowercases letter by letter (Σ always gives σ), so the
+    same caption would give other ids than at inference time."""
 
     def _encode_plus(self, text, text_pair=None, *args, is_split_into_words=False, **kwargs):
         if not is_split_into_words:

@@ -16,7 +16,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import BinaryIO
 
 import torch
 
+from ..atomic import make_temp_dir
 from ..errors import ConfigError
 
 STATE_FILE = "train_state.json"
@@ -103,7 +103,7 @@ def save_state(folder: str | Path, network, optimizer, lr_scheduler, pos: Positi
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     recover_state(folder)  # an aside state from a killed swap must not be lost below
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    tmp = make_temp_dir(folder, suffix=".tmp")  # 0o777 less the umask, not mkdtemp's 0700
     aside = _aside(folder)
     opt = {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict()}
     if scaler is not None:  # fp16: the loss scale and its growth tracker
