@@ -18,7 +18,7 @@ apply_threads()
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> Path:
     """A tiny random SD1.x-family model saved as an LDM-layout .safetensors."""
-    from lorakit.quickstart import make_tiny_base
+    from lorakit.testing import make_tiny_base
 
     return make_tiny_base(tmp_path_factory.mktemp("base") / "tiny-sd1.safetensors", seed=0)
 
@@ -26,7 +26,7 @@ def tiny_base(tmp_path_factory) -> Path:
 @pytest.fixture
 def tiny_data(tmp_path) -> tuple[Path, Path]:
     """train/5_usu bear (6 images) and reg/1_bear (6 images), 64x64."""
-    from lorakit.quickstart import make_dataset
+    from lorakit.testing import make_dataset
 
     return make_dataset(tmp_path / "data", n_train=4, n_reg=4, repeats=2)
 
@@ -60,7 +60,7 @@ def train_config(tiny_base, tiny_data, tmp_path):
 def trained_lora(tmp_path_factory, tiny_base):
     """A LoRA with non-trivial weights on every module (UNet + text encoder, LoCon convs too)."""
     from lorakit.config import TrainConfig
-    from lorakit.quickstart import make_dataset
+    from lorakit.testing import make_dataset
     from lorakit.train.trainer import train
 
     root = tmp_path_factory.mktemp("compat")

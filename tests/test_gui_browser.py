@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from lorakit.quickstart import make_dataset, make_tiny_base
+from lorakit.testing import make_dataset, make_tiny_base
 
 pytestmark = pytest.mark.slow
 

@@ -22,7 +22,7 @@ httpx = pytest.importorskip("httpx")
 from lorakit.config import TrainConfig  # noqa: E402
 from lorakit.errors import ConfigError  # noqa: E402
 from lorakit.gui.guard import LoginLimiter, config_file, host_allowed  # noqa: E402
-from lorakit.quickstart import make_dataset  # noqa: E402
+from lorakit.testing import make_dataset  # noqa: E402
 
 PASSWORD = "s3cret-pass"
 

@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 from lorakit.config import TrainConfig
 from lorakit.errors import ConfigError, TrainingError
-from lorakit.quickstart import make_dataset, make_tiny_base
+from lorakit.testing import make_dataset, make_tiny_base
 from lorakit.train.job import find_jobs, latest_job, start_job
 
 pytestmark = pytest.mark.slow

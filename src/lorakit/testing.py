@@ -1,5 +1,6 @@
 """A tiny random SD1.x-family model and a folder of drawn discs, built in a second: the fixtures
-the tests train on (the shipped, pretrained demo model is lorakit.demo)."""
+the tests train on (the shipped, pretrained demo model is lorakit.demo; `lorakit quickstart` is
+demo/workflow.py)."""
 
 from __future__ import annotations
 
