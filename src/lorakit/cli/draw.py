@@ -84,7 +84,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         params.seed = random.randint(0, 2**32 - 1)
         print(f"seed: {params.seed}")
-    for item in run_txt2img(gen, params, args.outdir):
+    for item in run_txt2img(gen, params, args.outdir, show_progress=True):
         print(item.path)
     return 0
 
@@ -103,10 +103,8 @@ def cmd_reg_images(args: argparse.Namespace) -> int:
     gen = Generator.from_path(args.model, args.lora_dir, device=args.device)
     folder = reg_folder(args.out, class_prompt)
     print(f"drawing {args.count} images of {class_prompt!r} into {folder}")
-    make_reg_images(
-        gen, class_prompt, args.count, args.out, params, on_progress=lambda d, n: print(f"{d}/{n}", end="\r")
-    )
-    print(f"\nregularization images in {folder} (use --reg_data_dir {folder.parent})")
+    make_reg_images(gen, class_prompt, args.count, args.out, params, show_progress=True)
+    print(f"regularization images in {folder} (use --reg_data_dir {folder.parent})")
     return 0
 
 

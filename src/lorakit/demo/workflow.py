@@ -78,7 +78,7 @@ def train_demo_lora(workdir: Path, with_reg: bool = True, n_reg: int = 32, gen=N
     if with_reg:
         gen = gen or demo_generator()
         params = GenerationParams(seed=0, **DRAW)
-        make_reg_images(gen, "bear", n_reg, workdir / "data" / "reg", params)
+        make_reg_images(gen, "bear", n_reg, workdir / "data" / "reg", params, show_progress=True)
         flat["reg_data_dir"] = str(workdir / "data" / "reg")
     flat.update(overrides)
     cfg = TrainConfig.from_dict(flat, source="demo")
@@ -116,6 +116,21 @@ def write_grid(gen, lora_name: str, path: Path, seeds: int = 8, first_seed: int 
     return GridResult(path, scores)
 
 
+def lorakit_command() -> str:
+    """How the user can run this lorakit: the venv's script (`.venv/bin/lorakit`,
+    `.venv\\Scripts\\lorakit.exe`), relative to the current folder when it lies below it."""
+    import os
+    import sys
+
+    script = Path(sys.executable).parent / ("lorakit.exe" if os.name == "nt" else "lorakit")
+    if not script.exists():
+        return f"{sys.executable} -m lorakit"
+    try:
+        return str(script.relative_to(Path.cwd()))
+    except ValueError:
+        return str(script)
+
+
 def run_demo(workdir: str | Path, steps: int | None = None) -> GridResult:
     workdir = Path(workdir)
     t0 = time.time()
@@ -132,7 +147,7 @@ def run_demo(workdir: str | Path, steps: int | None = None) -> GridResult:
         print(f"  {row:<28} {score:.2f}")
     print(f"\nDone in {time.time() - t0:.0f} s. Draw more with:")
     print(
-        f"  lorakit generate --model {DEMO_MODEL} --lora_dir {workdir / 'output'} --width 64 --height 64 \\"
+        f"  {lorakit_command()} generate --model {DEMO_MODEL} --lora_dir {workdir / 'output'} --width 64 "
+        f'--height 64 --sampler DDIM --cfg_scale 6 --prompt "usu bear, on grass <lora:{lora.stem}:1>"'
     )
-    print(f"    --sampler DDIM --cfg_scale 6 --prompt 'usu bear, on grass <lora:{lora.stem}:1>'")
     return result

@@ -123,8 +123,9 @@ class Generator:
         return format_parameters(p.prompt, p.negative_prompt, params)
 
     @torch.no_grad()
-    def generate(self, p: GenerationParams, on_image=None) -> list[GeneratedImage]:
-        """Draw batch_count x batch_size images; image i of the run uses seed + i (as A1111)."""
+    def generate(self, p: GenerationParams, on_image=None, on_step=None) -> list[GeneratedImage]:
+        """Draw batch_count x batch_size images; image i of the run uses seed + i (as A1111).
+        on_step(batch, step, steps) after each sampling step of batch `batch` (0-based)."""
         from .prompt import encode_pair, extract_loras
 
         p.check()
@@ -136,7 +137,8 @@ class Generator:
         out: list[GeneratedImage] = []
         for b in range(p.batch_count):
             seeds = [seed + b * p.batch_size + i for i in range(p.batch_size)]
-            images = self.draw(cond, uncond, seeds, p)
+            batch_step = (lambda done, total, b=b: on_step(b, done, total)) if on_step else None
+            images = self.draw(cond, uncond, seeds, p, batch_step)
             for i, (img, s) in enumerate(zip(images, seeds)):
                 item = GeneratedImage(img, s, self.infotext(p, s, loras, i))
                 out.append(item)
@@ -144,20 +146,28 @@ class Generator:
                     on_image(item)
         return out
 
-    def draw(self, cond: torch.Tensor, uncond: torch.Tensor, seeds: list[int], p: GenerationParams) -> list:
-        """The denoising loop and the VAE decode, for one batch of seeds."""
+    def draw(
+        self, cond: torch.Tensor, uncond: torch.Tensor, seeds: list[int], p: GenerationParams, on_step=None
+    ) -> list:
+        """The denoising loop and the VAE decode, for one batch of seeds; on_step(done, total)."""
         from .kdiffusion import SeededNoise
         from .samplers import is_k_sampler, k_sample, make_scheduler
 
         shape = (4, p.height // 8, p.width // 8)
         if is_k_sampler(p.sampler, p.schedule_type):
-            latents = k_sample(self.unet, cond, uncond, seeds, shape, p, self.prediction_type)
+            latents = k_sample(self.unet, cond, uncond, seeds, shape, p, self.prediction_type, on_step)
             return decode_latents(self.vae, latents, seeds)
         pipe = self._pipeline(make_scheduler(p.sampler, p.schedule_type, self.prediction_type))
         device, dtype = self.unet.device, self.unet.dtype
         # CPU noise per seed: the same image for a seed whatever the batch or device (A1111's "CPU" RNG)
         latents = SeededNoise(seeds, shape, device).next().to(dtype)
         n = len(seeds)
+
+        def step_end(pipe, i, t, kwargs):
+            if on_step is not None:
+                on_step(i + 1, pipe.num_timesteps)
+            return kwargs
+
         latents = pipe(
             prompt_embeds=cond.to(device, dtype).expand(n, -1, -1),
             negative_prompt_embeds=uncond.to(device, dtype).expand(n, -1, -1),
@@ -167,6 +177,7 @@ class Generator:
             width=p.width,
             latents=latents,
             output_type="latent",
+            callback_on_step_end=step_end,
         ).images
         return decode_latents(self.vae, latents, seeds)
 

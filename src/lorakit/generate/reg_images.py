@@ -15,6 +15,7 @@ from pathlib import Path
 from ..errors import ConfigError, DatasetError
 from .params import GenerationParams
 from .pipeline import Generator
+from .progress import DrawProgress
 
 log = logging.getLogger("lorakit")
 
@@ -88,6 +89,7 @@ def make_reg_images(
     out: str | Path,
     params: GenerationParams | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    show_progress: bool = False,
 ) -> list[Path]:
     """Draw `count` images of `class_prompt`; existing good files are kept (resume)."""
     from .pnginfo import save_png_with_parameters
@@ -131,10 +133,20 @@ def make_reg_images(
             len(missing),
         )
     done = count - len(missing)
-    for i in missing:  # one image per seed, so which images are missing never changes the others
-        item = generator.generate(per_image[i])[0]
+    bar = (
+        DrawProgress(len(missing), params.steps, "regularization image")
+        if show_progress and missing
+        else None
+    )
+    for n, i in enumerate(
+        missing
+    ):  # one image per seed, so which images are missing never changes the others
+        on_step = (lambda _b, d, t, n=n: bar.step(n, d, t)) if bar else None
+        item = generator.generate(per_image[i], on_step=on_step)[0]
         save_png_with_parameters(item.image, paths[i], item.infotext)
         done += 1
         if on_progress:
             on_progress(done, count)
+    if bar:
+        bar.close()
     return paths

@@ -189,9 +189,10 @@ class CFGDenoiser:
 
 
 def k_sample(
-    unet, cond, uncond, seeds: list[int], shape, p, prediction_type: str = "epsilon"
+    unet, cond, uncond, seeds: list[int], shape, p, prediction_type: str = "epsilon", on_step=None
 ) -> torch.Tensor:
-    """Latents for one batch of seeds with a k-diffusion sampler, as A1111 draws them."""
+    """Latents for one batch of seeds with a k-diffusion sampler, as A1111 draws them.
+    on_step(done, total) is called after each model evaluation with the sampling steps done."""
     from . import kdiffusion as K
 
     base, _ = split_name(p.sampler, p.schedule_type)
@@ -202,4 +203,23 @@ def k_sample(
     x = rng.next() * sigmas[0]
     noise = K.BrownianNoise(seeds, shape, sigmas, device) if spec.brownian_noise else rng
     model = CFGDenoiser(unet, cond, uncond, p.cfg_scale, prediction_type)
+    if on_step is not None:
+        model = _counting(model, sigmas, on_step)
     return getattr(K, spec.function)(model, x, sigmas, noise)
+
+
+def _counting(model, sigmas: torch.Tensor, on_step):
+    """`model`, reporting the steps done: an evaluation at sigma s ends step i where sigmas[i] >= s
+    (second-order samplers also evaluate between sigmas; the count never goes back)."""
+    starts, total = sigmas[:-1].tolist(), len(sigmas) - 1
+    best = 0
+
+    def counted(x, sigma):
+        nonlocal best
+        out = model(x, sigma)
+        s = float(sigma.max())
+        best = max(best, min(total, sum(1 for v in starts if v >= s * (1 - 1e-6))))
+        on_step(best, total)
+        return out
+
+    return counted

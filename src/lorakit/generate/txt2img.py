@@ -64,9 +64,12 @@ def check_request(params: GenerationParams, lora_dir: str | Path) -> None:
             resolve(ref.name, available, lora_dir)
 
 
-def run_txt2img(generator: Generator, params: GenerationParams, outdir: str | Path) -> list[GeneratedImage]:
+def run_txt2img(
+    generator: Generator, params: GenerationParams, outdir: str | Path, show_progress: bool = False
+) -> list[GeneratedImage]:
     """Generate and save every image as soon as it is drawn; returns them with their paths."""
     from .pnginfo import save_png_with_parameters
+    from .progress import DrawProgress
 
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
@@ -76,6 +79,10 @@ def run_txt2img(generator: Generator, params: GenerationParams, outdir: str | Pa
         item.path = outdir / f"{index[0]:05d}-{item.seed}.png"
         index[0] += 1
         save_png_with_parameters(item.image, item.path, item.infotext)
-        log.info("saved %s", item.path)
 
-    return generator.generate(params, on_image=save)
+    if not show_progress:
+        return generator.generate(params, on_image=save)
+    bar = DrawProgress(params.batch_count, params.steps, "batch" if params.batch_size > 1 else "image")
+    items = generator.generate(params, on_image=save, on_step=bar.step)
+    bar.close()
+    return items
