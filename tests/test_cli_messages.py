@@ -32,3 +32,37 @@ def test_quickstart_names_the_lorakit_the_user_can_run(monkeypatch, tmp_path):
     assert lorakit_command() == str(Path(script.parent.parent.name) / script.parent.name / script.name)
     monkeypatch.chdir(tmp_path)  # elsewhere: the full path, which works from anywhere
     assert Path(lorakit_command()) == script and Path(lorakit_command()).is_absolute()
+
+
+def test_inspect_table_shows_a_date_and_aligns_wide_characters():
+    from lorakit.network.inspect import display_width, format_table
+
+    info = {
+        "file": "x.safetensors",
+        "architecture": "SD1",
+        "modules": {"text_encoder": 72, "unet": 192, "conv3x3_locon": 0, "tucker": 0, "dora": 0},
+        "dim_alpha": [],
+        "dtype": "float16",
+        "hash": "0123456789ab",
+        "network_args": None,
+        "training": {"started at": "1764140400.5", "seed": "1"},
+        "tag_frequency": {"10_クマ": [("usu", 3)], "10_bear": [("bear", 2)]},
+        "per_module": None,
+    }
+    text = format_table(info)
+    assert "1764140400" not in text and "2025-11-26" in text  # a date, not a unix time
+    rows = [line for line in text.splitlines() if "usu (3)" in line or "bear (2)" in line]
+    columns = {display_width(line[: line.index(v)]) for line, v in zip(rows, ("usu (3)", "bear (2)"))}
+    assert len(columns) == 1  # the values start in the same column, CJK folder name or not
+
+
+def test_close_matches_name_each_lora_once(tmp_path):
+    import pytest
+
+    from lorakit.errors import ModelError
+    from lorakit.generate.loras import LoraFile, resolve
+
+    loras = [LoraFile("kurokuma", tmp_path / "kurokuma.safetensors", "kurokuma")]
+    with pytest.raises(ModelError) as e:
+        resolve("kurokma", loras, tmp_path)
+    assert str(e.value).count("kurokuma") == 1

@@ -52,7 +52,7 @@ def resolve(name: str, loras: list[LoraFile], lora_dir: str | Path) -> LoraFile:
     by_alias = {lf.alias: lf for lf in loras if lf.alias}
     if name in by_alias:
         return by_alias[name]
-    known = list(by_name) + list(by_alias)
+    known = list(dict.fromkeys([*by_name, *by_alias]))  # a file named like its alias: once
     close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
     hint = f" Close matches: {', '.join(close)}." if close else ""
     raise ModelError(f"LoRA {name!r} not found in {lora_dir} ({len(by_name)} LoRAs there).{hint}")

@@ -14,7 +14,7 @@ TRAINING_KEYS = (
     ("ss_sd_model_name", "base model"),
     ("ss_base_model_version", "base model version"),
     ("ss_output_name", "output name"),
-    ("ss_training_started_at", "started at (unix)"),
+    ("ss_training_started_at", "started at"),
     ("ss_num_train_images", "train images (x repeats)"),
     ("ss_num_reg_images", "reg images"),
     ("ss_num_epochs", "epochs"),
@@ -84,11 +84,28 @@ def inspect_lora(path: str | Path) -> dict:
     }
 
 
+def display_width(text: str) -> int:
+    """Columns a terminal gives `text`: CJK and other wide characters take two."""
+    import unicodedata
+
+    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
+def readable_time(value: str) -> str:
+    """kohya's unix times ('1764140000.123') as local date and time; other text unchanged."""
+    import time
+
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(value)))
+    except (TypeError, ValueError, OverflowError, OSError):
+        return str(value)
+
+
 def format_table(info: dict) -> str:
     lines = [f"{info['file']}", ""]
 
     def row(k, v):
-        lines.append(f"  {k:<26} {v}")
+        lines.append(f"  {k}{' ' * max(1, 27 - display_width(str(k)))}{v}")
 
     row("architecture", info["architecture"])
     m = info["modules"]
@@ -110,7 +127,7 @@ def format_table(info: dict) -> str:
     if info["training"]:
         lines += ["", "  training"]
         for k, v in info["training"].items():
-            row(k, v)
+            row(k, readable_time(v) if k == "started at" else v)
     if info["tag_frequency"]:
         lines += ["", "  tag frequency"]
         for folder, tags in info["tag_frequency"].items():
