@@ -210,6 +210,20 @@ def test_a_resumed_run_keeps_its_session_and_replaces_its_own_files(train_config
     assert session_of(resumed) == session == session_of(out / "tiny-000001.safetensors")
 
 
+def test_a_state_saved_before_states_kept_the_session_takes_it_from_its_lora(train_config, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    state = tmp_path / "out" / "tiny-000001-state"
+    state.mkdir(parents=True)
+    (state / "train_state.json").write_text('{"epoch": 1, "step": 4, "batch_in_epoch": 0, "seed": 1}')
+    save_file(
+        {"x": torch.zeros(1)}, str(tmp_path / "out" / "tiny-000001.safetensors"), {"ss_session_id": "42"}
+    )
+    assert output_lock.run_session_id(train_config(resume=str(state))) == "42"
+    assert output_lock.run_session_id(train_config()) != "42"
+
+
 def test_another_runs_state_is_not_left_beside_this_runs_lora(train_config, tmp_path, caplog):
     """Run 1 is stopped with save_state; run 2 (not resuming) is refused, or with overwrite removes it."""
     real, calls = Trainer.loss_of, []

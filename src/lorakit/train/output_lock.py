@@ -196,9 +196,14 @@ def run_session_id(cfg: TrainConfig) -> str:
     """This run's ss_session_id: a resumed run keeps the one of the run it continues."""
     from ..network.metadata import new_session_id
 
-    if cfg.output.resume:
-        return read_position(cfg.output.resume).session_id or new_session_id()
-    return new_session_id()
+    o = cfg.output
+    if not o.resume:
+        return new_session_id()
+    state = Path(o.resume)
+    session = read_position(state).session_id
+    if not session and state.name.endswith("-state"):  # a state from before states kept it: ask its LoRA
+        session = _lora_session(state.with_name(f"{state.name[: -len('-state')]}.{o.save_model_as}"))[0]
+    return session or new_session_id()
 
 
 def _lora_session(path: Path) -> tuple[str | None, str]:
