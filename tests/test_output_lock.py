@@ -199,6 +199,16 @@ def test_another_runs_lora_is_replaced_only_with_overwrite(train_config, tmp_pat
     assert second == first and session_of(second) != first_session  # replaced by the new run
 
 
+def test_a_lora_without_session_id_is_never_taken_for_this_runs(train_config, tmp_path, no_model_load):
+    import torch
+    from safetensors.torch import save_file
+
+    (tmp_path / "out").mkdir()
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "out" / "tiny.safetensors"))  # e.g. no_metadata
+    with pytest.raises(ConfigError, match=r"another training run \(no ss_session_id metadata"):
+        train(train_config())
+
+
 def test_a_resumed_run_keeps_its_session_and_replaces_its_own_files(train_config, tmp_path):
     common = dict(max_train_epochs=2, save_every_n_epochs=1, save_state=True, reg_data_dir=None)
     final = train(train_config(**common))

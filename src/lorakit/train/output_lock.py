@@ -192,18 +192,17 @@ class OutputLock:
 
 
 # --- files of other runs ------------------------------------------------------------------------
-def run_session_id(cfg: TrainConfig) -> str:
-    """This run's ss_session_id: a resumed run keeps the one of the run it continues."""
-    from ..network.metadata import new_session_id
-
+def run_session_id(cfg: TrainConfig) -> str | None:
+    """The ss_session_id a resumed run keeps (that of the run it continues); None for a new run,
+    whose new id matches no file yet."""
     o = cfg.output
     if not o.resume:
-        return new_session_id()
+        return None
     state = Path(o.resume)
     session = read_position(state).session_id
     if not session and state.name.endswith("-state"):  # a state from before states kept it: ask its LoRA
         session = _lora_session(state.with_name(f"{state.name[: -len('-state')]}.{o.save_model_as}"))[0]
-    return session or new_session_id()
+    return session or None
 
 
 def _lora_session(path: Path) -> tuple[str | None, str]:
@@ -238,7 +237,11 @@ def _state_session(folder: Path) -> tuple[str | None, int | None]:
     return pos.session_id or None, pos.step
 
 
-def check_output_name(cfg: TrainConfig, session_id: str, main_process: bool = True) -> None:
+def _same_run(found: str | None, mine: str | None) -> bool:
+    return mine is not None and found == mine  # an unknown session is never this run's
+
+
+def check_output_name(cfg: TrainConfig, session_id: str | None, main_process: bool = True) -> None:
     """Refuse to replace another run's final LoRA, or to leave another run's states beside this
     run's files, unless overwrite = true (then the other run's states are removed)."""
     o = cfg.output
@@ -249,7 +252,7 @@ def check_output_name(cfg: TrainConfig, session_id: str, main_process: bool = Tr
     final = out / f"{o.output_name}.{o.save_model_as}"
     if final.is_file():
         sid, what = _lora_session(final)
-        if sid != session_id:
+        if not _same_run(sid, session_id):
             if not o.overwrite:
                 raise ConfigError(
                     f"{final} is the LoRA of another training run ({what}); this run would replace it. "
@@ -262,10 +265,10 @@ def check_output_name(cfg: TrainConfig, session_id: str, main_process: bool = Tr
     states, epoch_loras = [], []
     for entry in sorted(out.iterdir()):
         if re.fullmatch(rf"{name}(-\d+)?-state", entry.name) and entry.is_dir():
-            if entry.absolute() != resume and _state_session(entry)[0] != session_id:
+            if entry.absolute() != resume and not _same_run(_state_session(entry)[0], session_id):
                 states.append(entry)
         elif re.fullmatch(rf"{name}-\d+\.{re.escape(o.save_model_as)}", entry.name) and entry.is_file():
-            if _lora_session(entry)[0] != session_id:
+            if not _same_run(_lora_session(entry)[0], session_id):
                 epoch_loras.append(entry.name)
     if states and not o.overwrite:
         listed = "; ".join(f"{s} (step {_state_session(s)[1]})" for s in states)
@@ -293,7 +296,7 @@ def is_main_launch_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def claim_output_name(cfg: TrainConfig, session_id: str) -> OutputLock | None:
+def claim_output_name(cfg: TrainConfig, session_id: str | None) -> OutputLock | None:
     """Lock the output name (only the main process, under torchrun / accelerate launch), then check
     what is there. Every process runs the checks, so all of them stop together."""
     main_process = is_main_launch_process()

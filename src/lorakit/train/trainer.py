@@ -104,10 +104,9 @@ class Trainer:
 
         from ..models.loader import LoraFileAsBaseModel, load_base_model
         from ..network.lora import LoRANetwork
-        from ..network.metadata import new_session_id
 
         self.cfg, self.dataset, self.seed = cfg, dataset, seed
-        self.session_id = session_id or new_session_id()  # kohya's ss_session_id
+        self.session_id = session_id  # kohya's ss_session_id; a new run gets a new one in _metadata
         self.output_lock = output_lock  # released when run() ends; by the finalizer if it never runs
         if output_lock is not None:
             weakref.finalize(self, output_lock.release)
@@ -199,14 +198,13 @@ class Trainer:
         optimizer, self.optimizer_repr = build_optimizer(t, groups)
         self.lr_scheduler = build_lr_scheduler(t, optimizer, self.total_steps)
         self.optimizer = self.acc.prepare(optimizer)  # gradient scaling for fp16
-        self.pos = Position(epoch=0, step=0, batch_in_epoch=0, seed=seed, session_id=self.session_id)
+        self.pos = Position(epoch=0, step=0, batch_in_epoch=0, seed=seed)
         if self.acc.is_main_process:  # temp files and set-aside states of a killed earlier run
             clean_output_folder(o.output_dir, o.output_name)
         if o.resume:
             self.pos = load_state(
                 o.resume, self.network, self.optimizer.optimizer, self.lr_scheduler, self.acc.scaler
             )
-            self.pos.session_id = self.session_id
             log.info("resumed at epoch %d, step %d", self.pos.epoch, self.pos.step)
 
         self._first_bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
@@ -214,6 +212,7 @@ class Trainer:
 
         self._prepare_caches()
         self.metadata = self._metadata()
+        self.pos.session_id = self.session_id  # the states it saves keep it for the resumed run
 
     def sample(self, epoch: int | None = None, step: int | None = None) -> list[Path]:
         if not self.sample_prompts or not self.acc.is_main_process:
@@ -523,9 +522,10 @@ class Trainer:
         )
 
     def _metadata(self) -> dict[str, str]:
-        from ..network.metadata import file_hashes, training_metadata
+        from ..network.metadata import file_hashes, new_session_id, training_metadata
 
         p = self.dataset.plan
+        self.session_id = self.session_id or new_session_id()
         return training_metadata(
             self.cfg,
             session_id=self.session_id,
