@@ -129,6 +129,9 @@ class TrainingConfig:
 class OutputConfig:
     output_dir: str = opt("output", "folder for the LoRA file, states and logs")
     output_name: str = opt("last", "file name of the LoRA, without extension")
+    overwrite: bool = opt(
+        False, "replace a LoRA that another run saved under this output_name (and delete that run's states)"
+    )
     save_model_as: Literal["safetensors"] = opt("safetensors", "file format of the LoRA")
     save_precision: Literal["fp16", "bf16", "float"] = opt("fp16", "precision of the saved LoRA")
     save_every_n_epochs: int | None = opt(None, "also save <name>-<epoch>.safetensors every N epochs")

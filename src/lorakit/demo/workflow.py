@@ -32,6 +32,7 @@ TRAIN = {
     "cache_latents": True,
     "seed": 42,
     "output_name": "usu-bear",
+    "overwrite": True,  # running the quickstart again redoes the demo
 }
 GRID_ROWS = ("usu bear", "usu bear <lora:{name}:1>", "bear", "bear <lora:{name}:1>")
 

@@ -58,6 +58,17 @@ def _build_empty(arch: dict):
 # --------------------------------------------------------------------------- single file
 
 
+class LoraFileAsBaseModel(ModelError):
+    """A LoRA given where the base model belongs; callers say how their command takes a LoRA."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        super().__init__(
+            f"{path}: this is a LoRA file, not a base model: the base model is the full SD1.x "
+            "checkpoint a LoRA was trained on."
+        )
+
+
 def _check_kind(path: Path, keys: list[str]) -> None:
     """Refuse files that are not SD1.x base models, before building anything."""
 
@@ -65,10 +76,7 @@ def _check_kind(path: Path, keys: list[str]) -> None:
         return any(k.startswith(prefix) for k in keys)
 
     if has("lora_unet_") or has("lora_te") or any(".lora_down." in k or ".lora_A." in k for k in keys):
-        raise ModelError(
-            f"{path}: this is a LoRA file, not a base model. Pass it as network weights; "
-            "the base model is the full SD1.x checkpoint the LoRA is trained on."
-        )
+        raise LoraFileAsBaseModel(path)
     if has("conditioner.embedders.1"):
         raise ModelError(f"{path}: this is an SDXL checkpoint. lorakit supports SD1.x bases for now.")
     if has("cond_stage_model.model."):

@@ -36,6 +36,8 @@ class Position:
     step: int  # optimizer steps done
     batch_in_epoch: int  # batches of the current epoch already consumed
     seed: int
+    # the run's ss_session_id: a resumed run goes on as the same run (states written before it: "")
+    session_id: str = ""
 
 
 def _aside(folder: Path) -> Path:

@@ -8,9 +8,11 @@ mixed-precision dtype, so the step can later run under CUDA graphs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -22,9 +24,11 @@ from ..errors import ConfigError, ModelError, TrainingError
 from . import noise as N
 from .interrupts import interrupts_deferred
 from .optim import build_lr_scheduler, build_optimizer, lora_param_groups, steps_and_epochs
+from .output_lock import OutputLock, claim_output_name, is_main_launch_process, run_session_id
 from .preflight import check_output_folder
 from .samples import draw_training_samples, read_training_sample_prompts
 from .state import Position, clean_output_folder, load_state, read_position, save_state
+from .summary import log_dataset_summary, training_lines
 
 log = logging.getLogger("lorakit")
 
@@ -70,7 +74,16 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     # scans the folders and checks every image: fails in seconds, before any model is loaded
     dataset = build_dataset(cfg.dataset, seed, warn=log.warning)
     check_output_folder(cfg, dataset.num_batches_per_rank(1))  # not writable or full: say so now
-    return Trainer(cfg, dataset, seed, sample_prompts)
+    if is_main_launch_process():
+        log_dataset_summary(cfg, dataset, log)
+    session_id = run_session_id(cfg)
+    lock = claim_output_name(cfg, session_id)  # one run per output name, no other run's files replaced
+    try:
+        return Trainer(cfg, dataset, seed, sample_prompts, session_id=session_id, output_lock=lock)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
 
 
 def train(cfg: TrainConfig, on_progress: Callable[[Progress], None] | None = None) -> Path:
@@ -79,14 +92,26 @@ def train(cfg: TrainConfig, on_progress: Callable[[Progress], None] | None = Non
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, dataset, seed: int, sample_prompts: list | None = None):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        dataset,
+        seed: int,
+        sample_prompts: list | None = None,
+        session_id: str | None = None,
+        output_lock: OutputLock | None = None,
+    ):
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
-        from ..models.loader import load_base_model
+        from ..models.loader import LoraFileAsBaseModel, load_base_model
         from ..network.lora import LoRANetwork
 
         self.cfg, self.dataset, self.seed = cfg, dataset, seed
+        self.session_id = session_id  # kohya's ss_session_id; a new run gets a new one in _metadata
+        self.output_lock = output_lock  # released when run() ends; by the finalizer if it never runs
+        if output_lock is not None:
+            weakref.finalize(self, output_lock.release)
         self.sample_prompts = sample_prompts or []
         t, o = cfg.training, cfg.output
         # accelerate keeps one global state per process; a second train() call in the same
@@ -107,7 +132,14 @@ class Trainer:
         self.started_at = time.time()
 
         set_seed(seed)  # the LoRA's random init comes from the global generators
-        base = load_base_model(cfg.model.pretrained_model_name_or_path)
+        try:
+            base = load_base_model(cfg.model.pretrained_model_name_or_path)
+        except LoraFileAsBaseModel as e:
+            raise ModelError(
+                f"pretrained_model_name_or_path: {e.path} is a LoRA file, not a base model. To start "
+                "training from this LoRA, pass it as --network_weights (network_weights in the TOML) and "
+                "give the SD1.x checkpoint it was trained on as --pretrained_model_name_or_path."
+            ) from None
         self.base = base
         self.train_te, self.train_unet = cfg.trains_text_encoder, cfg.trains_unet
         for m in (base.unet, base.vae, base.text_encoder):
@@ -173,6 +205,7 @@ class Trainer:
 
         self._prepare_caches()
         self.metadata = self._metadata()
+        self.pos.session_id = self.session_id  # the states it saves keep it for the resumed run
 
     def sample(self, epoch: int | None = None, step: int | None = None) -> list[Path]:
         if not self.sample_prompts or not self.acc.is_main_process:
@@ -275,8 +308,10 @@ class Trainer:
             )
 
     def run(self, on_progress: Callable[[Progress], None] | None = None) -> Path:
+        held = self.output_lock.training() if self.output_lock else contextlib.nullcontext()
         try:
-            return self._run(on_progress)
+            with held:
+                return self._run(on_progress)
         except torch.OutOfMemoryError:
             raise TrainingError(
                 "out of GPU memory. Try train_batch_size = 1, gradient_checkpointing = true, cache_latents = true, "
@@ -291,6 +326,12 @@ class Trainer:
         params = self.network.parameters()
         if cfg.output.logging_dir:
             acc.init_trackers("network_train", config={k: str(v) for k, v in cfg.flat().items()})
+        if acc.is_main_process:
+            lines = training_lines(
+                cfg, self.dataset.plan, self.batches_per_epoch, self.epochs, self.total_steps,
+                acc.num_processes, pos.step,
+            )  # fmt: skip
+            log.info("%s", "\n".join(lines))
         bar = tqdm(total=self.total_steps, initial=pos.step, disable=not acc.is_main_process, desc="steps")
         loss_sum, loss_n = torch.zeros((), device=self.device), 0
         self._clock = (time.time(), pos.step)
@@ -341,14 +382,8 @@ class Trainer:
                     if sc.sample_every_n_epochs and pos.epoch % sc.sample_every_n_epochs == 0:
                         self.sample(epoch=pos.epoch)
         except KeyboardInterrupt:
-            if cfg.output.save_state and acc.is_main_process:
-                self._check_finite(collective=False)
-                # the weights are those of the last optimizer step: the micro-batches since then
-                # are run again on resume, so their dropped gradients are not lost
-                folder = self._save_state(self._state_dir("-state"), boundary)
-                log.warning(
-                    "interrupted at step %d: state saved to %s (resume with --resume)", boundary.step, folder
-                )
+            if acc.is_main_process:
+                self._save_interrupted(boundary)
             raise
         finally:
             bar.close()
@@ -356,6 +391,30 @@ class Trainer:
         final = self.save(cfg.output.output_name)
         acc.end_training()
         return final
+
+    def _save_interrupted(self, boundary: Position) -> None:
+        """Ctrl-C: keep what was trained, and say how to go on. The weights are those of the last
+        optimizer step (`boundary`); the micro-batches since then are run again on resume."""
+        o = self.cfg.output
+        self._check_finite(collective=False)
+        where = f"interrupted at step {boundary.step} of {self.total_steps}"
+        if o.save_state:
+            folder = self._save_state(self._state_dir("-state"), boundary)
+            log.warning(
+                "%s: state saved to %s. To go on, run the same command with --resume %s "
+                "(resume = '%s' in the TOML).", where, folder, folder, folder.as_posix(),
+            )  # fmt: skip
+        elif boundary.step == 0:
+            log.warning("%s: nothing was trained yet, nothing was saved", where)
+        else:
+            path = self._lora_path(f"{o.output_name}-interrupted")
+            self._write_lora(path, boundary, {"lorakit_interrupted_at_step": str(boundary.step)})
+            log.warning(
+                "%s: the LoRA trained so far was saved to %s. This run cannot be resumed (save_state is "
+                "off): next time add --save_state (save_state = true), then Ctrl-C keeps a state that "
+                "--resume continues from. To train further from this file, start a new run with "
+                "--network_weights %s.", where, path, path,
+            )  # fmt: skip
 
     def _optimizer_step(self, params) -> None:
         self._sync_grads()
@@ -423,27 +482,37 @@ class Trainer:
         return Path(self.cfg.output.output_dir) / f"{self.cfg.output.output_name}{suffix}"
 
     def save(self, name: str) -> Path:
+        o = self.cfg.output
+        path = self._lora_path(name)
+        self.acc.wait_for_everyone()
+        self._check_finite()  # never a nan LoRA or state
+        if self.acc.is_main_process:
+            self._write_lora(path, self.pos)
+            if o.save_state:
+                suffix = name[len(o.output_name) :] + "-state"
+                self._save_state(self._state_dir(suffix), self.pos)
+            if name != o.output_name:  # the final file is reported once, by the caller
+                log.info("saved %s", path)
+        self.last_good = path
+        return path
+
+    def _lora_path(self, name: str) -> Path:
+        return Path(self.cfg.output.output_dir) / f"{name}.{self.cfg.output.save_model_as}"
+
+    def _write_lora(self, path: Path, pos: Position, extra: dict[str, str] | None = None) -> None:
         from ..network.file import save_lora_file
         from .metadata import finish_metadata, kohya_epoch
 
         o = self.cfg.output
-        path = Path(o.output_dir) / f"{name}.{o.save_model_as}"
-        self.acc.wait_for_everyone()
-        self._check_finite()  # never a nan LoRA or state
-        if self.acc.is_main_process:
-            meta = finish_metadata(
-                self.metadata,
-                steps=self.pos.step,
-                epoch=kohya_epoch(self.pos.epoch, self.pos.batch_in_epoch),
-                no_metadata=o.no_metadata,
-            )
-            save_lora_file(path, self.network.kohya_state_dict(), meta, o.save_precision)
-            if o.save_state:
-                suffix = name[len(o.output_name) :] + "-state"
-                self._save_state(self._state_dir(suffix), self.pos)
-            log.info("saved %s", path)
-        self.last_good = path
-        return path
+        meta = finish_metadata(
+            self.metadata,
+            steps=pos.step,
+            epoch=kohya_epoch(pos.epoch, pos.batch_in_epoch),
+            no_metadata=o.no_metadata,
+        )
+        if extra and not o.no_metadata:
+            meta.update(extra)
+        save_lora_file(path, self.network.kohya_state_dict(), meta, o.save_precision)
 
     def _save_state(self, folder: Path, pos: Position) -> Path:
         return save_state(
@@ -454,9 +523,10 @@ class Trainer:
         from .metadata import file_hashes, new_session_id, training_metadata
 
         p = self.dataset.plan
+        self.session_id = self.session_id or new_session_id()
         return training_metadata(
             self.cfg,
-            session_id=new_session_id(),
+            session_id=self.session_id,
             started_at=self.started_at,
             num_train_images=p.num_train_images,
             num_reg_images=p.num_reg_images,

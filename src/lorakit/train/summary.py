@@ -1,0 +1,87 @@
+"""What a run will do, said before it starts, in kohya's words (train_network.py's "running training")."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ..config import TrainConfig, resolution_of
+
+
+def dataset_lines(cfg: TrainConfig, dataset) -> list[str]:
+    """Per folder images x repeats, the reg images, and the size the images are trained at."""
+    d, plan = cfg.dataset, dataset.plan
+    lines = []
+    folders = ((d.train_data_dir, plan.dataset_dirs, ""), (d.reg_data_dir, plan.reg_dataset_dirs, " (reg)"))
+    for root, dirs, kind in folders:
+        for name, info in dirs.items():
+            n, repeats = info["img_count"], info["n_repeats"]
+            lines.append(
+                f"found directory {Path(root) / name} contains {n} image files{kind}: "
+                f"{n} x {repeats} repeats = {n * repeats}"
+            )
+    lines.append(f"{plan.num_train_images} train images with repeating.")
+    if plan.reg_dataset_dirs:
+        used = sum(s.is_reg for s in plan.samples)
+        lines.append(
+            f"{plan.num_reg_images} reg images; {used} reg samples an epoch "
+            "(kohya balances them to the train images)."
+        )
+    return lines
+
+
+def log_dataset_summary(cfg: TrainConfig, dataset, log: logging.Logger) -> None:
+    for line in dataset_lines(cfg, dataset):
+        log.info("%s", line)
+    w, h = resolution_of(cfg.dataset.resolution)
+    odd = not cfg.dataset.enable_bucket and (w % 64 or h % 64)
+    for line in resolution_lines(cfg, dataset):
+        (log.warning if odd else log.info)("%s", line)
+
+
+def resolution_lines(cfg: TrainConfig, dataset) -> list[str]:
+    """The sizes images are really trained at: `resolution` itself without buckets, else the buckets."""
+    d = cfg.dataset
+    w, h = resolution_of(d.resolution)
+    if not d.enable_bucket:
+        line = f"resolution {d.resolution} -> images are trained at {w}x{h}"
+        if w % 64 or h % 64:
+            line += " (not a multiple of 64, used as given; SD1.x models are trained at multiples of 64)"
+        if w % 8 or h % 8:
+            line += f"; the VAE's 8-pixel grid covers only {w - w % 8}x{h - h % 8} of it"
+        return [line]
+    lines = [
+        f"resolution {d.resolution} -> buckets with sides multiple of {d.bucket_reso_steps} and an area "
+        f"up to {w}x{h}; number of images (including repeats) per bucket:"
+    ]
+    for i, (reso, samples) in enumerate(zip(dataset.bucket_resos, dataset.buckets)):
+        lines.append(f"  bucket {i}: resolution {reso[0]}x{reso[1]}, count: {len(samples)}")
+    return lines
+
+
+def training_lines(
+    cfg: TrainConfig,
+    plan,
+    batches_per_epoch: int,
+    epochs: int,
+    total_steps: int,
+    processes: int,
+    start_step: int,
+) -> list[str]:
+    """kohya's summary of the run; `batches_per_epoch` is per process, like kohya's len(train_dataloader)."""
+    d, t = cfg.dataset, cfg.training
+    lines = [
+        "running training",
+        f"  num train images * repeats: {plan.num_train_images}",
+        f"  num reg images: {plan.num_reg_images}",
+        f"  num batches per epoch: {batches_per_epoch}",
+        f"  num epochs: {epochs}",
+        f"  batch size per device: {d.train_batch_size}",
+        f"  gradient accumulation steps: {t.gradient_accumulation_steps}",
+        f"  total batch size (with {processes} process(es) and accumulation): "
+        f"{d.train_batch_size * processes * t.gradient_accumulation_steps}",
+        f"  total optimization steps: {total_steps}",
+    ]
+    if start_step:
+        lines.append(f"  resuming at step: {start_step}")
+    return lines
