@@ -28,7 +28,7 @@ def test_kohya_epoch_is_the_epoch_a_save_falls_in():
 def test_a_run_stopped_in_its_first_epoch_says_epoch_1(train_config):
     # 4 images x 2 repeats / batch 2 = 4 batches an epoch: step 1 is inside epoch 1, step 6 inside epoch 2
     assert metadata(train(train_config(max_train_steps=1)))["ss_epoch"] == "1"
-    meta = metadata(train(train_config(max_train_steps=6)))
+    meta = metadata(train(train_config(max_train_steps=6, overwrite=True)))
     assert (meta["ss_epoch"], meta["ss_steps"]) == ("2", "6")
 
 
