@@ -73,9 +73,18 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     return Trainer(cfg, dataset, seed, sample_prompts)
 
 
-def train(cfg: TrainConfig, on_progress: Callable[[Progress], None] | None = None) -> Path:
-    """Train a LoRA as `cfg` says; returns the path of the final `.safetensors`."""
-    return build_trainer(cfg).run(on_progress)
+def train(
+    cfg: TrainConfig,
+    on_progress: Callable[[Progress], None] | None = None,
+    stop_file: str | Path | None = None,
+) -> Path:
+    """Train a LoRA as `cfg` says; returns the path of the final `.safetensors`.
+
+    stop_file: when this file appears, training stops after the optimizer step under way, as on
+    Ctrl-C (the state is saved and KeyboardInterrupt raised). The background job's Stop uses it: it
+    works on Windows, where another process cannot send Ctrl-C.
+    """
+    return build_trainer(cfg).run(on_progress, stop_file)
 
 
 class Trainer:
@@ -274,16 +283,18 @@ class Trainer:
                 f"the processes' LoRA weights diverged ({everyone.tolist()}): gradients were not synced"
             )
 
-    def run(self, on_progress: Callable[[Progress], None] | None = None) -> Path:
+    def run(
+        self, on_progress: Callable[[Progress], None] | None = None, stop_file: str | Path | None = None
+    ) -> Path:
         try:
-            return self._run(on_progress)
+            return self._run(on_progress, Path(stop_file) if stop_file else None)
         except torch.OutOfMemoryError:
             raise TrainingError(
                 "out of GPU memory. Try train_batch_size = 1, gradient_checkpointing = true, cache_latents = true, "
                 "mixed_precision = 'bf16' or 'fp16', or a smaller resolution. Saved files were kept."
             ) from None
 
-    def _run(self, on_progress) -> Path:
+    def _run(self, on_progress, stop_file: Path | None) -> Path:
         from tqdm.auto import tqdm
 
         cfg, acc, pos = self.cfg, self.acc, self.pos
@@ -318,6 +329,9 @@ class Trainer:
                     with interrupts_deferred():
                         self._optimizer_step(params)
                         boundary = replace(pos)
+                    if stop_file is not None and stop_file.exists():  # one stat per step: cheap
+                        log.warning("stop requested (%s) at step %d", stop_file.name, pos.step)
+                        raise KeyboardInterrupt
                     bar.update(1)
                     if (
                         sc.sample_every_n_steps
