@@ -73,6 +73,21 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     return Trainer(cfg, dataset, seed, sample_prompts)
 
 
+def collective_backend() -> str | None:
+    """torch.distributed backend for a multi-process run, or None for accelerate's choice (NCCL on
+    CUDA, gloo on CPU). accelerate asks for NCCL on any CUDA machine, but Windows' torch has no NCCL:
+    there, gloo. Only for a launched process (LOCAL_RANK set): a backend given to a single process
+    makes accelerate ask for a process group that does not exist."""
+    import os
+
+    import torch.distributed as dist
+
+    launched = int(os.environ.get("LOCAL_RANK", -1)) != -1
+    if launched and torch.cuda.is_available() and dist.is_available() and not dist.is_nccl_available():
+        return "gloo"
+    return None
+
+
 def train(
     cfg: TrainConfig,
     on_progress: Callable[[Progress], None] | None = None,
@@ -90,7 +105,7 @@ def train(
 class Trainer:
     def __init__(self, cfg: TrainConfig, dataset, seed: int, sample_prompts: list | None = None):
         from accelerate import Accelerator
-        from accelerate.utils import set_seed
+        from accelerate.utils import InitProcessGroupKwargs, set_seed
 
         from ..models.loader import load_base_model
         from ..network.lora import LoRANetwork
@@ -108,6 +123,7 @@ class Trainer:
             mixed_precision=t.mixed_precision,
             log_with="tensorboard" if o.logging_dir else None,
             project_dir=o.logging_dir,
+            kwargs_handlers=[InitProcessGroupKwargs(backend=b)] if (b := collective_backend()) else None,
         )
         self.device = self.acc.device
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
