@@ -79,7 +79,7 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
 
@@ -176,7 +176,7 @@ class Job:
         rows: list[dict[str, Any]] = []
         path = self.run_dir / "progress.jsonl"
         if path.is_file():
-            for line in path.read_text().splitlines():
+            for line in path.read_text(encoding="utf-8").splitlines():
                 try:
                     rows.append(json.loads(line))
                 except ValueError:
