@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -9,10 +10,11 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
+from lorakit import processes
 from lorakit.config import TrainConfig
 from lorakit.errors import ConfigError, TrainingError
 from lorakit.testing import make_dataset, make_tiny_base
-from lorakit.train.job import find_jobs, latest_job, start_job
+from lorakit.train.job import HEARTBEAT_FILE, find_jobs, latest_job, start_job
 
 pytestmark = pytest.mark.slow
 
@@ -107,6 +109,42 @@ def test_stop_then_resume_finishes(tiny):
     chain = resumed.progress(with_previous=True)
     assert chain[0]["step"] == 1 and chain[-1]["step"] == 12
     assert [j.name for j in find_jobs(runs)] == [job.name, resumed.name]
+
+
+def test_stop_file_alone_stops_and_resumes_as_on_windows(tiny, monkeypatch):
+    """Windows' Stop: no signal at all, only the stop file, which the trainer polls at each step.
+    Folders with spaces and Japanese names, as Windows users have them."""
+    root, base, train_dir, _ = tiny
+    out, runs = root / "出力 フォルダ", root / "ジョブ runs"
+    cfg = config(root, base, train_dir, output_dir=str(out), output_name="usu クマ", max_train_steps=100000)
+    cfg.update({"progress_every_n_steps": 1})
+    job = start_job(cfg, runs)
+    beat = job.run_dir / HEARTBEAT_FILE
+    first_beat = beat.stat().st_mtime_ns  # the parent's, at start
+    wait_for(lambda: len(job.progress()) >= 2, 180, "two progress reports")
+    wait_for(lambda: beat.stat().st_mtime_ns > first_beat, 30, "a heartbeat from the child")
+
+    sent = []
+    with monkeypatch.context() as m:
+        m.setattr(processes, "WINDOWS", True)  # Stop takes the Windows branch...
+        m.setattr(os, "kill", lambda pid, sig: sent.append(sig))  # ...and could not signal anyway
+        job.stop()
+        st = job.wait(timeout=60)
+    assert sent == []
+    assert st["state"] == "stopped" and "the state was saved" in st["message"], (st, job.log_text())
+    assert "stop requested (stop_requested)" in job.log_text()
+    state = out / "usu クマ-state"
+    assert (state / "train_state.json").is_file() and job.resumable_state() == state
+    stopped_at = json.loads((state / "train_state.json").read_text())["step"]
+
+    (job.run_dir / "config.toml").write_text(
+        (job.run_dir / "config.toml")
+        .read_text()
+        .replace("max_train_steps = 100000", f"max_train_steps = {stopped_at + 2}")
+    )
+    st = job.resume().wait(timeout=180)
+    assert st["state"] == "done", st
+    assert st["lora_path"] == str(out / "usu クマ.safetensors") and Path(st["lora_path"]).is_file()
 
 
 def test_bad_folder_ends_in_error_with_the_message(tiny):

@@ -10,12 +10,47 @@ from __future__ import annotations
 import os
 import secrets
 import stat
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
+from .errors import LoraKitError
+
 _TRIES = 100
+# Windows refuses to replace a file another program holds open (ERROR_ACCESS_DENIED, or
+# ERROR_SHARING_VIOLATION): A1111 reading the LoRA, an image viewer, an antivirus scan, the GUI
+# reading status.json. Most let go within moments.
+_WINERRORS_IN_USE = (5, 32)
+REPLACE_WAIT_S = 5.0
+
+
+class FileInUseError(LoraKitError, PermissionError):
+    """The destination stayed open in another program (Windows) for the whole wait."""
+
+
+def replace_file(src: str | Path, dst: str | Path, wait_s: float | None = None) -> None:
+    """`os.replace(src, dst)` that, when Windows says `dst` is in use, tries again with growing pauses
+    for up to `wait_s` seconds, then raises FileInUseError naming the file."""
+    wait_s = REPLACE_WAIT_S if wait_s is None else wait_s
+    deadline = time.monotonic() + wait_s
+    pause = 0.05
+    while True:
+        try:
+            os.replace(src, dst)
+            return
+        except PermissionError as e:
+            if getattr(e, "winerror", None) not in _WINERRORS_IN_USE:
+                raise  # POSIX: a real permission problem, which waiting does not cure
+            if time.monotonic() + pause > deadline:
+                raise FileInUseError(
+                    f"cannot replace {dst}: another program has it open (Windows said: {e.strerror}). "
+                    "Close the program holding it (AUTOMATIC1111/Forge/ComfyUI with this LoRA loaded, an "
+                    "image viewer, an open folder window) and try again, or save under another name."
+                ) from e
+            time.sleep(pause)
+            pause = min(pause * 2, 0.5)
 
 
 def _new_beside(path: Path, suffix: str, create: Callable[[Path], None]) -> Path:
@@ -60,7 +95,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         _restore_mode(tmp, mode)
-        os.replace(tmp, path)
+        replace_file(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -25,6 +25,9 @@ class GenerationError(LoraKitError):
     """An image cannot be drawn as asked (the model produced NaN or infinite values)."""
 
 
+# No advice about data-loader workers: lorakit builds batches in the training process itself (no
+# kohya-style DataLoader workers, whose spawned copies multiply the memory used on Windows).
+
 # Windows: "The paging file is too small for this operation to complete" (ERROR_COMMITMENT_LIMIT)
 WINERROR_PAGING_FILE = 1455
 
@@ -33,12 +36,11 @@ PAGING_FILE_ADVICE = (
     "Stable Diffusion model briefly needs its whole size in RAM + page file. Fix: System Properties > "
     "Advanced > Performance Settings > Advanced > Virtual memory > Change: 'System managed size' "
     "on a drive with 30+ GB free (or a custom size of at least 32768 MB), then restart; close other "
-    "programs; use cache_latents = true and max_data_loader_n_workers = 0."
+    "programs; use cache_latents = true."
 )
 RAM_ADVICE = (
     "the computer ran out of memory (RAM) while {doing}. Close other programs, use cache_latents = "
-    "true (on disk: cache_latents_to_disk = true), max_data_loader_n_workers = 0, and on Windows "
-    "give the paging file more room."
+    "true (on disk: cache_latents_to_disk = true), and on Windows give the paging file more room."
 )
 GPU_ADVICE = (
     "out of GPU memory while {doing}. Try train_batch_size = 1, gradient_checkpointing = true, "

@@ -3,15 +3,21 @@
     job = start_job(cfg, "runs")          # returns at once; training runs in `python -m lorakit.train.job`
     job.status()["state"]                 # running | done | stopped | error
     job.progress()                        # the Progress reports so far, as dicts
-    job.stop(); job.wait()                # SIGINT: the trainer saves its state and exits ("stopped")
+    job.stop(); job.wait()                # the trainer saves its state and exits ("stopped")
     job2 = job.resume()                   # a new job that continues from the newest saved state
 
 A run folder `<runs_dir>/<YYYYmmdd-HHMMSS>-<output_name>/` holds everything about one job:
 `config.toml` (the same TOML `lorakit train --config` reads), `job.json` (when, resumed from what),
 `status.json` ({state, message, lora_path, pid}), `progress.jsonl` (one Progress per line) and
-`log.txt` (the process's stdout and stderr). The process runs in its own session, so closing the
-browser, reloading the page or restarting the GUI server does not stop it; `find_jobs` /
-`latest_job` find it again from the folder alone.
+`log.txt` (the process's stdout and stderr), `heartbeat` (touched every few seconds while the process
+lives) and `stop_requested` (Stop's request). The process is detached (its own session on POSIX, its
+own process group and hidden console on Windows), so closing the browser, reloading the page or
+restarting the GUI server does not stop it; `find_jobs` / `latest_job` find it again from the folder.
+
+Stop works the same on every system: it creates `stop_requested`, which the trainer checks after each
+optimizer step, then saves its state as on Ctrl-C. On POSIX it also sends SIGINT, which stops a job
+that is still loading. A job is alive while its process exists and its heartbeat is fresh: no signal
+is needed to ask (on Windows `os.kill(pid, 0)` would end it), and a reused pid is not taken for it.
 """
 
 from __future__ import annotations
@@ -24,10 +30,13 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from .. import processes
+from ..atomic import replace_file
 from ..config import TrainConfig
 from ..errors import LoraKitError, TrainingError
 
@@ -49,47 +58,62 @@ PATH_OPTIONS = (
 # What train/state.py's load_state needs (read here without importing torch); the position file last.
 STATE_FILES = ("network.safetensors", "optimizer.pt", "train_state.json")
 
+STOP_FILE = "stop_requested"
+HEARTBEAT_FILE = "heartbeat"
+HEARTBEAT_EVERY_S = 2.0
+# Generous: loading torch and a model, or a slow disk, may hold the heartbeat thread back a while.
+HEARTBEAT_STALE_S = 60.0
+
 _TQDM_BAR = re.compile(r"\r?[^\r\n]*?\d+%\|[^|\r\n]*\|[^\]\r\n]*\]")
 
 # Popen handles of the jobs this process started: they tell a finished child from a running one
-# (a finished child that nobody waited for still answers kill(pid, 0)).
+# (and reap it) without looking the pid up.
 _CHILDREN: dict[int, subprocess.Popen] = {}
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)  # readers never see half a file
+    replace_file(tmp, path)  # readers never see half a file; on Windows, waits out a reader
 
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
 
 
-def _pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    child = _CHILDREN.get(pid)
+def _process_alive(pid: int | None) -> bool:
+    child = _CHILDREN.get(pid) if pid else None
     if child is not None:
         return child.poll() is None
+    return processes.pid_alive(pid)
+
+
+def _heartbeat_age(run_dir: Path) -> float:
+    """Seconds since the job's process last touched its heartbeat file (inf without one)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    proc = Path(f"/proc/{pid}")
-    if proc.is_dir():  # Linux: a zombie is dead, and a reused pid is someone else
+        return time.time() - (run_dir / HEARTBEAT_FILE).stat().st_mtime
+    except OSError:
+        return float("inf")
+
+
+def _beat(path: Path, every_s: float, stop: threading.Event) -> None:
+    while not stop.is_set():
         try:
-            if proc.joinpath("stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-                return False
-            return b"lorakit.train.job" in proc.joinpath("cmdline").read_bytes()
-        except (OSError, IndexError):
-            return False
-    return True
+            path.touch()
+        except OSError:
+            pass  # a full disk or a passing lock: the next beat tries again
+        stop.wait(every_s)
+
+
+def start_heartbeat(run_dir: Path, every_s: float = HEARTBEAT_EVERY_S) -> threading.Event:
+    """Touch `run_dir/heartbeat` every `every_s` seconds from a daemon thread; set the event to stop."""
+    stop = threading.Event()
+    beat = threading.Thread(target=_beat, args=(run_dir / HEARTBEAT_FILE, every_s, stop), daemon=True)
+    beat.start()
+    return stop
 
 
 @dataclasses.dataclass
@@ -118,14 +142,23 @@ class Job:
         """{state, message, lora_path, pid}; a process that died without saying so is reported."""
         st = {"state": "error", "message": "no status.json", "lora_path": None, "pid": None}
         st.update(_read_json(self.run_dir / "status.json"))
-        if st["state"] == "running" and not _pid_alive(st.get("pid")):
-            if (self.run_dir / "stop_requested").exists():
+        if st["state"] != "running":
+            return st
+        if not _process_alive(st.get("pid")):
+            if (self.run_dir / STOP_FILE).exists():
                 st.update(state="stopped", message="stopped before training began; nothing was saved")
             else:
                 st.update(
                     state="error",
                     message=f"the training process ended without a word; see {self.run_dir / 'log.txt'}",
                 )
+        elif (age := _heartbeat_age(self.run_dir)) > HEARTBEAT_STALE_S:
+            # hung, or its pid now belongs to another program after it died unseen
+            st.update(
+                state="error",
+                message=f"the training process (pid {st['pid']}) has given no sign of life for "
+                f"{min(age, 1e6):.0f} s; see {self.run_dir / 'log.txt'}",
+            )
         return st
 
     @property
@@ -143,7 +176,7 @@ class Job:
         rows: list[dict[str, Any]] = []
         path = self.run_dir / "progress.jsonl"
         if path.is_file():
-            for line in path.read_text().splitlines():
+            for line in path.read_text(encoding="utf-8").splitlines():
                 try:
                     rows.append(json.loads(line))
                 except ValueError:
@@ -198,26 +231,27 @@ class Job:
 
     # --- acting --------------------------------------------------------------------
     def stop(self) -> None:
-        """Ask the trainer to stop: it saves its state (for Resume) and exits. Returns at once."""
+        """Ask the trainer to stop: after the optimizer step under way it saves its state (for
+        Resume) and exits. Returns at once."""
         st = self.status()
-        marker = self.run_dir / "stop_requested"
-        if st["state"] != "running" or marker.exists():  # a second SIGINT would cut the save short
+        marker = self.run_dir / STOP_FILE
+        if st["state"] != "running" or marker.exists():  # a second interrupt would cut the save short
             return
+        # POSIX: SIGINT also stops a job still loading. Sent before the file exists, so the trainer
+        # cannot see the file, start saving and then be cut short by the signal.
+        processes.interrupt(st["pid"])
         marker.touch()
-        try:
-            os.kill(st["pid"], signal.SIGINT)
-        except ProcessLookupError:
-            pass
 
     def kill(self) -> None:
-        """Stop without saving (SIGKILL), for a process that no longer answers stop()."""
+        """End the process without saving, the last resort for a job that no longer answers stop()."""
         st = self.status()
         if st["state"] == "running":
-            (self.run_dir / "stop_requested").touch()
-            try:
-                os.kill(st["pid"], signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            (self.run_dir / STOP_FILE).touch()
+            child = _CHILDREN.get(st["pid"])
+            if child is not None:
+                child.kill()  # SIGKILL / TerminateProcess on the handle: never a reused pid
+            else:
+                processes.terminate(st["pid"])
 
     def wait(self, timeout: float | None = None, poll_s: float = 0.2) -> dict[str, Any]:
         """Wait until the job is no longer running; returns its status (still running on timeout)."""
@@ -314,7 +348,9 @@ def start_job(
     info = {"created": time.time(), "resumed_from": str(resumed_from) if resumed_from else None}
     _write_json(run_dir / "job.json", info)
 
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TQDM_DISABLE="1")
+    # UTF-8 output on Windows too: log lines name Japanese folders, and a cp1252 console would choke
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TQDM_DISABLE="1", PYTHONIOENCODING="utf-8")
+    (run_dir / HEARTBEAT_FILE).touch()  # alive from now on, until the child's own beats take over
     with open(run_dir / "log.txt", "ab") as log_file:
         child = subprocess.Popen(
             [sys.executable, "-m", "lorakit.train.job", str(run_dir.absolute())],
@@ -323,7 +359,7 @@ def start_job(
             stderr=subprocess.STDOUT,
             env=env,
             cwd=os.getcwd(),
-            start_new_session=True,  # not in the GUI's process group: its Ctrl-C or exit leaves this alone
+            **processes.detached_popen_kwargs(),  # the GUI's Ctrl-C or exit leaves it alone
         )
     _CHILDREN[child.pid] = child
     status = {"state": "running", "message": "starting", "lora_path": None, "pid": child.pid}
@@ -351,6 +387,7 @@ def latest_job(runs_dir: str | Path) -> Job | None:
 
 
 def _child_main(run_dir: Path) -> int:
+    heartbeat = start_heartbeat(run_dir)  # first: importing torch may take a while
     from .trainer import train
 
     # Python leaves SIGINT ignored when it was ignored at start (a job started from a background
@@ -390,7 +427,7 @@ def _child_main(run_dir: Path) -> int:
         set_status("error", str(e))
         return 2
     try:
-        path = train(cfg, on_progress=on_progress)
+        path = train(cfg, on_progress=on_progress, stop_file=run_dir / STOP_FILE)
     except KeyboardInterrupt:
         state = Path(cfg.output.output_dir) / f"{cfg.output.output_name}-state"
         if state.is_dir() and state.stat().st_mtime >= started - 1:
@@ -409,6 +446,7 @@ def _child_main(run_dir: Path) -> int:
         return 1
     finally:
         progress_file.close()
+        heartbeat.set()
     set_status("done", f"saved {path}", str(path))
     log.info("LoRA saved: %s", path)
     return 0

@@ -38,6 +38,18 @@ def lora_param_groups(network, cfg: TrainingConfig) -> list[dict]:
     return groups
 
 
+def missing_package_message(optimizer_type: str, package: str | None) -> str:
+    # double quotes: the one quoting that bash, PowerShell and cmd.exe all read the same
+    every = 'pip install "lorakit[optim]"'
+    if not package:
+        return f"optimizer_type {optimizer_type!r} needs a package that is missing: {every}"
+    hint = " (0.43 or newer has Windows wheels: no build needed)" if package == "bitsandbytes" else ""
+    return (
+        f"optimizer_type {optimizer_type!r} needs the package {package!r}: pip install {package}{hint}, "
+        f"or every optimizer at once: {every}"
+    )
+
+
 def build_optimizer(cfg: TrainingConfig, param_groups: list[dict]) -> tuple[torch.optim.Optimizer, str]:
     """(optimizer, kohya-style description for ss_optimizer)."""
     kwargs = parse_kwargs(cfg.optimizer_args, "optimizer_args")
@@ -58,9 +70,7 @@ def build_optimizer(cfg: TrainingConfig, param_groups: list[dict]) -> tuple[torc
                 f"optimizer_type {cfg.optimizer_type!r} is unknown; use AdamW, AdamW8bit, Lion or Prodigy"
             )
     except ImportError as e:
-        raise ConfigError(
-            f"optimizer_type {cfg.optimizer_type!r} needs the package {e.name!r}: pip install 'lorakit[optim]'"
-        ) from None
+        raise ConfigError(missing_package_message(cfg.optimizer_type, e.name)) from None
     if (
         cls is torch.optim.AdamW
         and torch.cuda.is_available()

@@ -23,7 +23,7 @@ from typing import BinaryIO
 
 import torch
 
-from ..atomic import make_temp_dir
+from ..atomic import make_temp_dir, replace_file
 from ..errors import ConfigError
 
 STATE_FILE = "train_state.json"
@@ -75,7 +75,7 @@ def recover_state(folder: str | Path) -> None:
             shutil.rmtree(aside, ignore_errors=True)
         else:
             shutil.rmtree(folder, ignore_errors=True)  # nothing, or a folder that is no state
-            os.replace(aside, folder)
+            replace_file(aside, folder)
             log.warning("restored the state %s that an interrupted save had set aside", folder)
     for tmp in folder.parent.glob(f".{glob.escape(folder.name)}.*.tmp"):
         shutil.rmtree(tmp, ignore_errors=True)
@@ -117,9 +117,9 @@ def save_state(folder: str | Path, network, optimizer, lr_scheduler, pos: Positi
         _write_synced(tmp / "optimizer.pt", lambda f: torch.save(opt, f))
         _write_synced(tmp / STATE_FILE, lambda f: f.write(json.dumps(asdict(pos), indent=1).encode()))
         fsync_dir(tmp)
-        if folder.exists():
-            os.replace(folder, aside)
-        os.replace(tmp, folder)
+        if folder.exists():  # on Windows, waits while another program has a file in it open
+            replace_file(folder, aside)
+        replace_file(tmp, folder)
         fsync_dir(folder.parent)
     except BaseException:
         recover_state(folder)

@@ -86,9 +86,33 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
         raise
 
 
-def train(cfg: TrainConfig, on_progress: Callable[[Progress], None] | None = None) -> Path:
-    """Train a LoRA as `cfg` says; returns the path of the final `.safetensors`."""
-    return build_trainer(cfg).run(on_progress)
+def collective_backend() -> str | None:
+    """torch.distributed backend for a multi-process run, or None for accelerate's choice (NCCL on
+    CUDA, gloo on CPU). accelerate asks for NCCL on any CUDA machine, but Windows' torch has no NCCL:
+    there, gloo. Only for a launched process (LOCAL_RANK set): a backend given to a single process
+    makes accelerate ask for a process group that does not exist."""
+    import os
+
+    import torch.distributed as dist
+
+    launched = int(os.environ.get("LOCAL_RANK", -1)) != -1
+    if launched and torch.cuda.is_available() and dist.is_available() and not dist.is_nccl_available():
+        return "gloo"
+    return None
+
+
+def train(
+    cfg: TrainConfig,
+    on_progress: Callable[[Progress], None] | None = None,
+    stop_file: str | Path | None = None,
+) -> Path:
+    """Train a LoRA as `cfg` says; returns the path of the final `.safetensors`.
+
+    stop_file: when this file appears, training stops after the optimizer step under way, as on
+    Ctrl-C (the state is saved and KeyboardInterrupt raised). The background job's Stop uses it: it
+    works on Windows, where another process cannot send Ctrl-C.
+    """
+    return build_trainer(cfg).run(on_progress, stop_file)
 
 
 class Trainer:
@@ -102,7 +126,7 @@ class Trainer:
         output_lock: OutputLock | None = None,
     ):
         from accelerate import Accelerator
-        from accelerate.utils import set_seed
+        from accelerate.utils import InitProcessGroupKwargs, set_seed
 
         from ..models.loader import LoraFileAsBaseModel, load_base_model
         from ..network.lora import LoRANetwork
@@ -124,6 +148,7 @@ class Trainer:
             mixed_precision=t.mixed_precision,
             log_with="tensorboard" if o.logging_dir else None,
             project_dir=o.logging_dir,
+            kwargs_handlers=[InitProcessGroupKwargs(backend=b)] if (b := collective_backend()) else None,
         )
         self.device = self.acc.device
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
@@ -307,18 +332,20 @@ class Trainer:
                 f"the processes' LoRA weights diverged ({everyone.tolist()}): gradients were not synced"
             )
 
-    def run(self, on_progress: Callable[[Progress], None] | None = None) -> Path:
+    def run(
+        self, on_progress: Callable[[Progress], None] | None = None, stop_file: str | Path | None = None
+    ) -> Path:
         held = self.output_lock.training() if self.output_lock else contextlib.nullcontext()
         try:
             with held:
-                return self._run(on_progress)
+                return self._run(on_progress, Path(stop_file) if stop_file else None)
         except torch.OutOfMemoryError:
             raise TrainingError(
                 "out of GPU memory. Try train_batch_size = 1, gradient_checkpointing = true, cache_latents = true, "
                 "mixed_precision = 'bf16' or 'fp16', or a smaller resolution. Saved files were kept."
             ) from None
 
-    def _run(self, on_progress) -> Path:
+    def _run(self, on_progress, stop_file: Path | None) -> Path:
         from tqdm.auto import tqdm
 
         cfg, acc, pos = self.cfg, self.acc, self.pos
@@ -359,6 +386,9 @@ class Trainer:
                     with interrupts_deferred():
                         self._optimizer_step(params)
                         boundary = replace(pos)
+                    if stop_file is not None and stop_file.exists():  # one stat per step: cheap
+                        log.warning("stop requested (%s) at step %d", stop_file.name, pos.step)
+                        raise KeyboardInterrupt
                     bar.update(1)
                     if (
                         sc.sample_every_n_steps
