@@ -116,72 +116,11 @@ def test_only_rank_0_takes_the_lock(train_config, tmp_path, monkeypatch):
     lock.release()
 
 
-# --- is a process alive ------------------------------------------------------------------------
+# --- is a process alive: lorakit.processes.pid_alive (its Windows branch: tests/test_processes.py)
 def test_pid_alive_on_this_system(sleeper):
     assert pid_alive(os.getpid()) and pid_alive(sleeper.pid)
     assert not pid_alive(ended_pid())
     assert not pid_alive(0)
-
-
-@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="zombies are read from /proc")
-def test_an_ended_child_nobody_waited_for_is_not_alive():
-    p = subprocess.Popen([sys.executable, "-c", "pass"])
-    deadline = time.time() + 30
-    while not output_lock._is_zombie(p.pid) and time.time() < deadline:
-        time.sleep(0.05)
-    try:
-        os.kill(p.pid, 0)  # what a plain kill(pid, 0) check would believe
-        assert not pid_alive(p.pid)
-    finally:
-        p.wait()
-
-
-class FakeKernel32:
-    """kernel32 as ctypes shows it, for a process table {pid: exit code} (259 = STILL_ACTIVE)."""
-
-    def __init__(self, table, error=87):
-        self.table, self.error, self.closed = table, error, []
-        me = self
-
-        class Fn:
-            def __init__(self, f):
-                self.f = f
-
-            def __call__(self, *a):
-                return self.f(*a)
-
-        self.OpenProcess = Fn(lambda access, inherit, pid: 1000 + pid if pid in me.table else 0)
-
-        def exit_code(handle, ref):
-            ref._obj.value = me.table[handle - 1000]
-            return 1
-
-        self.GetExitCodeProcess = Fn(exit_code)
-        self.CloseHandle = Fn(lambda handle: me.closed.append(handle))
-
-
-def test_windows_liveness_asks_the_exit_code_and_never_signals(monkeypatch):
-    import ctypes
-
-    k32 = FakeKernel32({10: 259, 11: 0})
-    monkeypatch.setattr(ctypes, "WinDLL", lambda name, use_last_error=False: k32, raising=False)
-    monkeypatch.setattr(ctypes, "get_last_error", lambda: k32.error, raising=False)
-    assert output_lock._pid_alive_windows(10) is True  # STILL_ACTIVE
-    assert output_lock._pid_alive_windows(11) is False  # exited with code 0
-    assert output_lock._pid_alive_windows(12) is False  # ERROR_INVALID_PARAMETER: no such process
-    k32.error = 5  # ERROR_ACCESS_DENIED: it exists, owned by someone else
-    assert output_lock._pid_alive_windows(12) is True
-    assert k32.closed == [1010, 1011]  # every handle opened is closed
-
-    def no_signals(*a):
-        raise AssertionError("os.kill would terminate the process on Windows")
-
-    monkeypatch.setattr(output_lock, "_pid_alive_windows", lambda pid: pid == 10)
-    monkeypatch.setattr(output_lock.os, "kill", no_signals)
-    monkeypatch.setattr(output_lock.os, "name", "nt")
-    answers = [pid_alive(10), pid_alive(11)]
-    monkeypatch.undo()
-    assert answers == [True, False]
 
 
 # --- another run's files ---------------------------------------------------------------------

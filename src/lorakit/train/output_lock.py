@@ -25,63 +25,13 @@ from pathlib import Path
 
 from ..config import TrainConfig
 from ..errors import ConfigError, TrainingError
+from ..processes import pid_alive
 from .state import read_position
 
 log = logging.getLogger("lorakit")
 
 # Lock files that a run of this process is training into right now (see _holder_is_running).
 _TRAINING: set[Path] = set()
-
-
-# --- is a process alive? ------------------------------------------------------------------------
-def pid_alive(pid: int) -> bool:
-    """Whether process `pid` runs on this computer. Never signals it: on Windows os.kill(pid, 0)
-    would end the process, so Windows asks OpenProcess/GetExitCodeProcess instead."""
-    if pid <= 0:
-        return False
-    if os.name == "nt":
-        return _pid_alive_windows(pid)
-    try:
-        os.kill(pid, 0)  # signal 0 only checks that the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    return not _is_zombie(pid)
-
-
-def _is_zombie(pid: int) -> bool:
-    """Linux: an ended child that its parent has not waited for yet still answers kill(pid, 0)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[-1].split()[:1] == ["Z"]
-
-
-_PROCESS_QUERY_LIMITED_INFORMATION = 0x1000
-_STILL_ACTIVE = 259
-_ERROR_ACCESS_DENIED = 5
-
-
-def _pid_alive_windows(pid: int) -> bool:
-    import ctypes
-
-    kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
-    kernel32.OpenProcess.restype = ctypes.c_void_p  # a HANDLE: pointer-sized
-    kernel32.OpenProcess.argtypes = (ctypes.c_uint32, ctypes.c_int, ctypes.c_uint32)
-    kernel32.GetExitCodeProcess.argtypes = (ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32))
-    kernel32.CloseHandle.argtypes = (ctypes.c_void_p,)
-    handle = kernel32.OpenProcess(_PROCESS_QUERY_LIMITED_INFORMATION, False, pid)
-    if not handle:  # no such process, or one this user may not open (which exists)
-        return ctypes.get_last_error() == _ERROR_ACCESS_DENIED
-    try:
-        code = ctypes.c_uint32()
-        if not kernel32.GetExitCodeProcess(handle, ctypes.byref(code)):
-            return True
-        return code.value == _STILL_ACTIVE
-    finally:
-        kernel32.CloseHandle(handle)
 
 
 # --- the lock file ------------------------------------------------------------------------------
