@@ -176,6 +176,31 @@ def test_page_loads_offline_with_four_tabs(browser_page):
     assert page.external_requests == [], "the page tried to reach the internet"
 
 
+def test_sizes_and_learning_rate_come_from_the_base_model(browser_page, work):
+    from lorakit.demo import DEMO_MODEL
+
+    page = browser_page
+    tab(page, "train")  # the tiny model: 64 px from its lorakit.arch (UNet 8x8 latents), not 512
+    expect(page.locator("#cfg-resolution textarea, #cfg-resolution input").first).to_have_value("64,64")
+    expect(page.locator("#cfg-model-note")).to_contain_text("native size 64x64")
+    fill(page, "cfg-pretrained_model_name_or_path", DEMO_MODEL)  # picking a model fills its defaults
+    expect(page.locator("#cfg-learning_rate input")).to_have_value("0.001")
+    expect(page.locator("#cfg-model-note")).to_contain_text("modelspec.resolution")
+    fill(page, "cfg-resolution", "512,512")
+    expect(page.locator("#cfg-model-note")).to_contain_text("far from the base model's native 64x64")
+    fill(page, "cfg-pretrained_model_name_or_path", work["base"])
+    expect(page.locator("#cfg-resolution textarea, #cfg-resolution input").first).to_have_value("64,64")
+    expect(page.locator("#cfg-model-note")).not_to_contain_text("far from")
+    tab(page, "generate")
+    expect(page.locator("#gen-width input[type=number]")).to_have_value("64")
+    expect(page.locator("#gen-height input[type=number]")).to_have_value("64")
+    tab(page, "dataset")
+    page.get_by_text("Make regularization images (the base model").click()
+    expect(page.locator("#reg-size input")).to_have_value("64")
+    expect(page.locator("#reg-note")).to_contain_text("native size 64x64")
+    page.get_by_text("Make regularization images (the base model").click()  # closed again, as it was
+
+
 def test_dataset_tab_lists_folders_edits_captions_and_shows_problems(browser_page, work):
     page = browser_page
     tab(page, "dataset")
@@ -198,10 +223,18 @@ def test_dataset_tab_lists_folders_edits_captions_and_shows_problems(browser_pag
     page.wait_for_selector("#ds-gallery :text('usu bear, black disc')")
     shot(page, work, "dataset")
 
+    expect(page.locator("#ds-image textarea, #ds-image input").first).to_have_value(re.compile("usu_00"))
     fill(page, "ds-train_dir", work["bad"])
     fill(page, "ds-reg_dir", "")
     page.locator("#ds-scan").click()
     page.wait_for_selector("#ds-problems :text('Training would stop here')")
+    # the other folders' scan empties the editor: the previous image is not shown, Save cannot write it
+    expect(page.locator("#ds-image textarea, #ds-image input").first).to_have_value("")
+    expect(page.locator("#ds-caption textarea")).to_have_value("")
+    fill(page, "ds-caption", "overwritten")
+    page.locator("#ds-save-caption").click()
+    expect(page.get_by_text("Click an image first").first).to_be_visible()
+    assert caption.read_text().strip() == "usu bear, black disc"
     expect(page.locator("#ds-problems")).to_contain_text("folder names must be <repeats>_<prompt>")
     expect(page.locator("#ds-problems")).to_contain_text("usu bear")
     caption.unlink()
@@ -255,8 +288,16 @@ def test_train_shows_progress_loss_samples_and_saves_the_lora(browser_page, work
     page.wait_for_selector("#train-loss canvas, #train-loss svg")
     expect(page.locator("#train-loss .empty, #train-loss :text('No plot')")).to_have_count(0)
     _wait(lambda: _plot_points(page) == 4, 30, f"4 loss points (the plot has {_plot_points(page)})")
-    # the latest samples, drawn at steps 4 and 8
+    # the latest samples, drawn at steps 4 and 8, labelled in full: which step, which prompt
     expect(page.locator("#train-samples img").nth(1)).to_be_attached()
+    labels = page.locator("#train-samples .caption-label")
+    expect(labels.first).to_have_text(re.compile(r"^\s*step 8 · usu bear\s*$"))
+    expect(labels.nth(1)).to_have_text(re.compile(r"^\s*step 4 · usu bear\s*$"))
+    cut = page.evaluate(
+        "() => [...document.querySelectorAll('#train-samples .caption-label')]"
+        ".filter(e => e.scrollWidth > e.clientWidth + 1).length"
+    )
+    assert cut == 0, "a sample label is cut off"
     expect(page.locator("#train-log textarea")).to_have_value(re.compile("LoRA saved"))
     shot(page, work, "train")
 
@@ -279,6 +320,39 @@ def test_stop_keeps_the_state_and_resume_finishes(browser_page, work):
     page.locator("#train-resume").click()
     wait_status(page, r"done.*step 300/300", 240)
     assert (work["root"] / "loras" / "gui-long.safetensors").is_file()
+
+
+def _log_at_end(page) -> bool:
+    return page.evaluate(
+        "() => { const t = document.querySelector('#train-log textarea');"
+        " return t.scrollHeight > t.clientHeight + 40 && t.scrollTop + t.clientHeight >= t.scrollHeight - 30; }"
+    )
+
+
+def test_a_reopened_page_stays_on_its_tab_and_the_log_shows_its_end(browser_page, work):
+    page = browser_page
+    page.reload()
+    page.wait_for_selector("#lk-intro")
+    # the latest run is named above the tabs instead of the page switching tabs by itself
+    expect(page.locator("#lk-job-notice")).to_contain_text(re.compile(r"gui-long.*ended: done", re.S))
+    time.sleep(3)  # the old page jumped to the Train tab about 1.5 s after load
+    expect(page.locator("#tab-dataset-button")).to_have_attribute("aria-selected", "true")
+    expect(page.locator("#tab-train-button")).to_have_attribute("aria-selected", "false")
+    tab(page, "train")  # the log filled while its tab was hidden: it opens at its newest line
+    expect(page.locator("#train-log textarea")).to_have_value(re.compile("LoRA saved"))
+    _wait(lambda: _log_at_end(page), 10, "the log box to show its last line")
+
+
+def test_the_message_follows_a_run_that_errors(browser_page, work):
+    page = browser_page
+    fill_train_tab(page, work, "gui-broken", steps=4, every=1, samples=False)
+    fill(page, "cfg-train_data_dir", work["bad"])  # the run stops at the folder names
+    page.locator("#train-start").click()
+    expect(page.locator("#train-action")).to_contain_text("gui-broken")
+    wait_status(page, r"error.*gui-broken", 120)
+    expect(page.locator("#train-action")).to_contain_text("stopped with an error")
+    expect(page.locator("#train-action")).not_to_contain_text("training goes on")
+    expect(page.locator("#lk-job-notice")).to_contain_text("gui-broken ended: error")
 
 
 def test_generate_with_the_new_lora_from_its_card(browser_page, work):

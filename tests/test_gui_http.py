@@ -178,13 +178,13 @@ def test_caption_save_writes_only_beside_a_scanned_image(site):
 
     # a session that never scanned: forged state values are not used
     api = Api(site["url"], "forger")
-    out = api("save_caption", [forged_scan, 0, "import os", str(outside), "", ".pth", "stop"])
+    out = api("save_caption", [forged_scan, 0, "import os"])
     assert "Click an image first" in out.get("error", "")
 
     # a scan with a code-like extension: listing works, saving does not follow the extension
     assert "Ready" in _scan(api, site["train"], ext=".pth")["data"][0]
     api("pick_image", [forged_scan], event_data={"index": 0, "value": None})
-    out = api("save_caption", [forged_scan, 0, "import os", str(site["train"]), "", ".pth", "stop"])
+    out = api("save_caption", [forged_scan, 0, "import os"])
     assert "saves captions only as .caption or .txt" in out.get("error", "")
 
     # an index outside the scan is refused
@@ -197,19 +197,22 @@ def test_caption_save_writes_only_beside_a_scanned_image(site):
     # the real thing: the image the server listed at that index, with the scanned extension
     picked = api("pick_image", [forged_scan], event_data={"index": 1, "value": None})["data"]
     assert picked[0] == str((folder / "usu_01.png").resolve()) and picked[1] == "usu bear"
-    out = api(
-        "save_caption", [forged_scan, 0, "usu bear, smiling", str(site["train"]), "", ".caption", "stop"]
-    )
+    out = api("save_caption", [forged_scan, 0, "usu bear, smiling"])
     target = folder / "usu_01.caption"
     assert out["data"][0] == f"Saved {target.resolve()}"
     assert target.read_text() == "usu bear, smiling\n"
-    again = api(
-        "save_caption", [forged_scan, 0, "usu bear, sitting", str(site["train"]), "", ".caption", "stop"]
-    )
+    again = api("save_caption", [forged_scan, 0, "usu bear, sitting"])
     assert again.get("data", [""])[0].startswith("Saved"), again
     assert target.read_text() == "usu bear, sitting\n"  # the same image stays picked after the rescan
     assert _files(outside) == outside_before and _files(site["work"]) == work_before | {target}
     target.unlink()
+
+    # scanning other folders empties the caption editor and forgets the picked image: Save then
+    # cannot write into the previous folders
+    scan = _scan(api, site["extra"] / "data" / "train")
+    assert "Ready" in scan["data"][0] and scan["data"][-3:] == ["", "", ""]
+    assert "Click an image first" in api("save_caption", [forged_scan, 0, "stale"]).get("error", "")
+    assert _files(site["work"]) == work_before
 
 
 # --- Train tab: config files, training folders, Resume -----------------------------------

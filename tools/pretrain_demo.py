@@ -304,7 +304,9 @@ def main(argv=None) -> int:
 
     _, vae2, _ = build_from_arch(arch)  # the config with the measured scaling factor
     vae2.load_state_dict(vae.state_dict())
-    save_ldm_checkpoint(args.out, unet, vae2, te, arch, dtype=torch.float16)
+    # what lorakit.models.defaults reads: the 64 px it was trained at, and a LoRA rate that moves it
+    meta = {"modelspec.resolution": "64x64", "lorakit.recommended_learning_rate": "1e-3"}
+    save_ldm_checkpoint(args.out, unet, vae2, te, arch, dtype=torch.float16, metadata=meta)
     mins = (time.time() - t_start) / 60
     log(f"wrote {args.out} ({Path(args.out).stat().st_size / 1e6:.1f} MB) in {mins:.1f} min")
     return 0

@@ -172,6 +172,9 @@ class TrainConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    # options set by a file, flag or caller (not left at their default): model-dependent defaults
+    # (resolution, learning_rate; lorakit.models.defaults) fill only the others
+    given: set[str] = field(default_factory=set, repr=False, compare=False)
 
     # --- building ---------------------------------------------------------
     @classmethod
@@ -191,6 +194,7 @@ class TrainConfig:
                 raise ConfigError(unknown_key_message(key, source))
             section, f = index[key]
             setattr(getattr(self, section), key, coerce(key, f, value, source))
+            self.given.add(key)
         self.normalise()
 
     def normalise(self) -> None:

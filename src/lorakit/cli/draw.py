@@ -16,8 +16,8 @@ GENERATION_HELP = {
     "negative_prompt": "negative prompt",
     "steps": "sampling steps",
     "cfg_scale": "classifier-free guidance scale",
-    "width": "image width (multiple of 8)",
-    "height": "image height (multiple of 8)",
+    "width": "image width (multiple of 8; default: the base model's native size, 512 for SD1.x)",
+    "height": "image height (multiple of 8; default: the base model's native size, 512 for SD1.x)",
     "seed": "seed; -1 = random (printed and stored in the PNG)",
     "batch_count": "how many batches to draw",
     "batch_size": "images per batch",
@@ -34,9 +34,10 @@ def add_generation_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ())
         if f.name in skip:
             continue
         kind = {"int": int, "float": float}.get(str(f.type), str)
-        p.add_argument(
-            f"--{f.name}", type=kind, default=None, help=f"{GENERATION_HELP[f.name]} (default: {f.default})"
-        )
+        help_text = GENERATION_HELP[f.name]
+        if "default" not in help_text:  # width/height name theirs: the model's
+            help_text += f" (default: {f.default})"
+        p.add_argument(f"--{f.name}", type=kind, default=None, help=help_text)
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -59,6 +60,26 @@ def params_from_args(args: argparse.Namespace, base=None):
     return dataclasses.replace(p, **given)
 
 
+def size_from_model(args: argparse.Namespace, params, keep_size: bool = False):
+    """--width/--height not given: the base model's native size (64 for the demo model, 512 for SD1.x),
+    with a line saying so; a warning when the size is far from it. keep_size: the size is the PNG's."""
+    from pathlib import Path
+
+    from ..models.defaults import model_defaults, resolution_warning
+
+    if not Path(args.model).exists():
+        return params  # Generator.from_path says what is wrong with it
+    d = model_defaults(args.model)
+    if not keep_size and (args.width is None or args.height is None):
+        params.width = args.width or d.resolution[0]
+        params.height = args.height or d.resolution[1]
+        log.info("size %dx%d, the base model's (%s)", params.width, params.height, d.source)
+    warning = resolution_warning((params.width, params.height), d)
+    if warning:
+        log.warning("size %s", warning)
+    return params
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from ..generate.pipeline import Generator
     from ..generate.pnginfo import parse_parameters, read_png_parameters
@@ -68,6 +89,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     params = params_from_args(args, base)
     if not params.prompt and not args.from_png:
         raise ConfigError("--prompt is empty: say what to draw (or give --from_png IMAGE)")
+    params = size_from_model(args, params, keep_size=bool(args.from_png))
     check_request(params, args.lora_dir)
     gen = Generator.from_path(args.model, args.lora_dir, device=args.device)
     if args.from_png:
@@ -98,7 +120,7 @@ def cmd_reg_images(args: argparse.Namespace) -> int:
     )
     if not class_prompt:
         raise ConfigError("give --class_prompt (e.g. bear) or --from_train_folder 'train/20_usu bear'")
-    params = params_from_args(args)
+    params = size_from_model(args, params_from_args(args))
     params.check()
     gen = Generator.from_path(args.model, args.lora_dir, device=args.device)
     folder = reg_folder(args.out, class_prompt)

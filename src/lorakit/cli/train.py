@@ -49,9 +49,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from ..models.defaults import apply_model_defaults
     from ..train.trainer import train
 
     cfg = config_from_args(args)
+    apply_model_defaults(cfg)  # resolution / learning_rate not given: the base model's
     if args.dump_config:
         print(cfg.to_toml())
         return 0

@@ -26,6 +26,11 @@ CSS = """
 .lk-lora code { word-break: break-all; }
 .lk-problem h3 { color: #dc2626; }
 .lk-pre { white-space: pre-wrap; font-size: 0.9em; }
+.lk-notice { padding: 6px 10px; border-radius: 8px; border: 1px solid var(--border-color-primary); }
+.lk-notice-running { border-color: #2563eb; } .lk-notice-error { border-color: #dc2626; }
+/* sample labels in full (which step, which prompt), wrapped over the picture */
+#train-samples .caption-label { white-space: normal; overflow-wrap: anywhere; text-overflow: clip;
+                                max-width: none; left: var(--block-label-margin); }
 """
 
 INTRO = """\
@@ -48,11 +53,12 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
     settings = settings or Settings()
     with gr.Blocks(title="lorakit", analytics_enabled=False) as demo:
         gr.Markdown(INTRO, elem_id="lk-intro")
-        with gr.Tabs(elem_id="lk-tabs") as tabs:
+        notice = gr.HTML(elem_id="lk-job-notice")  # the latest run, whatever tab is open
+        with gr.Tabs(elem_id="lk-tabs"):
             with gr.Tab("1 · Dataset", id="dataset", elem_id="tab-dataset"):
                 ds = dataset_tab.build(settings)
-            with gr.Tab("2 · Train", id="train", elem_id="tab-train"):
-                tr = train_tab.build(settings)
+            with gr.Tab("2 · Train", id="train", elem_id="tab-train") as train_tab_item:
+                tr = train_tab.build(settings, notice=notice)
             with gr.Tab("3 · Generate", id="generate", elem_id="tab-generate") as gen_tab:
                 gen = generate_tab.build(settings)
             with gr.Tab("LoRA info", id="lora", elem_id="tab-lora") as info_tab:
@@ -66,13 +72,10 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
         gen_tab.select(*gen["refresh"])
         info_tab.select(*info["refresh"])
 
-        fn, inputs, outputs = tr["on_load"]
-
-        def on_load(*args):
-            selected = gr.Tabs(selected="train") if tr["has_job"]() else gr.skip()
-            return [*fn(*args), selected]
-
-        demo.load(on_load, inputs, [*outputs, tabs])
+        # The log box shows its newest line once its tab is shown (it may have filled while hidden).
+        train_tab_item.select(None, None, None, js=tr["follow_log_js"])
+        # A page (re)opened during a run stays on the tab it opens on; the notice above says where to look.
+        demo.load(*tr["on_load"]).then(*tr["record_model"])
         demo.load(*gen["refresh"])
     return demo
 

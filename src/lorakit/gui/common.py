@@ -90,3 +90,27 @@ def placeholder(text: str, size: int = 192):
 def is_state_file(path: Path) -> bool:
     """A training state's network file (`<name>-state/network.safetensors`) is not a LoRA to draw with."""
     return (path.parent / "train_state.json").is_file()
+
+
+def model_defaults_of(model: str):
+    """The base model's defaults (lorakit.models.defaults), or None when `model` is no file or folder."""
+    from ..models.defaults import model_defaults
+
+    path = Path(model or "")
+    # a file, or a diffusers folder: not any folder met while the path is being typed
+    if not model or not (path.is_file() or (path / "unet" / "config.json").is_file()):
+        return None
+    return model_defaults(path)
+
+
+def size_note(model: str, size: tuple[int, int] | None = None, what: str = "") -> str:
+    """One line under a model field: the model's native size and where it comes from; a warning when
+    `size` is far from it."""
+    from ..models.defaults import resolution_warning
+
+    d = model_defaults_of(model)
+    if d is None:
+        return ""
+    text = f"Base model: native size **{d.size_text}** ({d.source}){what}."
+    warning = resolution_warning(size, d) if size else None
+    return text + (f"\n\n⚠ {warning}." if warning else "")

@@ -15,7 +15,7 @@ from ..dataset.folders import (
     scan_dataset,
 )
 from ..errors import LoraKitError
-from .common import Settings, thumbnail, user_errors
+from .common import Settings, model_defaults_of, size_note, thumbnail, user_errors
 
 MAX_THUMBS = 60
 COLUMNS = ["folder", "kind", "repeats", "prompt", "images", "caption files"]
@@ -128,10 +128,22 @@ def build(settings: Settings) -> dict:
             if im is not None:
                 shown.append(p)
                 thumbs.append((im, c or "(no caption)"))
-        return text, rows, thumbs, {"images": shown, "ext": _ext(ext)}, None
+        folders = {"train": train, "reg": reg, "ext_text": ext, "bad": bad}
+        return text, rows, thumbs, {"images": shown, "ext": _ext(ext), "folders": folders}, None
 
     scan_outputs = [problems, table, gallery, scanned, selected]
-    scan.click(do_scan, [train_dir, reg_dir, caption_ext, bad_images], scan_outputs, api_name="scan_dataset")
+
+    def scan_and_clear(train, reg, ext, bad):
+        # a new scan empties the caption editor: an image of the previous folders must not stay
+        # on screen as if Save would write it (the server forgets it too: selected is None)
+        return *do_scan(train, reg, ext, bad), "", "", ""
+
+    scan.click(
+        scan_and_clear,
+        [train_dir, reg_dir, caption_ext, bad_images],
+        [*scan_outputs, image_path, caption, caption_status],
+        api_name="scan_dataset",
+    )
 
     def pick(scan, evt: gr.SelectData):
         images = scan["images"]
@@ -145,7 +157,7 @@ def build(settings: Settings) -> dict:
     gallery.select(pick, [scanned], [image_path, caption, caption_status, selected], api_name="pick_image")
 
     @user_errors
-    def do_save(scan, index, text, train, reg, ext, bad):
+    def do_save(scan, index, text):
         if index is None or not 0 <= index < len(scan["images"]):
             raise gr.Error("Click an image first.")
         image, cap_ext = scan["images"][index], scan["ext"]
@@ -159,13 +171,14 @@ def build(settings: Settings) -> dict:
         if target.resolve().parent != image.parent:
             raise gr.Error(f"{target} links to another folder; edit it outside the GUI.")
         target.write_text(text.strip() + "\n", encoding="utf-8")
-        *shown, new_scan, _ = do_scan(train, reg, ext, bad)  # the gallery and its list change together
+        f = scan["folders"]  # the folders the gallery shows, not what the boxes say now
+        *shown, new_scan, _ = do_scan(f["train"], f["reg"], f["ext_text"], f["bad"])
         still = new_scan["images"].index(image) if image in new_scan["images"] else None
         return f"Saved {target}", *shown, new_scan, still
 
     save_caption.click(
         do_save,
-        [scanned, selected, caption, train_dir, reg_dir, caption_ext, bad_images],
+        [scanned, selected, caption],
         [caption_status, *scan_outputs],
         api_name="save_caption",
     )
@@ -183,9 +196,17 @@ def build(settings: Settings) -> dict:
                 label="Into folder", info="images go to <folder>/1_<class prompt>", elem_id="reg-out"
             )
             reg_steps = gr.Number(value=20, precision=0, minimum=1, label="Steps", elem_id="reg-steps")
+            model_d = model_defaults_of(settings.model)
             reg_size = gr.Number(
-                value=512, precision=0, minimum=64, step=8, label="Size (px)", elem_id="reg-size"
+                value=model_d.resolution[0] if model_d else 512,
+                precision=0,
+                minimum=64,
+                step=8,
+                label="Size (px)",
+                info="the base model's native size unless you change it",
+                elem_id="reg-size",
             )
+        reg_note = gr.Markdown(size_note(settings.model, what=": Size is set from it"), elem_id="reg-note")
         make = gr.Button("Make regularization images", elem_id="reg-make")
         reg_status = gr.Markdown(elem_id="reg-status")
         reg_gallery = gr.Gallery(label="Regularization images", columns=8, height=240, allow_preview=False)
@@ -203,6 +224,22 @@ def build(settings: Settings) -> dict:
         return class_prompt_from_folder(subs[0]), str(Path(train).parent / "reg")
 
     guess.click(do_guess, [train_dir], [class_prompt, reg_out])
+
+    reg_applied = gr.State(settings.model)  # the model Size was last set from
+
+    def pick_model(model, last):
+        d = model_defaults_of(model)
+        if d is None or model == last:
+            return gr.skip(), gr.skip(), last
+        return d.resolution[0], size_note(model, what=": Size is set from it"), model
+
+    def size_changed(model, size):
+        side = int(size or 0)
+        return size_note(model, (side, side) if side else None, ": Size is set from it")
+
+    for event in (reg_model.blur, reg_model.submit):  # left or Enter: typed, pasted or dropped alike
+        event(pick_model, [reg_model, reg_applied], [reg_size, reg_note, reg_applied], show_progress="hidden")
+    reg_size.change(size_changed, [reg_model, reg_size], [reg_note], show_progress="hidden")
 
     @user_errors
     def do_make(model, prompt, count, out, steps, size, progress=gr.Progress()):

@@ -10,8 +10,9 @@ import gradio as gr
 from ..generate.loras import list_loras
 from ..generate.params import GenerationParams
 from ..generate.samplers import all_names
-from .common import Settings, is_state_file, placeholder, thumbnail, user_errors
+from .common import Settings, is_state_file, model_defaults_of, placeholder, size_note, thumbnail, user_errors
 
+SET_FROM = ": Width and Height are set from it"
 _GENERATORS: dict[tuple[str, str], object] = {}
 _LOCK = threading.Lock()
 
@@ -67,9 +68,12 @@ def build(settings: Settings) -> dict:
                     all_names(), value="DPM++ 2M", label="Sampling method", elem_id="gen-sampler"
                 )
                 steps = gr.Slider(1, 150, value=20, step=1, label="Sampling steps", elem_id="gen-steps")
+            model_d = model_defaults_of(settings.model)
+            w, h = model_d.resolution if model_d else (512, 512)  # the model's native size
             with gr.Row():
-                width = gr.Slider(64, 2048, value=512, step=8, label="Width", elem_id="gen-width")
-                height = gr.Slider(64, 2048, value=512, step=8, label="Height", elem_id="gen-height")
+                width = gr.Slider(64, 2048, value=w, step=8, label="Width", elem_id="gen-width")
+                height = gr.Slider(64, 2048, value=h, step=8, label="Height", elem_id="gen-height")
+            size_md = gr.Markdown(size_note(settings.model, what=SET_FROM), elem_id="gen-note")
             with gr.Row():
                 cfg = gr.Slider(1, 30, value=7, step=0.5, label="CFG scale", elem_id="gen-cfg")
                 seed = gr.Number(value=-1, precision=0, label="Seed (-1 = random)", elem_id="gen-seed")
@@ -103,6 +107,22 @@ def build(settings: Settings) -> dict:
         return add_lora_tag(prompt_text, card_names[evt.index])
 
     cards.select(pick, [prompt, names], [prompt])
+
+    applied = gr.State(settings.model)  # the model Width and Height were last set from
+
+    def pick_model(model, last):
+        d = model_defaults_of(model)
+        if d is None or model == last:
+            return gr.skip(), gr.skip(), gr.skip(), last
+        return d.resolution[0], d.resolution[1], size_note(model, what=SET_FROM), model
+
+    def size_changed(model, w, h):
+        return size_note(model, (int(w), int(h)) if w and h else None, SET_FROM)
+
+    for event in (model.blur, model.submit):  # left or Enter: typed, pasted or dropped alike
+        event(pick_model, [model, applied], [width, height, size_md, applied], show_progress="hidden")
+    for slider in (width, height):
+        slider.change(size_changed, [model, width, height], [size_md], show_progress="hidden")
 
     @user_errors
     def do_generate(model_path, p, n, smp, st, w, h, c, sd, bc, bs, progress=gr.Progress()):

@@ -5,15 +5,16 @@ and a live view of the background job (lorakit.train.job): progress, it/s, ETA, 
 from __future__ import annotations
 
 import html
+import re
 import typing
 from pathlib import Path
 
 import gradio as gr
 
-from ..config import TrainConfig, base_type, field_index
+from ..config import TrainConfig, base_type, field_index, resolution_of
 from ..errors import ConfigError, LoraKitError
 from ..train.job import Job, latest_job, start_job
-from .common import Settings, thumbnail, user_errors
+from .common import Settings, model_defaults_of, size_note, thumbnail, user_errors
 from .guard import config_file, inside
 
 LABELS = {
@@ -207,7 +208,72 @@ def loss_frame(job: Job | None):
     )
 
 
-def build(settings: Settings) -> dict:
+def model_note(model: str, resolution: str) -> str:
+    """The base model's native size and learning rate, which picking it fills in; a warning when the
+    resolution is far from that size."""
+    d = model_defaults_of(model)
+    if d is None:
+        return ""
+    try:
+        size = resolution_of(resolution)
+    except ConfigError:
+        size = None
+    lr = f", learning rate **{d.learning_rate:g}** ({d.learning_rate_source}): picking it fills both in"
+    return size_note(model, size, lr)
+
+
+def sample_label(path: Path) -> str:
+    """'step 40 · <prompt>' for kohya's <name>_000040_00_<time>.png (epochs: 'epoch 2 · ...')."""
+    from ..generate.pnginfo import parse_parameters, read_png_parameters
+
+    m = re.search(r"_(e?)(\d{6})_(\d{2})_\d{14}$", path.stem)
+    when = (f"epoch {int(m.group(2))}" if m.group(1) else f"step {int(m.group(2))}") if m else path.stem
+    try:
+        prompt = parse_parameters(read_png_parameters(path) or "")[0]
+    except Exception:  # a sample being written, or without PNG info: its time is still worth showing
+        prompt = ""
+    return f"{when} · {prompt}" if prompt else when
+
+
+STATE_MESSAGES = {
+    "running": "Training **{name}**. You may close this page: training goes on, and the page shows it again.",
+    "done": "✓ **{name}** finished.",
+    "stopped": "■ **{name}** stopped: **Resume** continues it.",
+    "error": "✗ **{name}** stopped with an error: see the status and the log.",
+}
+
+# Keeps the log box at its newest line unless the user scrolled up to read (Gradio's own autoscroll
+# loses the end when the box filled while its tab was hidden).
+FOLLOW_LOG_JS = """() => { setTimeout(() => {
+  const ta = document.querySelector('#train-log textarea');
+  if (!ta) return;
+  if (!ta.dataset.lkFollow) {
+    ta.dataset.lkFollow = '1';
+    ta.addEventListener('scroll', () => {
+      if (ta.clientHeight) ta.dataset.lkPinned = ta.scrollTop + ta.clientHeight >= ta.scrollHeight - 24 ? '1' : '0';
+    });
+  }
+  if (ta.dataset.lkPinned !== '0') ta.scrollTop = ta.scrollHeight;
+}, 60); }"""
+
+
+def job_notice(job: Job | None) -> str:
+    """The line above the tabs about the latest run: the page never switches tabs by itself."""
+    if job is None:
+        return ""
+    st = job.status()
+    rows = job.progress()
+    step = (
+        f" — step {rows[-1]['step']}/{rows[-1]['total_steps']}" if rows and st["state"] == "running" else ""
+    )
+    what = "is training" if st["state"] == "running" else f"ended: {st['state']}"
+    return (
+        f"<div class='lk-notice lk-notice-{st['state']}'>● Run <b>{html.escape(job.name)}</b> {what}{step}"
+        " · see the <b>2 · Train</b> tab</div>"
+    )
+
+
+def build(settings: Settings, notice: gr.components.Component | None = None) -> dict:
     index = field_index()
     defaults = TrainConfig().flat()
     defaults.update(
@@ -216,6 +282,9 @@ def build(settings: Settings) -> dict:
         output_name="my-lora",
         sample_every_n_epochs=1,
     )
+    model_d = model_defaults_of(settings.model)
+    if model_d is not None:  # the demo model trains at 64 px with 1e-3, SD1.5 at 512 with 1e-4
+        defaults.update(resolution="{},{}".format(*model_d.resolution), learning_rate=model_d.learning_rate)
     fields: dict[str, gr.components.Component] = {}
     with gr.Row(equal_height=False):
         with gr.Column(scale=3):
@@ -246,6 +315,10 @@ def build(settings: Settings) -> dict:
                     with gr.Row():
                         for name in names:
                             fields[name] = make_field(name, index[name][1], defaults[name])
+                    if group == "Source model":
+                        note = gr.Markdown(
+                            model_note(settings.model, defaults["resolution"]), elem_id="cfg-model-note"
+                        )
             with gr.Accordion("Advanced", open=False, elem_id="train-advanced"):
                 shown = {n for names in GROUPS.values() for n in names} | HIDDEN
                 rest = [n for n in index if n not in shown]
@@ -269,8 +342,8 @@ def build(settings: Settings) -> dict:
             )
             samples = gr.Gallery(
                 label="Latest samples",
-                columns=4,
-                height=200,
+                columns=2,
+                height=360,
                 allow_preview=True,
                 fit_columns=False,
                 elem_id="train-samples",
@@ -281,6 +354,29 @@ def build(settings: Settings) -> dict:
     names = list(fields)
     widgets = [fields[n] for n in names]
     seen = gr.State({})
+
+    # --- the base model's defaults: a model the user picks fills resolution and learning rate; one
+    # that comes with a loaded config or run (recorded in `applied`) keeps that config's values
+    model_box, resolution = fields["pretrained_model_name_or_path"], fields["resolution"]
+    applied = gr.State(settings.model)
+
+    def pick_model(model, last, res):
+        d = model_defaults_of(model)
+        if d is None or model == last:
+            return gr.skip(), gr.skip(), model_note(model, res), last
+        res = "{},{}".format(*d.resolution)
+        return res, d.learning_rate, model_note(model, res), model
+
+    for event in (model_box.blur, model_box.submit):  # left or Enter: typed, pasted or dropped alike
+        event(
+            pick_model,
+            [model_box, applied, resolution],
+            [resolution, fields["learning_rate"], note, applied],
+            show_progress="hidden",
+        )
+    resolution.change(model_note, [model_box, resolution], [note], show_progress="hidden")
+    record_model = (lambda m: m, [model_box], [applied])
+    log_box.change(None, None, None, js=FOLLOW_LOG_JS)
 
     # --- config in and out ------------------------------------------------------------
     def fill_from(cfg: TrainConfig, prompts: str):
@@ -320,7 +416,9 @@ def build(settings: Settings) -> dict:
         cfg = TrainConfig.from_toml(path)
         return [*fill_from(cfg, read_text(cfg.sample.sample_prompts)), f"Loaded {path}"]
 
-    load_cfg.click(do_load, [config_path], [*widgets, sample_text, action_msg], api_name="load_config")
+    load_cfg.click(do_load, [config_path], [*widgets, sample_text, action_msg], api_name="load_config").then(
+        *record_model
+    )
 
     # --- the job ----------------------------------------------------------------------
     @user_errors
@@ -366,7 +464,7 @@ def build(settings: Settings) -> dict:
         sample_paths = job.samples()[-8:] if job else []
         key = [str(p) for p in sample_paths]
         if seen.get("samples") != key:
-            out.append([(thumbnail(p, 512), p.stem) for p in reversed(sample_paths)])
+            out.append([(thumbnail(p, 512), sample_label(p)) for p in reversed(sample_paths)])
         else:
             out.append(gr.skip())
         seen["samples"] = key
@@ -376,9 +474,23 @@ def build(settings: Settings) -> dict:
         running = bool(job and job.is_running())
         out += [gr.update(interactive=not running), gr.update(interactive=running)]
         out.append(gr.update(interactive=bool(job and job.state in ("stopped", "error"))))
+        # the message under the buttons follows the run: "training goes on" never outlives it
+        key, prev = ((job.name, job.state) if job else None), seen.get("state")
+        # a run that just started keeps the message of the button that started it (Train, Resume)
+        started_here = key and key[1] == "running" and "state" in seen and (prev is None or prev[0] != key[0])
+        if key and key != prev and not started_here:
+            out.append(STATE_MESSAGES.get(job.state, "**{name}**: " + job.state).format(name=job.name))
+        else:
+            out.append(gr.skip())
+        seen["state"] = key
+        if notice is not None:
+            text = job_notice(job)
+            out.append(text if seen.get("notice") != text else gr.skip())
+            seen["notice"] = text
         return [*out, seen]
 
-    refresh_outputs = [status, loss_plot, samples, log_box, train_btn, stop_btn, resume_btn, seen]
+    refresh_outputs = [status, loss_plot, samples, log_box, train_btn, stop_btn, resume_btn, action_msg]
+    refresh_outputs += [notice, seen] if notice is not None else [seen]
     timer = gr.Timer(1.0)
     timer.tick(refresh, [seen], refresh_outputs, show_progress="hidden")
 
@@ -397,5 +509,6 @@ def build(settings: Settings) -> dict:
     return {
         "fields": fields,
         "on_load": (on_load, [seen], [*widgets, sample_text, *refresh_outputs]),
-        "has_job": lambda: latest_job(settings.runs_dir) is not None,
+        "follow_log_js": FOLLOW_LOG_JS,
+        "record_model": record_model,  # after on_load: the loaded run's model is not a new pick
     }

@@ -239,9 +239,16 @@ def load_base_model(
 
 
 def save_ldm_checkpoint(
-    path: str | Path, unet, vae, text_encoder, arch: dict | None = None, dtype: torch.dtype | None = None
+    path: str | Path,
+    unet,
+    vae,
+    text_encoder,
+    arch: dict | None = None,
+    dtype: torch.dtype | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> Path:
-    """Write an LDM-layout .safetensors (A1111/kohya-loadable), atomically. `arch` is stored as metadata."""
+    """Write an LDM-layout .safetensors (A1111/kohya-loadable), atomically. `arch` is stored as metadata,
+    beside `metadata` (e.g. modelspec.resolution, see lorakit.models.defaults)."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -250,7 +257,7 @@ def save_ldm_checkpoint(
         k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
         for k, v in sd.items()
     }
-    metadata = {"format": "pt"}
+    metadata = {"format": "pt", **(metadata or {})}
     if arch is not None:
         metadata[ARCH_METADATA_KEY] = json.dumps(arch)
     with atomic_path(path) as tmp:  # readers never see a half-written file
