@@ -36,6 +36,13 @@ def _sniff(path: Path) -> str:
     )
 
 
+def is_safetensors(path: str | Path) -> bool:
+    """True for a .safetensors file (by content); False for anything else that is not one, such as a
+    torch checkpoint, or a missing or empty file (read_state_dict explains those); ModelError for junk."""
+    path = Path(path)
+    return path.is_file() and path.stat().st_size > 0 and _sniff(path) == "safetensors"
+
+
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     from safetensors import SafetensorError, safe_open
 

@@ -26,6 +26,8 @@ PREFIXES = (UNET_PREFIX, VAE_PREFIX, TE_PREFIX)
 IGNORED_LDM_KEYS = (TE_PREFIX + "text_model.embeddings.position_ids",)
 
 _UNET_FIXED = dict(DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"])
+# SDXL's size/pooled-text embedding (label_emb in LDM); SD1 UNets have no add_embedding
+_UNET_FIXED.update(DIFFUSERS_TO_LDM_MAPPING["unet"]["addition_embed_type"])
 _VAE_FIXED = dict(DIFFUSERS_TO_LDM_MAPPING["vae"])
 _UNET_RESNET = {
     "norm1": "in_layers.0",

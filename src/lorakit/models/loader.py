@@ -11,7 +11,15 @@ import torch
 from lorakit.atomic import atomic_path
 from lorakit.errors import ModelError
 from lorakit.models import ldm_layout
-from lorakit.models.checkpoint import read_state_dict
+from lorakit.models.checkpoint import is_safetensors, read_state_dict
+from lorakit.models.families.detect import (
+    SHAPE_KEYS,
+    UNET_IN,
+    detect_diffusers_family,
+    detect_family,
+    read_keys_and_shapes,
+    unsupported_message,
+)
 from lorakit.models.tokenizer import load_tokenizer
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -69,7 +77,22 @@ class LoraFileAsBaseModel(ModelError):
         )
 
 
-def _check_kind(path: Path, keys: list[str]) -> None:
+def _refuse_other_families(path: Path, keys, shapes: dict) -> None:
+    """Name the family of a base lorakit cannot train yet (SDXL, SD2, FLUX, inpainting, ...)."""
+    family = detect_family(keys, shapes)
+    if family.key in ("sd1", "unknown") and not family.inpainting:
+        return  # unknown: _check_kind says what is missing
+    if family.key == "sd1":  # the shape check would fail too; say why in words
+        shape = list(shapes[UNET_IN])
+        raise ModelError(
+            f"{path}: this is an {family.label} checkpoint: '{UNET_IN}' has shape {shape} (9 input channels: "
+            f"latents + mask + masked image) where a text-to-image UNet has {[shape[0], 4, *shape[2:]]}. "
+            "lorakit trains text-to-image SD1.x bases for now."
+        )
+    raise ModelError(f"{path}: {unsupported_message(family)}")
+
+
+def _check_kind(path: Path, keys: list[str], shapes: dict) -> None:
     """Refuse files that are not SD1.x base models, before building anything."""
 
     def has(prefix):
@@ -77,13 +100,7 @@ def _check_kind(path: Path, keys: list[str]) -> None:
 
     if has("lora_unet_") or has("lora_te") or any(".lora_down." in k or ".lora_A." in k for k in keys):
         raise LoraFileAsBaseModel(path)
-    if has("conditioner.embedders.1"):
-        raise ModelError(f"{path}: this is an SDXL checkpoint. lorakit supports SD1.x bases for now.")
-    if has("cond_stage_model.model."):
-        raise ModelError(
-            f"{path}: this is an SD2.x checkpoint (OpenCLIP text encoder). "
-            "lorakit supports SD1.x bases for now."
-        )
+    _refuse_other_families(path, keys, shapes)
     if not has(ldm_layout.UNET_PREFIX):
         raise ModelError(
             f"{path}: not a Stable Diffusion checkpoint (a LoRA file?): it has no "
@@ -152,8 +169,10 @@ def _assign(model: torch.nn.Module, sd: dict, dtype: torch.dtype) -> None:
 
 
 def _load_single_file(path: Path, dtype: torch.dtype):
+    if is_safetensors(path):  # from the header: no need to read 7 GB of weights to refuse a file
+        _refuse_other_families(path, *read_keys_and_shapes(path))
     state_dict, metadata = read_state_dict(path)
-    _check_kind(path, list(state_dict))
+    _check_kind(path, list(state_dict), {k: state_dict[k].shape for k in SHAPE_KEYS if k in state_dict})
     arch = _arch_from_metadata(path, metadata)
     arch_name = "this file's own (lorakit.arch) architecture" if ARCH_METADATA_KEY in metadata else "SD1.5"
     state_dict = ldm_layout.fix_te_keys(state_dict)
@@ -178,17 +197,17 @@ def _load_diffusers(path: Path, dtype: torch.dtype):
     from transformers import CLIPTextModel
 
     index = json.loads((path / "model_index.json").read_text())
-    if "text_encoder_2" in index or "XL" in str(index.get("_class_name", "")):
-        raise ModelError(f"{path}: this is an SDXL diffusers model. lorakit supports SD1.x bases for now.")
+    unet_json = path / "unet" / "config.json"
+    unet_cfg = json.loads(unet_json.read_text()) if unet_json.is_file() else {}
+    family = detect_diffusers_family(index, unet_cfg)
+    if family.key not in ("sd1", "unknown") or family.inpainting:
+        raise ModelError(f"{path}: {unsupported_message(family)}")
     for part in _PARTS:
         if not (path / part / "config.json").is_file():
             raise ModelError(
                 f"{path}: the diffusers folder has no {part}/config.json; lorakit needs "
                 "unet/, vae/ and text_encoder/ subfolders."
             )
-    unet_cfg = json.loads((path / "unet" / "config.json").read_text())
-    if unet_cfg.get("use_linear_projection") or unet_cfg.get("cross_attention_dim") == 1024:
-        raise ModelError(f"{path}: this is an SD2.x diffusers model. lorakit supports SD1.x bases for now.")
     try:
         kw = {"local_files_only": True, "torch_dtype": dtype}
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw)

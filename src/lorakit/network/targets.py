@@ -120,3 +120,51 @@ def ldm_unet_aliases(unet: nn.Module) -> dict[str, str]:
 
     paths = [p for p, m in unet.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)]
     return {unet_module_name(ldm): unet_module_name(p) for p, ldm in unet_module_paths_to_ldm(paths).items()}
+
+
+# --------------------------------------------------------------------------- SDXL
+# kohya trains SDXL on its own SGM-layout UNet, so its SDXL names are the SGM (LDM) module paths
+# (`lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`), not diffusers' as for SD1; the two
+# text encoders are `lora_te1_` (CLIP-L) and `lora_te2_` (bigG), both in HF layout.
+
+
+def sdxl_unet_targets(
+    unet: nn.Module, dim: int, alpha: float, conv_dim: int | None = None, conv_alpha: float | None = None
+) -> list[Target]:
+    """kohya's SDXL UNet targets (722; 788 with conv_dim), named by SGM path; `path` stays the module's
+    path in our diffusers UNet. Same selection rules as SD1's unet_targets."""
+    from ..models.ldm_layout import unet_module_paths_to_ldm
+
+    targets = unet_targets(unet, dim, alpha, conv_dim, conv_alpha)
+    # all modules: the block numbering is read from the resnets' paths, which are not default targets
+    sgm = unet_module_paths_to_ldm(
+        [p for p, m in unet.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)]
+    )
+    missing = [t.path for t in targets if t.path not in sgm]
+    if missing:
+        raise ValueError(f"UNet module {missing[0]!r} has no SGM name")
+    return [
+        Target(unet_module_name(sgm[t.path]), t.path, t.module, t.rank, t.alpha, is_te=False) for t in targets
+    ]
+
+
+def sdxl_te_module_name(index: int, layer: int, child: str) -> str:
+    """kohya name of `child` in layer `layer` of SDXL text encoder `index` (1 = CLIP-L, 2 = bigG)."""
+    return f"{TE_PREFIX}{index}_text_model_encoder_layers_{layer}_{child.replace('.', '_')}"
+
+
+def sdxl_te_targets(text_encoder: nn.Module, index: int, dim: int, alpha: float) -> list[Target]:
+    """kohya's targets in SDXL text encoder `index` (72 for CLIP-L, 192 for bigG)."""
+    layers_path, layers = te_layers(text_encoder)
+    return [
+        Target(
+            sdxl_te_module_name(index, i, c),
+            f"{layers_path}.{i}.{c}",
+            layer.get_submodule(c),
+            dim,
+            alpha,
+            True,
+        )
+        for i, layer in enumerate(layers)
+        for c in TE_CHILDREN
+    ]
