@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -15,6 +16,23 @@ from lorakit import threads
 )
 def test_auto_threads_leaves_busy_cores_alone(cores, load, expected):
     assert threads.auto_threads(cores, load) == expected
+
+
+def test_busy_cores_sees_a_busy_core_now():
+    """A process spinning right now counts, whatever the load average says."""
+    if not os.path.exists("/proc/stat"):
+        pytest.skip("CPU counters are read from Linux's /proc/stat")
+    idle = threads.busy_cores()
+    spin = subprocess.Popen(
+        [sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 5: pass"]
+    )
+    try:
+        time.sleep(0.5)
+        busy = threads.busy_cores()
+    finally:
+        spin.kill()
+        spin.wait()
+    assert busy >= 0.8 and busy >= idle + 0.5 or idle >= threads.usable_cores() - 0.2, (idle, busy)
 
 
 def test_parse_threads_rejects_nonsense():

@@ -3,7 +3,8 @@
 torch starts one thread per core. On a machine whose cores are already busy (another training
 run, a build, a second lorakit), those threads wait on each other at every parallel section and
 the same work takes 30-70x longer than with one thread; on an idle machine, all cores win. So
-lorakit picks the count from the cores that are free when it starts, unless told.
+lorakit picks the count from the cores that are free when it starts (a quarter-second look at
+the CPU counters), unless told.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 
 log = logging.getLogger("lorakit")
 
@@ -25,8 +27,27 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def busy_cores() -> float | None:
-    """Runnable processes over the last minute (the load average); None where the OS has none."""
+def _cpu_times() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs since boot, from Linux's /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    total = sum(fields[:8])  # user nice system idle iowait irq softirq steal (guest is inside user)
+    return total - idle, total
+
+
+def busy_cores(sample_s: float = 0.25) -> float | None:
+    """How many cores other programs keep busy now: measured over `sample_s` from /proc/stat on
+    Linux (the load average lags a minute behind: right after a `pip install` it still says busy),
+    else the one-minute load average; None where the OS tells neither (Windows)."""
+    try:
+        b0, t0 = _cpu_times()
+        time.sleep(sample_s)
+        b1, t1 = _cpu_times()
+        if t1 > t0:
+            return (b1 - b0) / (t1 - t0) * (os.cpu_count() or 1)
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         return os.getloadavg()[0]
     except (AttributeError, OSError):  # Windows has no load average
@@ -66,7 +87,7 @@ def choose_threads(requested: str | int | None = None) -> tuple[int, str]:
         return int(omp), "OMP_NUM_THREADS"
     cores, load = usable_cores(), busy_cores()
     n = auto_threads(cores, load)
-    why = f"{cores} cores" if load is None else f"{cores} cores, load {load:.1f}"
+    why = f"{cores} cores" if load is None else f"{cores} cores, {load:.1f} busy"
     return n, f"auto: {why}"
 
 
