@@ -138,7 +138,21 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from ..doctor import format_report, run_checks
+
+    rows = run_checks(args.output_dir)
+    print(format_report(rows))
+    return 1 if any(not r.ok for r in rows) else 0
+
+
 def add_parsers(sub) -> None:
+    d = sub.add_parser(
+        "doctor", allow_abbrev=False, help="check this machine for training, with the fix for each problem"
+    )
+    d.add_argument("--output_dir", default="output", help="the folder a run will write to (checked for room)")
+    d.set_defaults(func=cmd_doctor, known=lambda: ["output_dir"])
+
     g = sub.add_parser("generate", allow_abbrev=False, help="draw images, A1111 prompt syntax and LoRAs")
     add_model_flags(g)
     add_generation_flags(g)
