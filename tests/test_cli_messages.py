@@ -66,3 +66,16 @@ def test_close_matches_name_each_lora_once(tmp_path):
     with pytest.raises(ModelError) as e:
         resolve("kurokma", loras, tmp_path)
     assert str(e.value).count("kurokuma") == 1
+
+
+def test_generate_names_each_image_once(tiny_base, tmp_path, capfd):
+    from lorakit.cli import main
+
+    out_dir = tmp_path / "outs"
+    rc = main(["generate", "--model", str(tiny_base), "--prompt", "bear", "--steps", "2", "--width", "64",
+               "--height", "64", "--seed", "5", "--batch_count", "2", "--outdir", str(out_dir)])  # fmt: skip
+    captured = capfd.readouterr()
+    pngs = sorted(out_dir.glob("*.png"))
+    assert rc == 0 and len(pngs) == 2
+    for png in pngs:
+        assert (captured.out + captured.err).count(png.name) == 1  # printed once, not logged again
