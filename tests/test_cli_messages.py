@@ -68,14 +68,15 @@ def test_close_matches_name_each_lora_once(tmp_path):
     assert str(e.value).count("kurokuma") == 1
 
 
-def test_generate_names_each_image_once(tiny_base, tmp_path, capfd):
-    from lorakit.cli import main
-
+def test_generate_names_each_image_once(tiny_base, tmp_path):
     out_dir = tmp_path / "outs"
-    rc = main(["generate", "--model", str(tiny_base), "--prompt", "bear", "--steps", "2", "--width", "64",
-               "--height", "64", "--seed", "5", "--batch_count", "2", "--outdir", str(out_dir)])  # fmt: skip
-    captured = capfd.readouterr()
+    run = subprocess.run(
+        [sys.executable, "-m", "lorakit", "generate", "--model", str(tiny_base), "--prompt", "bear",
+         "--steps", "2", "--width", "64", "--height", "64", "--seed", "5", "--batch_count", "2",
+         "--outdir", str(out_dir)],
+        capture_output=True, text=True,
+    )  # fmt: skip
     pngs = sorted(out_dir.glob("*.png"))
-    assert rc == 0 and len(pngs) == 2
+    assert run.returncode == 0 and len(pngs) == 2, run.stderr
     for png in pngs:
-        assert (captured.out + captured.err).count(png.name) == 1  # printed once, not logged again
+        assert (run.stdout + run.stderr).count(png.name) == 1  # printed once, not logged again
