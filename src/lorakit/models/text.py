@@ -57,10 +57,16 @@ def encode_tokens(text_encoder, ids: torch.Tensor, clip_skip: int | None = None)
         # transformers >= 5.6 has no text_model wrapper
         final_norm = getattr(text_encoder, "text_model", text_encoder).final_layer_norm
         hidden = final_norm(out.hidden_states[-clip_skip])
+    return join_chunks(hidden, b, k)
+
+
+def join_chunks(hidden: torch.Tensor, b: int, k: int) -> torch.Tensor:
+    """[B*k, 77, D] -> [B, 77, D] (k == 1) or [B, 2 + k*75, D]: each chunk's BOS/EOS dropped except the
+    first BOS and the last token (kohya's states_list, the same for SD1 and both SDXL encoders)."""
+    n = hidden.shape[1]
     hidden = hidden.reshape(b, k * n, hidden.shape[-1])
     if k == 1:
         return hidden
-    # drop each chunk's BOS/EOS except the first BOS and the last EOS (kohya: states_list)
     parts = [hidden[:, :1]] + [hidden[:, i : i + n - 2] for i in range(1, k * n, n)] + [hidden[:, -1:]]
     return torch.cat(parts, dim=1)
 

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 
 import torch
 
-from lorakit.models.text import tokenize
+from lorakit.models.text import join_chunks, tokenize
 
 SIZE_EMBED_DIM = 256  # kohya get_size_embeddings / diffusers addition_time_embed_dim
 
@@ -36,16 +36,6 @@ def _penultimate(text_encoder, ids: torch.Tensor) -> tuple[torch.Tensor, torch.T
     """(hidden_states[-2] [N, 77, D], final-LN last_hidden_state [N, 77, D]) for ids [N, 77]."""
     out = text_encoder(ids.to(text_encoder.device), output_hidden_states=True, return_dict=True)
     return out.hidden_states[-2], out.last_hidden_state
-
-
-def _join_chunks(hidden: torch.Tensor, b: int, k: int) -> torch.Tensor:
-    """[B*k, 77, D] -> [B, 77, D] (k == 1) or [B, 2 + k*75, D]: kohya's states_list reassembly."""
-    n = hidden.shape[1]
-    hidden = hidden.reshape(b, k * n, hidden.shape[-1])
-    if k == 1:
-        return hidden
-    parts = [hidden[:, :1]] + [hidden[:, i : i + n - 2] for i in range(1, k * n, n)] + [hidden[:, -1:]]
-    return torch.cat(parts, dim=1)
 
 
 def pooled_at_eos(text_encoder_2, last_hidden: torch.Tensor, ids: torch.Tensor, eos_id: int) -> torch.Tensor:
@@ -73,7 +63,7 @@ def encode_sdxl_captions(
     pooled = pooled_at_eos(
         model.text_encoder_2, last2, ids2.reshape(b * k, n), model.tokenizer_2.eos_token_id
     )
-    context = torch.cat([_join_chunks(hidden1, b, k), _join_chunks(hidden2, b, k)], dim=-1)
+    context = torch.cat([join_chunks(hidden1, b, k), join_chunks(hidden2, b, k)], dim=-1)
     return context, pooled[::k]  # the first chunk's pooled vector
 
 
