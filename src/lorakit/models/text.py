@@ -23,7 +23,8 @@ def _n_chunks(max_token_length: int | None) -> int:
 
 
 def tokenize(tokenizer, prompts: list[str], max_token_length: int | None = None) -> torch.Tensor:
-    """Token ids [B, k, 77], k = max_token_length / 75 (1 when None); padded with EOS (= pad)."""
+    """Token ids [B, k, 77], k = max_token_length / 75 (1 when None); padded with the tokenizer's pad
+    (SD1: EOS; SDXL's TE2: 0, whose chunk ends kohya patches as below)."""
     k = _n_chunks(max_token_length)
     length = k * (CHUNK - 2) + 2
     ids = tokenizer(
@@ -31,10 +32,17 @@ def tokenize(tokenizer, prompts: list[str], max_token_length: int | None = None)
     ).input_ids  # [B, length]: BOS, tokens, EOS, pad (=EOS)...
     if k == 1:
         return ids.unsqueeze(1)
-    bos, last = ids[:, :1], ids[:, -1:]  # last is EOS: either the prompt's own EOS or padding
+    bos, last = ids[:, :1], ids[:, -1:]  # last is EOS (SD1: the prompt's own EOS or padding) or pad
     chunks = [
         torch.cat([bos, ids[:, i : i + CHUNK - 2], last], dim=1) for i in range(1, length - 1, CHUNK - 2)
     ]
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    if pad != eos:  # kohya's "v2 or SDXL" branch (strategy_base._get_input_ids), e.g. SDXL's TE2 (pad 0)
+        for chunk in chunks:
+            cut = (chunk[:, -2] != eos) & (chunk[:, -2] != pad)  # a chunk cut mid-prompt ends in EOS
+            chunk[cut, -1] = eos
+            empty = chunk[:, 1] == pad  # an empty chunk is <BOS> <EOS> <pad>...
+            chunk[empty, 1] = eos
     return torch.stack(chunks, dim=1)
 
 
@@ -49,10 +57,16 @@ def encode_tokens(text_encoder, ids: torch.Tensor, clip_skip: int | None = None)
         # transformers >= 5.6 has no text_model wrapper
         final_norm = getattr(text_encoder, "text_model", text_encoder).final_layer_norm
         hidden = final_norm(out.hidden_states[-clip_skip])
+    return join_chunks(hidden, b, k)
+
+
+def join_chunks(hidden: torch.Tensor, b: int, k: int) -> torch.Tensor:
+    """[B*k, 77, D] -> [B, 77, D] (k == 1) or [B, 2 + k*75, D]: each chunk's BOS/EOS dropped except the
+    first BOS and the last token (kohya's states_list, the same for SD1 and both SDXL encoders)."""
+    n = hidden.shape[1]
     hidden = hidden.reshape(b, k * n, hidden.shape[-1])
     if k == 1:
         return hidden
-    # drop each chunk's BOS/EOS except the first BOS and the last EOS (kohya: states_list)
     parts = [hidden[:, :1]] + [hidden[:, i : i + n - 2] for i in range(1, k * n, n)] + [hidden[:, -1:]]
     return torch.cat(parts, dim=1)
 
