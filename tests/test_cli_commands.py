@@ -60,7 +60,7 @@ def test_reg_images_cli_draws_named_pngs_with_their_parameters(tiny_base, tmp_pa
     [
         ([], "--class_prompt"),
         (["--from_train_folder", "train/usu bear"], "usu bear"),
-        (["--class_prompt", "bear", "--width", "60"], "60x512"),
+        (["--class_prompt", "bear", "--width", "60"], "60x64"),  # the height: the model's native size
     ],
 )
 def test_reg_images_cli_errors(tiny_base, tmp_path, capsys, extra, message):
