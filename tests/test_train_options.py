@@ -239,7 +239,8 @@ def test_gradient_checkpointing_gives_the_same_lora(train_config, tmp_path):
         tr = build_trainer(cfg)
         unet_calls, te_calls = [], []
         count_calls(tr.base.unet.down_blocks[0].attentions[0].transformer_blocks[0], unet_calls)
-        count_calls(te_layers(tr.base.text_encoder)[1][0], te_calls)
+        # a submodule: transformers >= 5.24 recomputes the layer's forward outside its own hooks
+        count_calls(te_layers(tr.base.text_encoder)[1][0].mlp, te_calls)
         results[gc] = lora(tr.run())
         calls[gc] = (len(unet_calls), len(te_calls))
     assert any(k.startswith("lora_te_") for k in results[True])
