@@ -35,9 +35,10 @@ def unet_module_name(path: str) -> str:
     return f"{UNET_PREFIX}_{path.replace('.', '_')}"
 
 
-def te_module_name(layer: int, child: str) -> str:
-    """kohya name of `child` (one of TE_CHILDREN) in text-encoder layer `layer`."""
-    return f"{TE_PREFIX}_text_model_encoder_layers_{layer}_{child.replace('.', '_')}"
+def te_module_name(layer: int, child: str, index: int | str = "") -> str:
+    """kohya name of `child` (one of TE_CHILDREN) in text-encoder layer `layer`; `index` 1 or 2 for
+    SDXL's two encoders (`lora_te1_`, `lora_te2_`), none for SD1's one (`lora_te_`)."""
+    return f"{TE_PREFIX}{index}_text_model_encoder_layers_{layer}_{child.replace('.', '_')}"
 
 
 @dataclass(frozen=True)
@@ -90,11 +91,6 @@ def te_targets(text_encoder: nn.Module, dim: int, alpha: float) -> list[Target]:
             name = te_module_name(i, child)
             out.append(Target(name, f"{layers_path}.{i}.{child}", module, dim, alpha, is_te=True))
     return out
-
-
-def kohya_te_names(num_layers: int = 12) -> list[str]:
-    """The fixed list of kohya text-encoder module names (72 for SD1.x's 12 layers)."""
-    return [te_module_name(i, c) for i in range(num_layers) for c in TE_CHILDREN]
 
 
 def kohya_module_map(unet: nn.Module | None, text_encoder: nn.Module | None) -> dict[str, nn.Module]:
@@ -150,7 +146,7 @@ def sdxl_unet_targets(
 
 def sdxl_te_module_name(index: int, layer: int, child: str) -> str:
     """kohya name of `child` in layer `layer` of SDXL text encoder `index` (1 = CLIP-L, 2 = bigG)."""
-    return f"{TE_PREFIX}{index}_text_model_encoder_layers_{layer}_{child.replace('.', '_')}"
+    return te_module_name(layer, child, index)
 
 
 def sdxl_te_targets(text_encoder: nn.Module, index: int, dim: int, alpha: float) -> list[Target]:

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import processes
-from ..atomic import replace_file
+from ..atomic import atomic_path, replace_file
 from ..config import TrainConfig
 from ..errors import LoraKitError, TrainingError
 
@@ -72,9 +72,24 @@ _CHILDREN: dict[int, subprocess.Popen] = {}
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    replace_file(tmp, path)  # readers never see half a file; on Windows, waits out a reader
+    with atomic_path(path) as tmp:  # readers never see half a file; on Windows, waits out a reader
+        tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
+
+
+def _write_json_if_absent(path: Path, data: dict[str, Any]) -> None:
+    """Write `path` only if nobody has (the child may already have said it failed): a hard link
+    of a finished temp file either creates the name or fails, in one step, on any OS."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.new")
+    tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    except OSError:  # a filesystem without hard links (FAT): the small race is the lesser evil
+        if not path.exists():
+            replace_file(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -363,8 +378,7 @@ def start_job(
         )
     _CHILDREN[child.pid] = child
     status = {"state": "running", "message": "starting", "lora_path": None, "pid": child.pid}
-    if not (run_dir / "status.json").exists():  # the child may already have written its own
-        _write_json(run_dir / "status.json", status)
+    _write_json_if_absent(run_dir / "status.json", status)  # the child may already have written its own
     log.info("training job %s started (pid %d)", run_dir, child.pid)
     return Job(run_dir)
 

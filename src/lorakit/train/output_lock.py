@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..atomic import replace_file
 from ..config import TrainConfig
 from ..errors import ConfigError, TrainingError
 from ..processes import pid_alive
@@ -75,11 +76,14 @@ def _take_over_stale(path: Path, holder: dict) -> None:
     # and now keeps its lock.
     aside = path.with_name(f".{path.name}.{os.getpid()}.stale")
     try:
-        os.replace(path, aside)
+        replace_file(path, aside)  # on Windows, waits out another run reading it
     except FileNotFoundError:
         return
-    if _read(aside) != holder:
-        os.replace(aside, path)
+    if _read(aside) != holder:  # someone's live lock: put it back, unless a newer one took its place
+        if path.exists():
+            aside.unlink(missing_ok=True)
+        else:
+            replace_file(aside, path)
         return
     aside.unlink(missing_ok=True)
     if holder:
