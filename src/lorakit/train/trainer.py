@@ -463,18 +463,22 @@ class Trainer:
         first = (self._first_bad_step < 0) & ~torch.isfinite(loss.detach())
         self._first_bad_step = torch.where(first, step, self._first_bad_step)
 
-    def _check_finite(self, collective: bool = True) -> None:
-        """Raise before anything non-finite is written: a nan/inf loss seen so far, or nan/inf weights."""
-        weights_bad = torch.stack(
-            [~torch.isfinite(p.detach()).all() for p in self.network.parameters()]
-        ).any()
+    def _check_finite(self, collective: bool = True, fetch: torch.Tensor | None = None) -> float | None:
+        """Raise before anything non-finite is written: a nan/inf loss seen so far, or nan/inf weights.
+        Returns `fetch` (a scalar) read in the same host sync."""
+        params = [p.detach() for p in self.network.parameters()]
+        # one fused kernel over all LoRA tensors (not three per tensor): a norm is nan/inf iff one is
+        weights_bad = ~torch.stack(torch._foreach_norm(params)).isfinite().all()
         flags = torch.stack([self._first_bad_step, weights_bad.long()])
         if collective and self.acc.num_processes > 1:  # every rank raises, or none does
             flags = self.acc.gather(flags[None]).view(-1, 2)
             flags = torch.stack([flags[:, 0].max(), flags[:, 1].max()])
-        first_bad, weights_bad = flags.tolist()  # the one host sync, on saves and reports only
+        extra = [] if fetch is None else [fetch.detach().double().reshape(())]
+        values = torch.cat([flags.double(), *[e[None] for e in extra]]).tolist()  # the one host sync
+        first_bad, weights_bad = int(values[0]), values[1]
         if first_bad >= 0 or weights_bad:
             raise self._nonfinite_error(first_bad)
+        return values[2] if extra else None
 
     def _nonfinite_error(self, first_bad: int) -> TrainingError:
         what = (
@@ -494,8 +498,7 @@ class Trainer:
         )
 
     def _report(self, mean_loss: torch.Tensor, bar, on_progress) -> None:
-        self._check_finite()
-        mean = mean_loss.item()  # finite now: every loss in it was
+        mean = self._check_finite(fetch=mean_loss)  # finite now: every loss in it was
         pos = self.pos
         now, (t_last, step_last) = time.time(), self._clock
         its = (pos.step - step_last) / max(now - t_last, 1e-9)
