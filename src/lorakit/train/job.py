@@ -423,14 +423,16 @@ def _child_main(run_dir: Path) -> int:
     set_status("running", "loading the dataset and the model")
     progress_file = (run_dir / "progress.jsonl").open("a", encoding="utf-8")
 
+    from ..generate.progress import format_duration
+
     def on_progress(p) -> None:
         row = dataclasses.asdict(p) | {"time": time.time()}
         progress_file.write(json.dumps(row) + "\n")
         progress_file.flush()
         loss = f"{p.loss:.4f}" if p.loss is not None else "-"
         log.info(
-            "step %d/%d  epoch %d/%d  loss %s  lr %.2e  %.2f it/s  ETA %ds",
-            p.step, p.total_steps, p.epoch, p.total_epochs, loss, p.lr, p.its, p.eta_s,
+            "step %d/%d  epoch %d/%d  loss %s  lr %.2e  %.2f it/s  ETA %s",
+            p.step, p.total_steps, p.epoch, p.total_epochs, loss, p.lr, p.its, format_duration(p.eta_s),
         )  # fmt: skip
         set_status("running", f"step {p.step}/{p.total_steps}")
 
