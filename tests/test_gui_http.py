@@ -503,10 +503,11 @@ def test_settings_model_path_follows_symlinks_and_wants_a_model(tmp_path, monkey
         with pytest.raises(ConfigError, match=match):
             settings.model_path(bad)
     assert settings.known_model(str(outside / "b.ckpt")) == ""
-    # without --model the demo model's folder is a root: the GUI works out of the box
+    # the shipped demo model can always be picked: the GUI works out of the box
     from lorakit.demo import DEMO_MODEL
 
     assert Settings().model_path(str(DEMO_MODEL)) == DEMO_MODEL.resolve()
+    assert settings.model_path(str(DEMO_MODEL)) == DEMO_MODEL.resolve()
 
 
 # --- the rules themselves -----------------------------------------------------------------------

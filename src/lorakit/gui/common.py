@@ -44,10 +44,12 @@ class Settings:
 
     def model_roots(self) -> list[Path]:
         """Where the GUI may read base models and LoRA weights: --model_dir folders, the default
-        model's folder (the demo model's without --model), the LoRA folder and the data roots."""
+        model's folder, the shipped demo model's (lorakit's own assets, so that it can always be
+        picked), the LoRA folder and the data roots."""
         from ..demo import DEMO_MODEL
 
-        return [*self.model_dirs, Path(self.model or DEMO_MODEL).parent, self.lora_dir, *self.data_roots()]
+        default = [Path(self.model).parent] if self.model else []
+        return [*self.model_dirs, *default, DEMO_MODEL.parent, self.lora_dir, *self.data_roots()]
 
     def model_path(self, text: str, what: str = "base model") -> Path:
         """A model the user typed, resolved, if it lies in model_roots and is a .safetensors/.ckpt file
