@@ -44,7 +44,7 @@ def _start(root: Path, cwd: Path, *args: str) -> tuple[subprocess.Popen, str, in
         "--port",
         str(port),
         "--model",
-        str(root / "no-model"),
+        str(root / "base" / "no-model"),  # its folder is a model root: one that holds nothing else
         *args,
     ]
     log_path = root / f"server-{port}.log"
@@ -67,11 +67,17 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory):
-    """A working folder with a dataset and a config folder; an outside folder with a dataset
-    and a secret; an extra --data_dir root."""
+def site(tmp_path_factory, tiny_base):
+    """A working folder with a dataset and a config folder; an outside folder with a dataset,
+    a secret and a model; an extra --data_dir root; a --model_dir root with the tiny model."""
+    import shutil
+
     root = tmp_path_factory.mktemp("guihttp")
     work, outside, extra = root / "work", root / "outside", root / "extra"
+    (root / "models").mkdir()
+    outside.mkdir()
+    shutil.copy(tiny_base, root / "models" / "tiny.safetensors")
+    shutil.copy(tiny_base, outside / "model.safetensors")
     train, _ = make_dataset(work / "data", n_train=2, n_reg=0, repeats=2)
     make_dataset(outside / "data", n_train=1, n_reg=0, repeats=1)
     make_dataset(extra / "data", n_train=1, n_reg=0, repeats=3)
@@ -79,7 +85,16 @@ def site(tmp_path_factory):
     (work / "link").symlink_to(outside / "data", target_is_directory=True)
     (work / "configs").mkdir()
     proc, url, port = _start(
-        root, work, "--config_dir", str(work / "configs"), "--data_dir", str(extra), "--runs_dir", "runs"
+        root,
+        work,
+        "--config_dir",
+        str(work / "configs"),
+        "--data_dir",
+        str(extra),
+        "--runs_dir",
+        "runs",
+        "--model_dir",
+        str(root / "models"),
     )
     yield {
         "root": root,
@@ -106,6 +121,8 @@ class Api:
         deps = [d for d in config["dependencies"] if d.get("api_name")]
         self.ids = {d["api_name"]: d["id"] for d in deps}
         self.n_inputs = {d["api_name"]: len(d["inputs"]) for d in deps}
+        elem_ids = {c["id"]: c.get("props", {}).get("elem_id") for c in config["components"]}
+        self.input_ids = {d["api_name"]: [elem_ids.get(i) for i in d["inputs"]] for d in deps}
 
     def __call__(self, api_name: str, data: list, event_data=None) -> dict:
         data = data + [None] * (self.n_inputs[api_name] - len(data))  # the fields a forger leaves out
@@ -114,13 +131,26 @@ class Api:
         r = httpx.post(f"{self.url}/gradio_api/queue/join", json=body, cookies=self.cookies)
         assert r.status_code == 200, r.text
         params = {"session_hash": self.session}
-        with httpx.stream("GET", f"{self.url}/gradio_api/queue/data", params=params, timeout=60) as s:
+        with httpx.stream(
+            "GET", f"{self.url}/gradio_api/queue/data", params=params, timeout=60, cookies=self.cookies
+        ) as s:
             for line in s.iter_lines():
                 if line.startswith("data:"):
                     msg = json.loads(line[5:])
                     if msg.get("msg") == "process_completed":
                         return msg["output"]
         raise AssertionError("no answer")
+
+
+def _train_fields(api: Api, api_name: str, **values) -> list:
+    """The Train tab's widget values for `api_name` (defaults, then `values`), the last input empty."""
+    from lorakit.gui.train_tab import widget_value
+
+    flat = TrainConfig().flat() | values
+    ids = api.input_ids[api_name]
+    out = [widget_value(i[4:], flat[i[4:]]) if i and i.startswith("cfg-") else None for i in ids]
+    out[-1] = ""
+    return out
 
 
 def _files(folder: Path) -> set[Path]:
@@ -247,8 +277,17 @@ def test_training_folders_must_lie_in_the_roots(site, monkeypatch):
     from lorakit.gui.train_tab import check_folders
 
     monkeypatch.chdir(site["work"])
-    settings = Settings(lora_dir=site["work"] / "models", data_dirs=(site["extra"],))
-    good = {"train_data_dir": "data/train", "output_dir": "models", "output_name": "x"}
+    settings = Settings(
+        model=str(site["root"] / "models" / "tiny.safetensors"),
+        lora_dir=site["work"] / "models",
+        data_dirs=(site["extra"],),
+    )
+    good = {
+        "train_data_dir": "data/train",
+        "output_dir": "models",
+        "output_name": "x",
+        "pretrained_model_name_or_path": settings.model,
+    }
     check_folders(TrainConfig.from_dict(good), settings)
     check_folders(
         TrainConfig.from_dict(good | {"train_data_dir": str(site["extra"] / "data" / "train")}), settings
@@ -259,6 +298,11 @@ def test_training_folders_must_lie_in_the_roots(site, monkeypatch):
         ({"output_dir": str(site["outside"])}, "output_dir .* is outside"),
         ({"logging_dir": "/"}, "logging_dir .* is outside"),
         ({"output_name": "../../x"}, "output_name"),
+        (
+            {"pretrained_model_name_or_path": str(site["outside"] / "model.safetensors")},
+            "pretrained.* outside",
+        ),
+        ({"network_weights": str(site["outside"] / "model.safetensors")}, "network_weights .* is outside"),
     ):
         with pytest.raises(ConfigError, match=match):
             check_folders(TrainConfig.from_dict(good | bad), settings)
@@ -323,13 +367,30 @@ def test_resume_after_a_crash_offers_the_newest_complete_epoch_state(site):
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory):
     root = tmp_path_factory.mktemp("guiauth")
-    proc, url, port = _start(root, root, "--listen", "--auth", f"user:{PASSWORD}")
+    # a --config_dir that does not exist yet: Save config makes it
+    proc, url, port = _start(
+        root, root, "--listen", "--auth", f"user:{PASSWORD}", "--config_dir", "new/configs"
+    )
     yield url, port
     _stop(proc)
 
 
 def _login(url: str, password: str) -> httpx.Response:
     return httpx.post(url + "/login", data={"username": "user", "password": password})
+
+
+def test_save_config_makes_a_config_folder_that_does_not_exist_yet(shared):
+    url, _ = shared  # (before the guessing test below locks this client out)
+    api = Api(url, "save-new", cookies=_login(url, PASSWORD).cookies)
+    data = api("load_config", ["missing"])
+    assert "does not exist" in data.get("error", "")
+    values = _train_fields(api, "save_config", output_name="fresh")
+    values[0] = "fresh"
+    values[-1] = "usu bear, in the snow"  # the sample prompts, written beside the config
+    out = api("save_config", values)
+    assert out.get("data", [""])[0].startswith(f"Saved {Path('new/configs/fresh.toml')}"), out
+    saved = api("load_config", ["fresh"])["data"]
+    assert "fresh" in saved and "usu bear, in the snow\n" in saved  # the config and its prompts file
 
 
 def test_listen_auth_asks_for_the_password_and_refuses_guessing(shared):
@@ -345,6 +406,108 @@ def test_listen_auth_asks_for_the_password_and_refuses_guessing(shared):
         assert _login(url, "guess").status_code == 400
     refused = _login(url, PASSWORD)  # even the right password, for a while
     assert refused.status_code == 429 and "too many failed logins" in refused.text
+
+
+# --- base models: only from the model roots ------------------------------------------------------
+
+
+def _model_error(out: dict) -> str:
+    assert "data" not in out or out.get("success") is False, out
+    return out.get("error") or ""
+
+
+def test_model_paths_outside_the_model_roots_are_refused_everywhere(site):
+    work, outside = site["work"], site["outside"]
+    (work / "models-link").symlink_to(outside, target_is_directory=True)
+    api = Api(site["url"], "models-outside")
+    before = _files(site["root"])
+    loaded = api("load_config", ["missing"])
+    assert "does not exist" in loaded.get("error", "")
+
+    def train(**changes):
+        base = {
+            "train_data_dir": "data/train",
+            "output_dir": "models/Lora",
+            "output_name": "nope",
+            "pretrained_model_name_or_path": str(site["root"] / "models" / "tiny.safetensors"),
+        }
+        return api("train", _train_fields(api, "train", **(base | changes)))
+
+    def generate(model):
+        return api("generate", [model, "usu bear", "", "Euler", 1, 64, 64, 7, 1, 1, 1])
+
+    def reg(model):
+        return api("make_reg_images", [model, "bear", 1, "reg", 1, 64])
+
+    for model in (
+        outside / "model.safetensors",  # a real model, outside
+        outside / "no-such.safetensors",  # its answer must not differ: no probing the host
+        work / "models-link" / "model.safetensors",  # a symlink out of the roots
+        "../outside/model.safetensors",
+    ):
+        errors = [
+            _model_error(train(pretrained_model_name_or_path=str(model))),
+            _model_error(train(network_weights=str(model))),
+            _model_error(generate(str(model))),
+            _model_error(reg(str(model))),
+        ]
+        for err in errors:
+            assert "is outside the folders this GUI may use" in err and "--model_dir" in err, (model, err)
+        assert "network_weights" in errors[1]
+    real, missing = (
+        _model_error(generate(str(outside / n))) for n in ("model.safetensors", "no-such.safetensors")
+    )
+    assert real.replace("model.safetensors", "X") == missing.replace("no-such.safetensors", "X")
+    # inside the roots but no model: a plain file of another kind is not read either
+    (work / "data" / "notes.txt").write_text("x")
+    err = _model_error(generate(str(work / "data" / "notes.txt")))
+    assert "no model there" in err
+    (work / "data" / "notes.txt").unlink()
+    assert _files(site["root"]) == before  # no run started, no image or reg image written
+    assert not (work / "runs").exists() or not any("nope" in p.name for p in (work / "runs").iterdir())
+
+
+def test_a_model_in_a_model_dir_draws(site):
+    api = Api(site["url"], "models-inside")
+    outputs = site["work"] / "outputs"
+    before = _files(outputs) if outputs.exists() else set()
+    model = site["root"] / "models" / "tiny.safetensors"
+    out = api("generate", [str(model), "usu bear", "", "Euler", 1, 64, 64, 7, 1, 1, 1])
+    assert "error" not in out or not out["error"], out
+    assert "Steps: 1" in out["data"][1]
+    assert len(_files(outputs) - before) == 1
+
+
+def test_settings_model_path_follows_symlinks_and_wants_a_model(tmp_path, monkeypatch):
+    from lorakit.gui.common import Settings
+
+    monkeypatch.chdir(tmp_path)
+    models, outside = tmp_path / "models", tmp_path.parent / (tmp_path.name + "-out")
+    (models / "sd15" / "unet").mkdir(parents=True)
+    (models / "sd15" / "model_index.json").write_text("{}")
+    (models / "a.safetensors").write_bytes(b"x")
+    (models / "notes.txt").write_text("x")
+    outside.mkdir()
+    (outside / "b.ckpt").write_bytes(b"x")
+    (models / "b.ckpt").symlink_to(outside / "b.ckpt")
+    settings = Settings(model=str(models / "a.safetensors"), lora_dir=tmp_path / "loras")
+    assert settings.model_path(str(models / "sd15")) == (models / "sd15").resolve()
+    assert settings.model_path("models/a.safetensors") == (models / "a.safetensors").resolve()
+    for bad, match in (
+        ("models/b.ckpt", "outside the folders"),
+        (str(outside / "b.ckpt"), "outside the folders"),
+        ("models/notes.txt", "no model there"),
+        ("models/sd15/unet", "no model there"),
+        ("", "give the model"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            settings.model_path(bad)
+    assert settings.known_model(str(outside / "b.ckpt")) == ""
+    # the shipped demo model can always be picked: the GUI works out of the box
+    from lorakit.demo import DEMO_MODEL
+
+    assert Settings().model_path(str(DEMO_MODEL)) == DEMO_MODEL.resolve()
+    assert settings.model_path(str(DEMO_MODEL)) == DEMO_MODEL.resolve()
 
 
 # --- the rules themselves -----------------------------------------------------------------------

@@ -41,6 +41,7 @@ def cmd_gui(args: argparse.Namespace) -> int:
         outputs_dir=Path(args.outputs_dir),
         config_dir=Path(args.config_dir),
         data_dirs=tuple(Path(d) for d in args.data_dir or ()),
+        model_dirs=tuple(Path(d) for d in args.model_dir or ()),
     )
     app.launch(settings, host=host, port=args.port, auth=auth)
     return 0
@@ -80,9 +81,17 @@ def add_parsers(sub) -> None:
         help="a folder of datasets the GUI may read and write captions in, besides the working folder "
         "(repeat for more); training may also write there",
     )
+    p.add_argument(
+        "--model_dir",
+        action="append",
+        metavar="FOLDER",
+        help="a folder of base models the GUI may load, besides the folder of --model, the LoRA folder "
+        "and the dataset folders (repeat for more)",
+    )
     p.set_defaults(
         func=cmd_gui,
         known=lambda: [
             "listen", "port", "auth", "model", "lora_dir", "runs_dir", "outputs_dir", "config_dir", "data_dir",
+            "model_dir",
         ],
     )  # fmt: skip

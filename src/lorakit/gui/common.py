@@ -9,7 +9,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from ..errors import LoraKitError
+from ..errors import ConfigError, LoraKitError
 
 log = logging.getLogger("lorakit")
 
@@ -24,6 +24,7 @@ class Settings:
     outputs_dir: Path = Path("outputs/txt2img-images")  # generated images
     config_dir: Path = Path(".")  # Save/Load config reads and writes <config_dir>/<name>.toml only
     data_dirs: tuple[Path, ...] = ()  # dataset folders allowed besides the working folder
+    model_dirs: tuple[Path, ...] = ()  # folders of base models allowed besides the defaults (model_roots)
 
     def data_roots(self) -> list[Path]:
         """Where the GUI may read datasets and write captions and reg images."""
@@ -40,6 +41,44 @@ class Settings:
         return inside(
             path, self.data_roots(), what, "start `lorakit gui --data_dir FOLDER` to allow another one"
         )
+
+    def model_roots(self) -> list[Path]:
+        """Where the GUI may read base models and LoRA weights: --model_dir folders, the default
+        model's folder, the shipped demo model's (lorakit's own assets, so that it can always be
+        picked), the LoRA folder and the data roots."""
+        from ..demo import DEMO_MODEL
+
+        default = [Path(self.model).parent] if self.model else []
+        return [*self.model_dirs, *default, DEMO_MODEL.parent, self.lora_dir, *self.data_roots()]
+
+    def model_path(self, text: str, what: str = "base model") -> Path:
+        """A model the user typed, resolved, if it lies in model_roots and is a .safetensors/.ckpt file
+        or a diffusers folder (else ConfigError): a request never reads, nor probes, any other file."""
+        from .guard import inside
+
+        if not (text or "").strip():
+            raise ConfigError(f"{what}: give the model file (.safetensors/.ckpt) or diffusers folder")
+        path = inside(
+            text, self.model_roots(), what, "start `lorakit gui --model_dir FOLDER` to allow another one"
+        )
+        if path.is_file() and path.suffix.lower() in MODEL_SUFFIXES:
+            return path
+        if path.is_dir() and (path / "model_index.json").is_file():
+            return path
+        raise ConfigError(
+            f"{what} {text}: no model there; give a .safetensors or .ckpt file, or a diffusers folder "
+            "(with model_index.json)"
+        )
+
+    def known_model(self, text: str) -> str:
+        """model_path as text, or "" when it is refused (for the size notes shown while typing)."""
+        try:
+            return str(self.model_path(text)) if (text or "").strip() else ""
+        except ConfigError:
+            return ""
+
+
+MODEL_SUFFIXES = (".safetensors", ".ckpt")
 
 
 def user_errors(fn):

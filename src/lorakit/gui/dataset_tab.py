@@ -227,15 +227,17 @@ def build(settings: Settings) -> dict:
 
     reg_applied = gr.State(settings.model)  # the model Size was last set from
 
+    # The notes read only a model inside the model roots (Settings.model_path), never any host file.
     def pick_model(model, last):
-        d = model_defaults_of(model)
+        readable = settings.known_model(model)
+        d = model_defaults_of(readable)
         if d is None or model == last:
             return gr.skip(), gr.skip(), last
-        return d.resolution[0], size_note(model, what=": Size is set from it"), model
+        return d.resolution[0], size_note(readable, what=": Size is set from it"), model
 
     def size_changed(model, size):
         side = int(size or 0)
-        return size_note(model, (side, side) if side else None, ": Size is set from it")
+        return size_note(settings.known_model(model), (side, side) if side else None, ": Size is set from it")
 
     for event in (reg_model.blur, reg_model.submit):  # left or Enter: typed, pasted or dropped alike
         event(pick_model, [reg_model, reg_applied], [reg_size, reg_note, reg_applied], show_progress="hidden")
@@ -249,6 +251,7 @@ def build(settings: Settings) -> dict:
 
         if not model:
             raise gr.Error("Give the base model.")
+        model_path = settings.model_path(model)
         if not out:
             raise gr.Error("Give the folder for the regularization images.")
         if any(c in (prompt or "") for c in "/\\") or ".." in (prompt or ""):
@@ -259,7 +262,7 @@ def build(settings: Settings) -> dict:
         params = GenerationParams(steps=int(steps), width=int(size), height=int(size), seed=0)
         params.check()
         progress(0, desc="loading the model")
-        gen = Generator.from_path(model)
+        gen = Generator.from_path(model_path)
         made = make_reg_images(
             gen, prompt, int(count), out, params, on_progress=lambda d, n: progress((d, n), desc="drawing")
         )
@@ -272,5 +275,6 @@ def build(settings: Settings) -> dict:
         do_make,
         [reg_model, class_prompt, reg_count, reg_out, reg_steps, reg_size],
         [reg_status, reg_gallery, reg_dir],
+        api_name="make_reg_images",
     )
     return {"train_dir": train_dir, "reg_dir": reg_dir, "caption_ext": caption_ext, "scan": scan}

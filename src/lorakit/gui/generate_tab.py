@@ -110,14 +110,16 @@ def build(settings: Settings) -> dict:
 
     applied = gr.State(settings.model)  # the model Width and Height were last set from
 
+    # The notes read only a model inside the model roots (Settings.model_path), never any host file.
     def pick_model(model, last):
-        d = model_defaults_of(model)
+        readable = settings.known_model(model)
+        d = model_defaults_of(readable)
         if d is None or model == last:
             return gr.skip(), gr.skip(), gr.skip(), last
-        return d.resolution[0], d.resolution[1], size_note(model, what=SET_FROM), model
+        return d.resolution[0], d.resolution[1], size_note(readable, what=SET_FROM), model
 
     def size_changed(model, w, h):
-        return size_note(model, (int(w), int(h)) if w and h else None, SET_FROM)
+        return size_note(settings.known_model(model), (int(w), int(h)) if w and h else None, SET_FROM)
 
     for event in (model.blur, model.submit):  # left or Enter: typed, pasted or dropped alike
         event(pick_model, [model, applied], [width, height, size_md, applied], show_progress="hidden")
@@ -132,6 +134,7 @@ def build(settings: Settings) -> dict:
             raise gr.Error("The prompt is empty: say what to draw.")
         if not model_path:
             raise gr.Error("Give the base model.")
+        model_path = settings.model_path(model_path)
         params = GenerationParams(
             prompt=p, negative_prompt=n, sampler=smp, steps=int(st), width=int(w), height=int(h),
             cfg_scale=float(c), seed=int(sd if sd is not None else -1), batch_count=int(bc or 1),
@@ -139,7 +142,7 @@ def build(settings: Settings) -> dict:
         )  # fmt: skip
         check_request(params, settings.lora_dir)
         progress(0, desc="loading the model")
-        gen = generator(model_path, str(settings.lora_dir))
+        gen = generator(str(model_path), str(settings.lora_dir))
         progress(0.1, desc="drawing")
         items = run_txt2img(gen, params, settings.outputs_dir)
         texts = [it.infotext for it in items]
@@ -149,6 +152,7 @@ def build(settings: Settings) -> dict:
         do_generate,
         [model, prompt, negative, sampler, steps, width, height, cfg, seed, batch_count, batch_size],
         [images, info, infos],
+        api_name="generate",
     )
 
     def show_info(texts, evt: gr.SelectData):

@@ -150,6 +150,9 @@ def read_text(path: str | None) -> str:
 def check_folders(cfg: TrainConfig, settings: Settings) -> None:
     """The dataset folders lie in the data roots and the outputs in the output roots (see Settings)."""
     d, o = cfg.dataset, cfg.output
+    settings.model_path(cfg.model.pretrained_model_name_or_path, "pretrained_model_name_or_path")
+    if cfg.network.network_weights:
+        settings.model_path(cfg.network.network_weights, "network_weights")
     for what, value in (("train_data_dir", d.train_data_dir), ("reg_data_dir", d.reg_data_dir)):
         if value:
             settings.data_dir(value, what)
@@ -360,12 +363,17 @@ def build(settings: Settings, notice: gr.components.Component | None = None) -> 
     model_box, resolution = fields["pretrained_model_name_or_path"], fields["resolution"]
     applied = gr.State(settings.model)
 
+    # The notes read only a model inside the model roots (Settings.model_path), never any host file.
     def pick_model(model, last, res):
-        d = model_defaults_of(model)
+        readable = settings.known_model(model)
+        d = model_defaults_of(readable)
         if d is None or model == last:
-            return gr.skip(), gr.skip(), model_note(model, res), last
+            return gr.skip(), gr.skip(), model_note(readable, res), last
         res = "{},{}".format(*d.resolution)
-        return res, d.learning_rate, model_note(model, res), model
+        return res, d.learning_rate, model_note(readable, res), model
+
+    def resolution_changed(model, res):
+        return model_note(settings.known_model(model), res)
 
     for event in (model_box.blur, model_box.submit):  # left or Enter: typed, pasted or dropped alike
         event(
@@ -374,7 +382,7 @@ def build(settings: Settings, notice: gr.components.Component | None = None) -> 
             [resolution, fields["learning_rate"], note, applied],
             show_progress="hidden",
         )
-    resolution.change(model_note, [model_box, resolution], [note], show_progress="hidden")
+    resolution.change(resolution_changed, [model_box, resolution], [note], show_progress="hidden")
     record_model = (lambda m: m, [model_box], [applied])
     log_box.change(None, None, None, js=FOLLOW_LOG_JS)
 
@@ -398,11 +406,11 @@ def build(settings: Settings, notice: gr.components.Component | None = None) -> 
     def do_save(name, *values):
         path = config_file(settings.config_dir, name)
         cfg = config_from_widgets(names, list(values[:-1]))
+        path.parent.mkdir(parents=True, exist_ok=True)
         if values[-1].strip():
             prompts = path.with_suffix(".sample_prompts.txt")
             prompts.write_text(values[-1].strip() + "\n", encoding="utf-8")
             cfg.sample.sample_prompts = str(prompts)
-        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(cfg.to_toml(), encoding="utf-8")
         return f"Saved {path} — `lorakit train --config {path}` runs the same training."
 
@@ -430,7 +438,7 @@ def build(settings: Settings, notice: gr.components.Component | None = None) -> 
             f"Started **{job.name}**. You may close this page: training goes on, and the page shows it again."
         )
 
-    train_btn.click(do_train, [*widgets, sample_text], [action_msg])
+    train_btn.click(do_train, [*widgets, sample_text], [action_msg], api_name="train")
 
     def do_stop():
         job = latest_job(settings.runs_dir)
