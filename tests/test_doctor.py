@@ -2,6 +2,7 @@
 a CPU-only torch beside an NVIDIA card, an unwritable output folder) and says how to fix each."""
 
 import ctypes
+import tempfile
 import types
 
 from lorakit import doctor
@@ -67,10 +68,10 @@ def test_cpu_torch_beside_an_nvidia_card(monkeypatch):
 
 
 def test_unwritable_output_folder(tmp_path, monkeypatch):
-    def refuse(self, data):  # as a read-only folder answers (root, who runs CI, may write anywhere)
+    def refuse(*args, **kwargs):  # as a read-only folder answers (root, who runs CI, may write anywhere)
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(doctor.Path, "write_bytes", refuse)
+    monkeypatch.setattr(tempfile, "TemporaryFile", refuse)  # the write probe of train.preflight.probe_folder
     row = doctor.folder_check(tmp_path / "out")
     assert not row.ok and "cannot write in" in row.detail and "Permission denied" in row.detail
 

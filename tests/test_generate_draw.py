@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lorakit.errors import ModelError
+from lorakit.errors import ConfigError, ModelError
 from lorakit.generate.params import GenerationParams
 from lorakit.generate.pipeline import Generator
 from lorakit.generate.pnginfo import parse_parameters, read_png_parameters
@@ -199,6 +199,17 @@ def test_reg_images_count_names_and_resume(gen, tmp_path):
     assert paths[0].stat().st_mtime_ns == mtime0  # kept, not redrawn
     for i in (1, 3):
         assert np.array_equal(np.asarray(Image.open(again[i])), originals[i])  # the same seed series
+
+
+def test_reg_images_seed_series_must_stay_in_the_seed_range(gen, tmp_path):
+    from lorakit.generate.reg_images import make_reg_images
+
+    params = GenerationParams(**{**SMALL, "seed": 2**32 - 2})
+    with pytest.raises(
+        ConfigError, match=r"seed 4294967294 with --count 3: the last image's seed 4294967296"
+    ):
+        make_reg_images(gen, "bear", 3, tmp_path / "reg", params)
+    assert not (tmp_path / "reg").exists()  # refused before anything was drawn
 
 
 def test_samples_appear_at_the_right_epochs(train_config, tmp_path):

@@ -282,6 +282,35 @@ def test_bad_cfg_scale_on_the_command_line_fails_before_loading(tmp_path, capsys
     assert rc == 2 and "CFG scale" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", [["generate", "--prompt", "x"], ["reg-images", "--class_prompt", "bear"]])
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--width", "10000"], "width 10000: images are at most 2048 pixels a side"),
+        (["--height", "4096"], "height 4096: images are at most 2048 pixels a side"),
+        (["--seed", str(2**70)], f"seed {2**70}: a seed is -1 (random) or 0 to 4294967295"),
+        (["--seed", "-2"], "seed -2: a seed is -1 (random)"),
+    ],
+)
+def test_size_and_seed_limits_on_the_command_line_fail_before_loading(
+    tiny_base, tmp_path, capsys, monkeypatch, command, option, message
+):
+    from lorakit.cli import main
+    from lorakit.generate.pipeline import Generator
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the request was checked")
+
+    monkeypatch.setattr(Generator, "from_path", no_load)
+    out = (
+        ["--outdir", str(tmp_path / "out")] if command[0] == "generate" else ["--out", str(tmp_path / "out")]
+    )
+    rc = main([*command, "--model", str(tiny_base), *out, *option])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err, err
+    assert not (tmp_path / "out").exists()
+
+
 # --- one SD schedule (item 22) --------------------------------------------------------------------
 
 

@@ -123,6 +123,9 @@ class _HeaderOnly:
     def get_slice(self, key):
         return self._open.get_slice(key)
 
+    def metadata(self):
+        return self._open.metadata()
+
 
 def _write(path, shapes: dict):
     save_file({k: torch.zeros(v, dtype=torch.int8) for k, v in shapes.items()}, str(path))

@@ -12,7 +12,6 @@ import importlib.util
 import os
 import shutil
 import sys
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -191,22 +190,17 @@ def package_checks(find_spec=importlib.util.find_spec) -> list[Check]:
 
 def folder_check(folder: str | Path, need_bytes: int = 2 * GIB) -> Check:
     """Can a run write here, with room for LoRAs, states and caches?"""
-    folder = Path(folder)
-    probe_dir = folder
-    while not probe_dir.exists() and probe_dir.parent != probe_dir:
-        probe_dir = probe_dir.parent
+    from .train.preflight import UnwritableFolder, probe_folder
+
     try:
-        probe = probe_dir / f".lorakit-doctor-{uuid.uuid4().hex}"
-        probe.write_bytes(b"x")
-        probe.unlink()
-    except OSError as e:
+        free = probe_folder(folder)  # a folder not created yet: where it will be created
+    except UnwritableFolder as e:
         return Check(
             f"output folder {folder}",
             False,
-            f"cannot write in {probe_dir}: {e.strerror}",
+            f"cannot write in {e.folder}: {e.reason}",
             "choose another output_dir",
         )
-    free = shutil.disk_usage(probe_dir).free
     return Check(
         f"output folder {folder}",
         free >= need_bytes,

@@ -22,12 +22,11 @@ class LoraFile:
 def _output_name(path: Path) -> str | None:
     if path.suffix != ".safetensors":
         return None
-    from safetensors import safe_open
+    from ..models.checkpoint import safetensors_header
 
     try:
-        with safe_open(str(path), "pt") as f:
-            return (f.metadata() or {}).get("ss_output_name")
-    except Exception:
+        return safetensors_header(path).metadata.get("ss_output_name")
+    except ModelError:  # unreadable: listed by its file name only
         return None
 
 

@@ -13,7 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..errors import ConfigError, DatasetError
-from .params import GenerationParams
+from .params import MAX_SEED, GenerationParams
 from .pipeline import Generator
 from .progress import DrawProgress
 
@@ -100,6 +100,11 @@ def make_reg_images(
         raise ConfigError("--count must be at least 1")
     params = params or GenerationParams()
     seed = params.seed if params.seed != -1 else 0  # fixed, so that resuming continues the same series
+    if seed + count - 1 > MAX_SEED:  # image i draws with seed + i: the last one must be a seed too
+        raise ConfigError(
+            f"seed {seed} with --count {count}: the last image's seed {seed + count - 1} is above "
+            f"{MAX_SEED}; choose a seed of at most {MAX_SEED - count + 1}"
+        )
     folder = reg_folder(out, class_prompt)
     folder.mkdir(parents=True, exist_ok=True)
     paths = [image_path(folder, class_prompt, i) for i in range(count)]

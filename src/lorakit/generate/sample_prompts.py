@@ -7,20 +7,19 @@ size, `--s` steps, `--l` CFG scale, `--d` seed, `--ss` sampler (kohya or A1111 n
 from __future__ import annotations
 
 import logging
-import math
 import time
 from pathlib import Path
 
 from ..errors import ConfigError
-from .params import GenerationParams
+from .params import GenerationParams, ParamError
 
-MAX_SIDE = 2048  # A1111's largest size; SD1.x draws poorly far above its 512 training size
-MAX_SEED = 2**32 - 1  # A1111's seed range; torch's generators overflow a little above 2**64
+_FIELD_OF = {"w": "width", "h": "height", "l": "cfg_scale", "d": "seed"}  # options check() may refuse
 
 
 def parse_line(line: str, defaults: GenerationParams, where: str) -> GenerationParams:
     parts = line.split(" --")
     p = GenerationParams(**{**defaults.__dict__, "prompt": parts[0].strip()})
+    given = {}  # field -> its option as written ("--w 100000"), for the messages of check()
     for part in parts[1:]:
         key, _, value = part.strip().partition(" ")
         value = value.strip()
@@ -28,19 +27,15 @@ def parse_line(line: str, defaults: GenerationParams, where: str) -> GenerationP
             if key == "n":
                 p.negative_prompt = value
             elif key == "w":
-                p.width = max(64, _side(value, where, key) // 8 * 8)  # kohya floors to /8, at least 64
+                p.width = max(64, int(value) // 8 * 8)  # kohya floors to /8, at least 64
             elif key == "h":
-                p.height = max(64, _side(value, where, key) // 8 * 8)
+                p.height = max(64, int(value) // 8 * 8)
             elif key == "s":
                 p.steps = min(max(int(value), 1), 1000)  # kohya's clamp
             elif key == "l":
                 p.cfg_scale = float(value)
-                if not (math.isfinite(p.cfg_scale) and p.cfg_scale >= 0):
-                    raise ConfigError(f"{where}: --l {value}: the CFG scale must be a number of 0 or more")
             elif key == "d":
                 p.seed = int(value)
-                if not (p.seed == -1 or 0 <= p.seed <= MAX_SEED):
-                    raise ConfigError(f"{where}: --d {value}: a seed is -1 (random) or 0 to {MAX_SEED}")
             elif key == "ss":
                 _check_sampler(value, where)
                 p.sampler = value
@@ -48,14 +43,16 @@ def parse_line(line: str, defaults: GenerationParams, where: str) -> GenerationP
                 raise ConfigError(f"{where}: unknown option --{key} (use --n --w --h --s --l --d --ss)")
         except ValueError:
             raise ConfigError(f"{where}: --{key} {value!r} is not a number") from None
+        if key in _FIELD_OF:
+            given[_FIELD_OF[key]] = f"--{key} {value}"
+    try:
+        p.check("sample images")
+    except ParamError as e:  # named by the option that set it, else by its field (a default)
+        said = f"{given[e.field]}: {e.reason}" if e.field in given else str(e)
+        raise ConfigError(f"{where}: {said}") from None
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
     return p
-
-
-def _side(value: str, where: str, key: str) -> int:
-    side = int(value)
-    if side > MAX_SIDE:
-        raise ConfigError(f"{where}: --{key} {value}: sample images are at most {MAX_SIDE} pixels a side")
-    return side
 
 
 def _check_sampler(name: str, where: str) -> None:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import pickle
 import re
+from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from lorakit.errors import ModelError
+
+if TYPE_CHECKING:  # torch is imported where tensors are read: a header alone needs none
+    import torch
 
 _MAGIC = {
     b"\x89PNG": "a PNG image",
@@ -43,6 +46,32 @@ def is_safetensors(path: str | Path) -> bool:
     return path.is_file() and path.stat().st_size > 0 and _sniff(path) == "safetensors"
 
 
+def _unreadable_safetensors(path: str | Path, e: Exception) -> ModelError:
+    return ModelError(f"{path}: not a readable .safetensors file ({e}). Is it truncated or corrupt?")
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    keys: list[str]
+    shapes: dict[str, tuple[int, ...]]  # of every key
+    metadata: dict[str, str]  # the `__metadata__` strings; {} when the file has none
+
+
+def safetensors_header(path: str | Path) -> SafetensorsHeader:
+    """Key names, shapes and metadata of a .safetensors file, from its JSON header only (no tensor is
+    read); ModelError when it is not a readable .safetensors file."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="np") as f:  # numpy: reading a header needs no torch
+            keys = list(f.keys())
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
+            metadata = dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as e:
+        raise _unreadable_safetensors(path, e) from e
+    return SafetensorsHeader(keys, shapes, metadata)
+
+
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     from safetensors import SafetensorError, safe_open
 
@@ -51,13 +80,13 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
             metadata = dict(f.metadata() or {})
             state_dict = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
-        raise ModelError(
-            f"{path}: not a readable .safetensors file ({e}). Is it truncated or corrupt?"
-        ) from e
+        raise _unreadable_safetensors(path, e) from e
     return state_dict, metadata
 
 
 def _read_torch(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    import torch
+
     try:
         # weights_only: the restricted unpickler never runs code from the file (kohya uses full pickle)
         obj = torch.load(str(path), map_location="cpu", weights_only=True)

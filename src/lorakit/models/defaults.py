@@ -41,12 +41,12 @@ class ModelDefaults:
 
 def header_metadata(path: str | Path) -> dict[str, str]:
     """The `__metadata__` of a .safetensors file; {} for other files or an unreadable header."""
-    from safetensors import safe_open
+    from lorakit.errors import ModelError
+    from lorakit.models.checkpoint import safetensors_header
 
     try:
-        with safe_open(str(path), framework="np") as f:  # parses the JSON header only
-            return dict(f.metadata() or {})
-    except Exception:  # not safetensors (.ckpt), truncated, a folder...: no metadata to go by
+        return safetensors_header(path).metadata
+    except ModelError:  # not safetensors (.ckpt), truncated, a folder...: no metadata to go by
         return {}
 
 

@@ -161,12 +161,12 @@ def run_session_id(cfg: TrainConfig) -> str | None:
 
 def _lora_session(path: Path) -> tuple[str | None, str]:
     """(its ss_session_id or None, a short description) of a LoRA file."""
-    from safetensors import safe_open
+    from ..errors import ModelError
+    from ..models.checkpoint import safetensors_header
 
     try:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-    except Exception:  # unreadable or not safetensors: certainly not this run's
+        meta = safetensors_header(path).metadata
+    except ModelError:  # unreadable or not safetensors: certainly not this run's
         return None, "unreadable as safetensors"
     sid = meta.get("ss_session_id")
     if sid is None:

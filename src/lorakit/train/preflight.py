@@ -37,6 +37,28 @@ def estimated_output_bytes(cfg: TrainConfig, epochs: int) -> int:
     return saves * per_save + lora  # the atomic write holds a temp copy beside the old file
 
 
+class UnwritableFolder(ConfigError):
+    """A folder no file can be written in; `folder` is the one probed, `reason` the system's word."""
+
+    def __init__(self, folder: Path, reason: str):
+        super().__init__(f"{folder} cannot be written ({reason})")
+        self.folder, self.reason = folder, reason
+
+
+def probe_folder(folder: str | Path) -> int:
+    """Free bytes on the disk of `folder`, once a file was written there; a folder not created yet is
+    probed in its nearest existing parent (nothing is created). UnwritableFolder when it cannot be."""
+    probe_dir = Path(folder)
+    while not probe_dir.exists() and probe_dir.parent != probe_dir:
+        probe_dir = probe_dir.parent
+    try:
+        with tempfile.TemporaryFile(dir=probe_dir, prefix=".lorakit-write-check-"):
+            pass
+        return shutil.disk_usage(probe_dir).free
+    except OSError as e:
+        raise UnwritableFolder(probe_dir, e.strerror or str(e)) from None
+
+
 def check_output_folder(cfg: TrainConfig, batches_per_epoch: int) -> None:
     """Create output_dir, prove a file can be written there and that the disk has room for the saves."""
     from .optim import steps_and_epochs
@@ -44,15 +66,14 @@ def check_output_folder(cfg: TrainConfig, batches_per_epoch: int) -> None:
     folder = Path(cfg.output.output_dir)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder, prefix=".lorakit-write-check-"):
-            pass
-    except OSError as e:
+        free = probe_folder(folder)
+    except (OSError, UnwritableFolder) as e:
+        reason = e.reason if isinstance(e, UnwritableFolder) else e.strerror or e
         raise ConfigError(
-            f"output_dir {folder} cannot be written ({e.strerror or e}): choose a folder you can write to"
+            f"output_dir {folder} cannot be written ({reason}): choose a folder you can write to"
         ) from None
     _, _, epochs = steps_and_epochs(cfg.training, max(batches_per_epoch, 1))
     need = estimated_output_bytes(cfg, epochs)
-    free = shutil.disk_usage(folder).free
     if free < need:
         raise ConfigError(
             f"output_dir {folder}: the disk has {_mb(free)} free, but this run saves about {_mb(need)} "

@@ -12,8 +12,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from lorakit.errors import ModelError
-
 LDM_UNET = "model.diffusion_model."
 UNET_IN = LDM_UNET + "input_blocks.0.0.weight"  # in-channels: 4 text-to-image, 9 inpainting, 8 pix2pix
 SD2_ATTN2_K = LDM_UNET + "input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight"  # in-dim 1024 on SD2
@@ -162,22 +160,12 @@ def detect_family(keys: Iterable[str], shapes: Mapping[str, Sequence[int]] | Non
 def read_keys_and_shapes(path: str | Path) -> tuple[list[str], dict[str, tuple[int, ...]]]:
     """Key names and the SHAPE_KEYS' shapes of a checkpoint. A .safetensors file is read from its
     header only (no tensor is loaded); a .ckpt goes through the weights-only reader."""
-    from lorakit.models.checkpoint import is_safetensors, read_state_dict
+    from lorakit.models.checkpoint import is_safetensors, read_state_dict, safetensors_header
 
     path = Path(path)
     if is_safetensors(path):
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                keys = list(f.keys())
-                present = set(keys)
-                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in SHAPE_KEYS if k in present}
-        except (SafetensorError, OSError, ValueError) as e:
-            raise ModelError(
-                f"{path}: not a readable .safetensors file ({e}). Is it truncated or corrupt?"
-            ) from e
-        return keys, shapes
+        header = safetensors_header(path)
+        return header.keys, {k: header.shapes[k] for k in SHAPE_KEYS if k in header.shapes}
     state_dict, _ = read_state_dict(path)
     return list(state_dict), {k: tuple(state_dict[k].shape) for k in SHAPE_KEYS if k in state_dict}
 
