@@ -201,8 +201,12 @@ class Trainer:
             base.unet.enable_gradient_checkpointing()
             base.unet.train()  # diffusers checkpoints only in training mode
             if self.train_te:
-                base.text_encoder.gradient_checkpointing_enable()
-                base.text_encoder.train()
+                te = base.text_encoder  # transformers >= 5.24 renames it (the old name goes in v6)
+                enable = (
+                    getattr(te, "activation_checkpointing_enable", None) or te.gradient_checkpointing_enable
+                )
+                enable()
+                te.train()
 
         self.scheduler = N.noise_scheduler(cfg.model.v_parameterization)
         self.snr = N.snr_table(self.scheduler).to(self.device)
