@@ -8,7 +8,7 @@ from pathlib import Path
 import gradio as gr
 
 from ..generate.loras import list_loras
-from ..generate.params import GenerationParams
+from ..generate.params import MAX_SIDE, GenerationParams
 from ..generate.samplers import all_names
 from .common import Settings, is_state_file, model_defaults_of, placeholder, size_note, thumbnail, user_errors
 
@@ -71,8 +71,8 @@ def build(settings: Settings) -> dict:
             model_d = model_defaults_of(settings.model)
             w, h = model_d.resolution if model_d else (512, 512)  # the model's native size
             with gr.Row():
-                width = gr.Slider(64, 2048, value=w, step=8, label="Width", elem_id="gen-width")
-                height = gr.Slider(64, 2048, value=h, step=8, label="Height", elem_id="gen-height")
+                width = gr.Slider(64, MAX_SIDE, value=w, step=8, label="Width", elem_id="gen-width")
+                height = gr.Slider(64, MAX_SIDE, value=h, step=8, label="Height", elem_id="gen-height")
             size_md = gr.Markdown(size_note(settings.model, what=SET_FROM), elem_id="gen-note")
             with gr.Row():
                 cfg = gr.Slider(1, 30, value=7, step=0.5, label="CFG scale", elem_id="gen-cfg")
