@@ -161,11 +161,17 @@ def _check_layout(path: Path, ldm_sd: dict, expected: dict, arch_name: str) -> N
         )
 
 
-def _assign(model: torch.nn.Module, sd: dict, dtype: torch.dtype) -> None:
+def fit_state_dict(model: torch.nn.Module, sd: dict, dtype: torch.dtype) -> dict:
+    """`sd` with floats in `dtype` and text-encoder keys in the installed transformers' layout
+    (>= 5.6 has no `text_model.` wrapper; checkpoints and converters always write it)."""
     sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
-    if not any(k.startswith("text_model.") for k in model.state_dict()):  # transformers >= 5.6
+    if not any(k.startswith("text_model.") for k in model.state_dict()):
         sd = {k.removeprefix("text_model."): v for k, v in sd.items()}
-    model.load_state_dict(sd, strict=True, assign=True)
+    return sd
+
+
+def _assign(model: torch.nn.Module, sd: dict, dtype: torch.dtype) -> None:
+    model.load_state_dict(fit_state_dict(model, sd, dtype), strict=True, assign=True)
 
 
 def _load_single_file(path: Path, dtype: torch.dtype):
@@ -228,7 +234,7 @@ def _load_diffusers(path: Path, dtype: torch.dtype):
 # --------------------------------------------------------------------------- public
 
 
-def _to(model: torch.nn.Module, device, dtype: torch.dtype) -> torch.nn.Module:
+def move_model(model: torch.nn.Module, device, dtype: torch.dtype) -> torch.nn.Module:
     # weights already have `dtype`; casting again only for stray buffers (diffusers warns on .to(dtype))
     floats = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
     if any(t.dtype != dtype for t in floats):
@@ -236,22 +242,26 @@ def _to(model: torch.nn.Module, device, dtype: torch.dtype) -> torch.nn.Module:
     return model.to(device=device)
 
 
+def model_kind(path: Path, expected: str = _EXPECTED) -> str:
+    """ "diffusers" for a folder with model_index.json, "single_file" for a file; else a clear error."""
+    if not path.exists():
+        raise ModelError(f"{path}: base model not found. Expected {expected}.")
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise ModelError(f"{path}: a folder without model_index.json. Expected {expected}.")
+        return "diffusers"
+    return "single_file"
+
+
 def load_base_model(
     path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> BaseModel:
     """Load an SD1.x base model: LDM .safetensors, .ckpt/.pt, or a diffusers folder. Never downloads."""
     path = Path(path).expanduser()
-    if not path.exists():
-        raise ModelError(f"{path}: base model not found. Expected {_EXPECTED}.")
-    if path.is_dir():
-        if not (path / "model_index.json").is_file():
-            raise ModelError(f"{path}: a folder without model_index.json. Expected {_EXPECTED}.")
-        unet, vae, te, arch = _load_diffusers(path, dtype)
-        kind = "diffusers"
-    else:
-        unet, vae, te, arch = _load_single_file(path, dtype)
-        kind = "single_file"
-    unet, vae, te = (_to(m, device, dtype).eval() for m in (unet, vae, te))
+    kind = model_kind(path)
+    load = _load_diffusers if kind == "diffusers" else _load_single_file
+    unet, vae, te, arch = load(path, dtype)
+    unet, vae, te = (move_model(m, device, dtype).eval() for m in (unet, vae, te))
     return BaseModel(
         unet=unet, vae=vae, text_encoder=te, tokenizer=load_tokenizer(), source=path, arch=arch, kind=kind
     )

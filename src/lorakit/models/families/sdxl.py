@@ -19,6 +19,7 @@ from lorakit.errors import ModelError
 from lorakit.models.checkpoint import read_state_dict
 from lorakit.models.families import sgm_layout
 from lorakit.models.families.detect import Family, detect_diffusers_family, detect_family
+from lorakit.models.loader import fit_state_dict, model_kind, move_model
 from lorakit.models.tokenizer import load_tokenizer
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "sdxl"
@@ -93,10 +94,8 @@ def _arch_of(path: Path, metadata: dict[str, str]) -> dict:
 
 
 def _assign(path: Path, what: str, model: torch.nn.Module, sd: dict, dtype: torch.dtype) -> None:
-    sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+    sd = fit_state_dict(model, sd, dtype)
     own = model.state_dict()
-    if not any(k.startswith("text_model.") for k in own):  # CLIPTextModel in transformers >= 5.6
-        sd = {k.removeprefix("text_model."): v for k, v in sd.items()}
     missing = sorted(set(own) - set(sd) - {k for k in own if k.endswith("position_ids")})
     if missing:
         raise ModelError(f"{path}: the {what} weights lack '{missing[0]}' ({len(missing)} missing in all).")
@@ -164,29 +163,15 @@ def _load_diffusers(path: Path, dtype: torch.dtype):
 # --------------------------------------------------------------------------- public
 
 
-def _to(model: torch.nn.Module, device, dtype: torch.dtype) -> torch.nn.Module:
-    # weights already have `dtype`; cast again only for stray buffers (diffusers warns on .to(dtype))
-    if any(t.dtype != dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()):
-        model = model.to(dtype=dtype)
-    return model.to(device=device)
-
-
 def load_sdxl(
     path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> SdxlModel:
     """Load an SDXL base: SGM .safetensors, .ckpt (weights only), or a diffusers folder. Never downloads."""
     path = Path(path).expanduser()
-    if not path.exists():
-        raise ModelError(f"{path}: base model not found. Expected {_EXPECTED}.")
-    if path.is_dir():
-        if not (path / "model_index.json").is_file():
-            raise ModelError(f"{path}: a folder without model_index.json. Expected {_EXPECTED}.")
-        *models, arch, family = _load_diffusers(path, dtype)
-        kind = "diffusers"
-    else:
-        *models, arch, family = _load_single_file(path, dtype)
-        kind = "single_file"
-    unet, vae, te1, te2 = (_to(m, device, dtype).eval() for m in models)
+    kind = model_kind(path, _EXPECTED)
+    load = _load_diffusers if kind == "diffusers" else _load_single_file
+    *models, arch, family = load(path, dtype)
+    unet, vae, te1, te2 = (move_model(m, device, dtype).eval() for m in models)
     tok1, tok2 = sdxl_tokenizers()
     return SdxlModel(unet, vae, te1, te2, tok1, tok2, source=path, arch=arch, kind=kind, family=family)
 
