@@ -54,12 +54,12 @@ CASES = [
     ("sd1_inpaint", {**SD1, UNET_IN: [4, 9, 1, 1]}, "sd1", "SD1.x inpainting"),
     ("sd2", SD2, "sd2", "SD2.x: not supported yet"),
     ("sd2_inpaint", {**SD2, UNET_IN: [4, 9, 1, 1]}, "sd2", "SD2.x inpainting: not supported yet"),
-    ("sdxl", SDXL, "sdxl", "this is an SDXL base checkpoint; SDXL support is coming"),
+    ("sdxl", SDXL, "sdxl", "this SDXL base checkpoint has no 'first_stage_model.*' weights"),
     (
         "sdxl_vpred",
         {**SDXL, "v_pred": [0], "ztsnr": [0]},
         "sdxl",
-        "this is an SDXL base (v-prediction, zero terminal SNR) checkpoint; SDXL support is coming",
+        "this SDXL base (v-prediction, zero terminal SNR) checkpoint has no 'first_stage_model.*' weights",
     ),
     (
         "sdxl_edm_vpred",
@@ -190,7 +190,7 @@ def test_family_from_ckpt(tmp_path):
             },
             {},
             "sdxl",
-            "SDXL base checkpoint; SDXL support is coming",
+            "SDXL diffusers folder has no vae/config.json",
         ),
         (
             {

@@ -36,9 +36,18 @@ def opt(default: Any, help: str, **kw: Any) -> Any:
 @dataclass
 class ModelConfig:
     pretrained_model_name_or_path: str = opt(
-        "", "base model: an SD1.x .safetensors/.ckpt file (LDM layout) or a diffusers folder"
+        "", "base model: an SD1.x or SDXL .safetensors/.ckpt file (LDM/SGM layout) or a diffusers folder"
     )
-    v_parameterization: bool = opt(False, "train with v-prediction (for v-models)")
+    v_parameterization: bool = opt(
+        False, "train with v-prediction (for v-models; default from a checkpoint's v_pred marker key)"
+    )
+    zero_terminal_snr: bool = opt(
+        False, "rescale the noise schedule to zero terminal SNR (default from a checkpoint's ztsnr marker key)"
+    )
+    vae: str | None = opt(
+        None, "a VAE to use instead of the base model's (e.g. SDXL's fp16-fix VAE): .safetensors or diffusers folder"
+    )
+    no_half_vae: bool = opt(False, "keep the VAE in float32 under fp16/bf16 mixed precision")
     clip_skip: int | None = opt(None, "use the output of the n-th last text-encoder layer (2 = skip one)")
     max_token_length: int | None = opt(None, "token length of captions: 75 (default), 150 or 225")
 
@@ -54,7 +63,7 @@ class DatasetConfig:
     enable_bucket: bool = opt(False, "aspect-ratio bucketing")
     min_bucket_reso: int = opt(256, "smallest bucket side")
     max_bucket_reso: int = opt(1024, "largest bucket side")
-    bucket_reso_steps: int = opt(64, "bucket side step (multiple of 64 for SD1)")
+    bucket_reso_steps: int = opt(64, "bucket side step (a multiple of 64 for SD1, of 32 for SDXL)")
     bucket_no_upscale: bool = opt(False, "never upscale images into a bucket")
     shuffle_caption: bool = opt(False, "shuffle comma-separated caption tags each step")
     keep_tokens: int = opt(0, "keep the first N caption tags in place when shuffling")
@@ -95,9 +104,13 @@ class TrainingConfig:
     )
     text_encoder_lr: float | None = opt(
         None,
-        "text-encoder LoRA learning rate (default: learning_rate; 0 = do not train the text-encoder LoRA)",
+        "text-encoder LoRA learning rate (default: learning_rate; 0 = do not train the text-encoder LoRA); "
+        "SDXL: one value for both encoders, or two ('1e-5 2e-5', as kohya takes them)",
     )
-    optimizer_type: str = opt("AdamW", "AdamW, AdamW8bit, Lion or Prodigy")
+    text_encoder_lr2: float | None = opt(
+        None, "SDXL's second text encoder (bigG) learning rate (default: text_encoder_lr; 0 = not trained)"
+    )
+    optimizer_type: str = opt("AdamW", "AdamW, AdamW8bit, Adafactor, Lion or Prodigy")
     optimizer_args: list[str] = opt([], "optimizer arguments as key=value, e.g. weight_decay=0.1")
     lr_scheduler: str = opt(
         "constant", "constant, linear, cosine, cosine_with_restarts, polynomial or constant_with_warmup"
@@ -114,6 +127,9 @@ class TrainingConfig:
     seed: int | None = opt(None, "random seed; the same seed gives the same run")
     noise_offset: float | None = opt(None, "noise offset (e.g. 0.1) for darker/brighter images")
     min_snr_gamma: float | None = opt(None, "Min-SNR weighting gamma (5 is a common choice)")
+    scale_v_pred_loss_like_noise_pred: bool = opt(
+        False, "v-prediction: weight the loss by SNR/(SNR+1), as an epsilon-prediction loss would be"
+    )
 
     # kohya: an unset part lr falls back to learning_rate; a part lr of 0 drops that part (None is not 0)
     @property
@@ -123,6 +139,11 @@ class TrainingConfig:
     @property
     def text_encoder_learning_rate(self) -> float:
         return self.learning_rate if self.text_encoder_lr is None else self.text_encoder_lr
+
+    @property
+    def text_encoder_2_learning_rate(self) -> float:
+        """SDXL's bigG: text_encoder_lr2, else the first text-encoder rate (kohya: one value for both)."""
+        return self.text_encoder_learning_rate if self.text_encoder_lr2 is None else self.text_encoder_lr2
 
 
 @dataclass
@@ -190,6 +211,10 @@ class TrainConfig:
     def update(self, flat: dict[str, Any], source: str = "config") -> None:
         index = field_index()
         for key, value in flat.items():
+            if key == "text_encoder_lr" and _two_values(value):  # kohya: one value per SDXL encoder
+                first, second = _two_values(value)
+                self.update({"text_encoder_lr": first, "text_encoder_lr2": second}, source)
+                continue
             if key not in index:
                 raise ConfigError(unknown_key_message(key, source))
             section, f = index[key]
@@ -267,8 +292,10 @@ class TrainConfig:
         seed = self.training.seed
         if seed is not None and not 0 <= seed <= MAX_SEED:
             raise ConfigError(f"seed = {seed}: a seed is a whole number from 0 to {MAX_SEED}")
-        if self.dataset.bucket_reso_steps % 64:
-            raise ConfigError("bucket_reso_steps must be a multiple of 64 for SD1.x")
+        if self.dataset.bucket_reso_steps < 32 or self.dataset.bucket_reso_steps % 32:
+            raise ConfigError(
+                "bucket_reso_steps must be a multiple of 64 (SD1.x) or 32 (SDXL): 64 is the usual choice"
+            )
         if self.model.max_token_length not in (None, 75, 150, 225):
             raise ConfigError("max_token_length must be 75, 150 or 225")
         if self.model.clip_skip is not None and self.model.clip_skip < 1:
@@ -287,7 +314,7 @@ class TrainConfig:
         t = self.training
         if not (math.isfinite(t.learning_rate) and t.learning_rate > 0):
             raise ConfigError(f"learning_rate must be a number above 0, e.g. 1e-4 (got {t.learning_rate})")
-        for name in ("unet_lr", "text_encoder_lr"):
+        for name in ("unet_lr", "text_encoder_lr", "text_encoder_lr2"):
             value = getattr(t, name)
             if value is not None and not (math.isfinite(value) and value >= 0):
                 raise ConfigError(
@@ -302,12 +329,31 @@ class TrainConfig:
     @property
     def trains_text_encoder(self) -> bool:
         """Whether the run has a text-encoder LoRA: not with network_train_unet_only or text_encoder_lr = 0."""
-        return not self.network.network_train_unet_only and self.training.text_encoder_learning_rate > 0
+        t = self.training
+        rates = (t.text_encoder_learning_rate, t.text_encoder_2_learning_rate)
+        return not self.network.network_train_unet_only and max(rates) > 0
 
     @property
     def trains_unet(self) -> bool:
         """Whether the run has a U-Net LoRA: not with network_train_text_encoder_only or unet_lr = 0."""
         return not self.network.network_train_text_encoder_only and self.training.unet_learning_rate > 0
+
+
+def _two_values(value: Any) -> list | None:
+    """[a, b] for kohya's two-value text_encoder_lr (a list, or '1e-5 2e-5' / '1e-5,2e-5'), else None."""
+    if isinstance(value, str):
+        value = value.replace(",", " ").split()
+        if len(value) < 2:
+            return None
+    if isinstance(value, list | tuple):
+        if len(value) == 1:
+            return [value[0], None]
+        if len(value) != 2:
+            raise ConfigError(
+                f"text_encoder_lr takes one value, or two for SDXL's two text encoders (got {len(value)})"
+            )
+        return list(value)
+    return None
 
 
 def resolution_of(text: str | int | tuple[int, int]) -> tuple[int, int]:

@@ -28,6 +28,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             groups[section].add_argument(
                 f"--{name}", action=argparse.BooleanOptionalAction, default=None, help=help_text
             )
+        elif name == "text_encoder_lr":  # kohya: one value, or one per SDXL text encoder
+            groups[section].add_argument(f"--{name}", nargs="+", default=None, metavar="LR", help=help_text)
         elif typing.get_origin(tp) is list:
             groups[section].add_argument(f"--{name}", nargs="*", default=None, metavar="K=V", help=help_text)
         else:

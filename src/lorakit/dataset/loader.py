@@ -37,6 +37,17 @@ class Batch:
     flipped: list[bool]
     bucket: tuple[int, int]  # (w, h)
     index: int  # batch index within the epoch (before the rank split)
+    # [B, 6] SDXL's size conditioning, as kohya fills it: original (h, w) = the file's size, crop
+    # (top, left) by kohya's rule (mirrored when flipped), target (h, w) = the bucket
+    size_ids: torch.Tensor | None = None
+
+
+def size_numbers(image_size: tuple[int, int], bucket: tuple[int, int], flipped: bool) -> list[float]:
+    """(original h, w, crop top, left, target h, w) for one image (kohya's sdxl size conditioning)."""
+    from ..models.families.sdxl_conditioning import crop_top_left
+
+    top, left = crop_top_left(bucket, image_size, flipped)
+    return [float(image_size[1]), float(image_size[0]), float(top), float(left), float(bucket[1]), float(bucket[0])]
 
 
 def stable_seed(*parts: int) -> int:
@@ -165,8 +176,9 @@ class DreamBoothDataset:
         weights = torch.tensor(
             [self.cfg.prior_loss_weight if s.is_reg else 1.0 for s in samples], dtype=torch.float32
         )
+        size_ids = torch.tensor([size_numbers(s.size, bucket, f) for s, f in zip(samples, flips)])
         return Batch(
-            pixels, latents, captions, is_reg, weights, [s.image for s in samples], flips, bucket, index
+            pixels, latents, captions, is_reg, weights, [s.image for s in samples], flips, bucket, index, size_ids
         )
 
     def _pick_latents(self, image: Path, flipped: bool) -> torch.Tensor:

@@ -33,6 +33,7 @@ class ModelDefaults:
     learning_rate: float
     source: str  # where the resolution came from, for messages: "modelspec.resolution in its metadata", ...
     learning_rate_source: str = "the SD1.x default"
+    family: object = None  # lorakit.models.families.detect.Family, when it could be read cheaply
 
     @property
     def size_text(self) -> str:
@@ -76,9 +77,45 @@ def _learning_rate(meta: dict[str, str]) -> float | None:
     return lr if 0 < lr < 1 else None
 
 
+def detect_base_family(path: str | Path):
+    """The Family of a base model from a .safetensors header, a .ckpt's keys or a diffusers folder's
+    JSON; None when it cannot be read (a missing or broken file is reported when it loads)."""
+    from lorakit.errors import ModelError
+    from lorakit.models.loader import base_family, model_kind
+
+    path = Path(path)
+    try:
+        kind = model_kind(path)
+        family = base_family(path, kind)
+        if family is None:
+            from lorakit.models.families.detect import detect_file_family
+
+            family = detect_file_family(path)
+        return family
+    except (ModelError, OSError, ValueError, KeyError):
+        return None
+
+
+def _family_resolution(family) -> tuple[tuple[int, int], str] | None:
+    if family is not None and family.key == "sdxl":
+        return (1024, 1024), "the SDXL default"
+    return None
+
+
 def model_defaults(path: str | Path) -> ModelDefaults:
     """Native resolution and learning rate of the base model at `path` (file or diffusers folder)."""
+    from dataclasses import replace
+
     path = Path(path)
+    defaults = _model_defaults(path)
+    family = detect_base_family(path)
+    if family is not None and defaults.source.startswith("the SD1.x default") and _family_resolution(family):
+        size, source = _family_resolution(family)
+        defaults = replace(defaults, resolution=size, source=source)
+    return replace(defaults, family=family)
+
+
+def _model_defaults(path: Path) -> ModelDefaults:
     if path.is_dir():  # diffusers folder: the component configs
         try:
             unet = json.loads((path / "unet" / "config.json").read_text(encoding="utf-8"))
@@ -144,4 +181,21 @@ def apply_model_defaults(cfg, given: set[str] | None = None) -> ModelDefaults | 
         warning = None
     if warning:
         log.warning("resolution %s", warning)
+    _apply_family_defaults(cfg, given, d.family)
     return d
+
+
+def _apply_family_defaults(cfg, given: set[str], family) -> None:
+    """SDXL's larger buckets, and v-prediction / zero terminal SNR from the checkpoint's marker keys."""
+    if family is None:
+        return
+    if family.key == "sdxl" and "max_bucket_reso" not in given and cfg.dataset.max_bucket_reso < 2048:
+        cfg.dataset.max_bucket_reso = 2048
+        log.info("max_bucket_reso not given: 2048 for an SDXL base (kohya's default 1024 caps SDXL buckets)")
+    for option, marked, marker in (
+        ("v_parameterization", family.v_pred, "v_pred"),
+        ("zero_terminal_snr", family.zero_terminal_snr, "ztsnr"),
+    ):
+        if marked and option not in given:
+            setattr(cfg.model, option, True)
+            log.info("%s not given: on, because the base model carries the '%s' marker key", option, marker)

@@ -15,6 +15,7 @@ from lorakit.models.checkpoint import is_safetensors, read_state_dict
 from lorakit.models.families.detect import (
     SHAPE_KEYS,
     UNET_IN,
+    Family,
     detect_diffusers_family,
     detect_family,
     read_keys_and_shapes,
@@ -23,20 +24,53 @@ from lorakit.models.families.detect import (
 from lorakit.models.tokenizer import load_tokenizer
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+SD1_FAMILY = Family("sd1", "SD1.x")
 ARCH_METADATA_KEY = "lorakit.arch"
 _PARTS = ("unet", "vae", "text_encoder")
-_EXPECTED = "an SD1.x checkpoint (.safetensors or .ckpt) or a diffusers folder with model_index.json"
+_EXPECTED = (
+    "an SD1.x or SDXL checkpoint (.safetensors or .ckpt) or a diffusers folder with model_index.json"
+)
 
 
 @dataclass
 class BaseModel:
+    """A loaded base model of any family; `spec` is its family module (lorakit.models.families)."""
+
     unet: torch.nn.Module = field(repr=False)  # diffusers UNet2DConditionModel
     vae: torch.nn.Module = field(repr=False)  # diffusers AutoencoderKL
-    text_encoder: torch.nn.Module = field(repr=False)  # transformers CLIPTextModel
-    tokenizer: object = field(repr=False)  # transformers CLIPTokenizer (load_tokenizer())
+    text_encoders: tuple = field(repr=False)  # transformers CLIP models: (CLIP-L,) SD1; (CLIP-L, bigG) SDXL
+    tokenizers: tuple = field(repr=False)  # one per text encoder (load_tokenizer(); SDXL's second pads with 0)
     source: Path
-    arch: dict = field(repr=False)  # {"unet": ..., "vae": ..., "text_encoder": ...} configs
+    arch: dict = field(repr=False)  # {"unet": ..., "vae": ..., "text_encoder": ...[, "text_encoder_2"]} configs
     kind: str  # "single_file" | "diffusers"
+    family: Family = SD1_FAMILY  # what was detected (v-pred / ztsnr markers included)
+
+    @property
+    def spec(self):
+        """The family module: encode, predict, LoRA targets, metadata (lorakit.models.families.base)."""
+        from lorakit.models.families.base import family_spec
+
+        return family_spec(self.family.key)
+
+    @property
+    def text_encoder(self) -> torch.nn.Module:
+        return self.text_encoders[0]
+
+    @property
+    def tokenizer(self):
+        return self.tokenizers[0]
+
+    # SDXL's names for its two encoders (kohya's te1 = CLIP-L, te2 = OpenCLIP bigG)
+    text_encoder_1 = text_encoder
+    tokenizer_1 = tokenizer
+
+    @property
+    def text_encoder_2(self) -> torch.nn.Module:
+        return self.text_encoders[1]
+
+    @property
+    def tokenizer_2(self):
+        return self.tokenizers[1]
 
 
 def sd15_arch() -> dict:
@@ -174,10 +208,10 @@ def _assign(model: torch.nn.Module, sd: dict, dtype: torch.dtype) -> None:
     model.load_state_dict(fit_state_dict(model, sd, dtype), strict=True, assign=True)
 
 
-def _load_single_file(path: Path, dtype: torch.dtype):
+def _load_single_file(path: Path, dtype: torch.dtype, loaded: tuple | None = None):
     if is_safetensors(path):  # from the header: no need to read 7 GB of weights to refuse a file
         _refuse_other_families(path, *read_keys_and_shapes(path))
-    state_dict, metadata = read_state_dict(path)
+    state_dict, metadata = loaded or read_state_dict(path)
     _check_kind(path, list(state_dict), {k: state_dict[k].shape for k in SHAPE_KEYS if k in state_dict})
     arch = _arch_from_metadata(path, metadata)
     arch_name = "this file's own (lorakit.arch) architecture" if ARCH_METADATA_KEY in metadata else "SD1.5"
@@ -253,17 +287,40 @@ def model_kind(path: Path, expected: str = _EXPECTED) -> str:
     return "single_file"
 
 
+def base_family(path: Path, kind: str) -> Family | None:
+    """The family of a diffusers folder or .safetensors (header only); None for a .ckpt (read it)."""
+    if kind == "diffusers":
+        index = json.loads((path / "model_index.json").read_text())
+        unet_json = path / "unet" / "config.json"
+        return detect_diffusers_family(index, json.loads(unet_json.read_text()) if unet_json.is_file() else {})
+    if is_safetensors(path):
+        return detect_family(*read_keys_and_shapes(path))
+    return None
+
+
 def load_base_model(
     path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> BaseModel:
-    """Load an SD1.x base model: LDM .safetensors, .ckpt/.pt, or a diffusers folder. Never downloads."""
+    """Load an SD1.x or SDXL base model: LDM/SGM .safetensors, .ckpt/.pt, or a diffusers folder.
+    Other families are refused by name. Never downloads."""
     path = Path(path).expanduser()
     kind = model_kind(path)
-    load = _load_diffusers if kind == "diffusers" else _load_single_file
-    unet, vae, te, arch = load(path, dtype)
+    family = base_family(path, kind)
+    loaded = None
+    if family is None:  # a pickle checkpoint: read it once (weights only), detect from its keys
+        loaded = read_state_dict(path)
+        family = detect_family(loaded[0], {k: v.shape for k, v in loaded[0].items() if k in SHAPE_KEYS})
+    if family.key == "sdxl" and not family.inpainting:
+        from lorakit.models.families.sdxl import load_sdxl
+
+        return load_sdxl(path, dtype, device, loaded=loaded)
+    if kind == "diffusers":
+        unet, vae, te, arch = _load_diffusers(path, dtype)
+    else:
+        unet, vae, te, arch = _load_single_file(path, dtype, loaded)
     unet, vae, te = (move_model(m, device, dtype).eval() for m in (unet, vae, te))
     return BaseModel(
-        unet=unet, vae=vae, text_encoder=te, tokenizer=load_tokenizer(), source=path, arch=arch, kind=kind
+        unet=unet, vae=vae, text_encoders=(te,), tokenizers=(load_tokenizer(),), source=path, arch=arch, kind=kind
     )
 
 

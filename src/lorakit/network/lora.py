@@ -8,8 +8,9 @@ peft's LoRA layer is kohya's `LoRAModule` in all that reaches the file: `lora_A`
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 import torch.nn as nn
@@ -32,20 +33,33 @@ class LoRANetwork:
         train_unet: bool = True,
         train_text_encoder: bool = True,
     ):
-        self.unet, self.text_encoder = unet, text_encoder
-        self.targets: list[Target] = []
+        """An SD1.x network (one text encoder); any family: LoRANetwork.from_targets."""
+        targets: list[Target] = []
         if train_unet:
-            self.targets += unet_targets(unet, dim, alpha, conv_dim, conv_alpha)
+            targets += unet_targets(unet, dim, alpha, conv_dim, conv_alpha)
         if train_text_encoder:
-            self.targets += te_targets(text_encoder, dim, alpha)
+            targets += te_targets(text_encoder, dim, alpha)
+        self._setup({"unet": unet, "te": text_encoder}, targets)
+
+    @classmethod
+    def from_targets(cls, roots: Mapping[str, nn.Module], targets: list[Target]) -> LoRANetwork:
+        """A network on `targets` (each in roots[target.part]), as a model family lists them."""
+        net = cls.__new__(cls)
+        net._setup(roots, targets)
+        return net
+
+    def _setup(self, roots: Mapping[str, nn.Module], targets: list[Target]) -> None:
+        self.roots = dict(roots)
+        self.unet, self.text_encoder = self.roots.get("unet"), self.roots.get("te")
+        self.targets = list(targets)
         self.by_name = {t.name: t for t in self.targets}
         self._inject()
 
     def _inject(self) -> None:
         from peft import LoraConfig, inject_adapter_in_model
 
-        for model, is_te in ((self.unet, False), (self.text_encoder, True)):
-            targets = [t for t in self.targets if t.is_te == is_te]
+        for part, model in self.roots.items():
+            targets = [t for t in self.targets if t.part == part]
             if not targets:
                 continue
             # One config per model; per-module rank/alpha through peft's (regex) patterns.
@@ -68,17 +82,19 @@ class LoRANetwork:
             p.requires_grad_(True)
 
     def _root(self, t: Target) -> nn.Module:
-        return self.text_encoder if t.is_te else self.unet
+        return self.roots[t.part]
 
     # --- parameters -----------------------------------------------------------
-    def _pairs(self, is_te: bool | None = None) -> Iterable[tuple[str, nn.Module, nn.Module]]:
+    def _pairs(
+        self, is_te: bool | None = None, part: str | None = None
+    ) -> Iterable[tuple[str, nn.Module, nn.Module]]:
         for t in self.targets:
-            if is_te is None or t.is_te == is_te:
+            if (is_te is None or t.is_te == is_te) and (part is None or t.part == part):
                 layer = self.layers[t.name]
                 yield t.name, layer.lora_A[ADAPTER], layer.lora_B[ADAPTER]
 
-    def parameters(self, is_te: bool | None = None) -> list[nn.Parameter]:
-        return [p for _, a, b in self._pairs(is_te) for p in (a.weight, b.weight)]
+    def parameters(self, is_te: bool | None = None, part: str | None = None) -> list[nn.Parameter]:
+        return [p for _, a, b in self._pairs(is_te, part) for p in (a.weight, b.weight)]
 
     def set_multiplier(self, multiplier: float) -> None:
         """Strength of the whole network (kohya's `multiplier`); 1.0 while training."""
@@ -130,7 +146,7 @@ class LoRANetwork:
                 alpha != self.by_name[name].alpha
             ):  # kohya keeps the CLI alpha here (a FIXME); we take the file's
                 t = self.by_name[name]
-                self.by_name[name] = Target(t.name, t.path, t.module, t.rank, alpha, t.is_te)
+                self.by_name[name] = dataclasses.replace(t, alpha=alpha)
                 self.targets[self.targets.index(t)] = self.by_name[name]
         self.set_multiplier(1.0)
 

@@ -49,6 +49,7 @@ class Target:
     rank: int
     alpha: float
     is_te: bool
+    part: str = "unet"  # the model it lives in: "unet", "te" (SD1), "te1"/"te2" (SDXL)
 
 
 def unet_targets(
@@ -89,7 +90,7 @@ def te_targets(text_encoder: nn.Module, dim: int, alpha: float) -> list[Target]:
         for child in TE_CHILDREN:
             module = layer.get_submodule(child)
             name = te_module_name(i, child)
-            out.append(Target(name, f"{layers_path}.{i}.{child}", module, dim, alpha, is_te=True))
+            out.append(Target(name, f"{layers_path}.{i}.{child}", module, dim, alpha, is_te=True, part="te"))
     return out
 
 
@@ -160,6 +161,7 @@ def sdxl_te_targets(text_encoder: nn.Module, index: int, dim: int, alpha: float)
             dim,
             alpha,
             True,
+            part=f"te{index}",
         )
         for i, layer in enumerate(layers)
         for c in TE_CHILDREN

@@ -57,8 +57,13 @@ def training_metadata(
     optimizer_repr: str,
     model_hashes: tuple[str, str],
     world_size: int = 1,
+    family=None,
 ) -> dict[str, str]:
-    """Everything that stays the same through a run; `finish_metadata` adds step/epoch on each save."""
+    """Everything that stays the same through a run; `finish_metadata` adds step/epoch on each save.
+    `family`: the base's family module (lorakit.models.families; default SD1.x)."""
+    from ..models.families.base import family_spec
+
+    family = family or family_spec("sd1")
     m, d, n, t, o = cfg.model, cfg.dataset, cfg.network, cfg.training, cfg.output
     network_args = {}
     if n.conv_dim:
@@ -73,7 +78,9 @@ def training_metadata(
         "ss_training_started_at": started_at,
         "ss_output_name": o.output_name,
         "ss_learning_rate": t.learning_rate,
-        "ss_text_encoder_lr": t.text_encoder_lr,
+        "ss_text_encoder_lr": (
+            [t.text_encoder_lr, t.text_encoder_lr2] if t.text_encoder_lr2 is not None else t.text_encoder_lr
+        ),
         "ss_unet_lr": t.unet_lr,
         "ss_num_train_images": num_train_images,
         "ss_num_reg_images": num_reg_images,
@@ -91,13 +98,14 @@ def training_metadata(
         "ss_mixed_precision": t.mixed_precision,
         "ss_full_fp16": False,
         "ss_v2": False,
-        "ss_base_model_version": "sd_v1_v" if m.v_parameterization else "sd_v1",
+        "ss_base_model_version": family.version_string(m.v_parameterization),
         "ss_clip_skip": m.clip_skip,
         "ss_max_token_length": m.max_token_length,
         "ss_cache_latents": d.cache_latents,
         "ss_seed": t.seed,
         "ss_lowram": False,
         "ss_noise_offset": t.noise_offset,
+        "ss_zero_terminal_snr": m.zero_terminal_snr,
         "ss_min_snr_gamma": t.min_snr_gamma,
         "ss_training_comment": o.training_comment,
         "ss_sd_scripts_commit_hash": f"lorakit-{__version__}",
@@ -128,7 +136,7 @@ def training_metadata(
     if network_args:
         meta["ss_network_args"] = network_args
     meta = {k: _s(v) for k, v in meta.items()}
-    meta.update(modelspec(cfg, started_at))
+    meta.update(modelspec(cfg, started_at, family))
     if o.no_metadata:
         meta = {k: v for k, v in meta.items() if k in MINIMUM_KEYS or k.startswith("modelspec.")}
     return meta
@@ -152,15 +160,19 @@ def finish_metadata(base: dict[str, str], *, steps: int, epoch: int, no_metadata
     }
 
 
-def modelspec(cfg: TrainConfig, started_at: float) -> dict[str, str]:
-    """SAI model spec 1.0.1 keys, as kohya's sai_model_spec.build_metadata writes them for an SD1 LoRA."""
+def modelspec(cfg: TrainConfig, started_at: float, family=None) -> dict[str, str]:
+    """SAI model spec 1.0.1 keys, as kohya's sai_model_spec.build_metadata writes them for a LoRA
+    (SD1: implementation diffusers; SDXL: Stability AI's generative-models)."""
+    from ..models.families.base import family_spec
+
+    family = family or family_spec("sd1")
     w, h = resolution_of(cfg.dataset.resolution)
     date = datetime.datetime.fromtimestamp(int(started_at)).isoformat()  # kohya drops the microseconds
     clip_skip = cfg.model.clip_skip
     spec = {
         "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": "stable-diffusion-v1/lora",
-        "modelspec.implementation": "diffusers",
+        "modelspec.architecture": f"{family.modelspec_architecture}/lora",
+        "modelspec.implementation": family.modelspec_implementation,
         "modelspec.title": cfg.output.output_name,
         "modelspec.resolution": f"{w}x{h}",
         "modelspec.date": date,

@@ -9,8 +9,10 @@ from __future__ import annotations
 import torch
 
 
-def noise_scheduler(v_parameterization: bool = False):
-    """DDPM scaled_linear 0.00085-0.012 over 1000 steps, as kohya trains SD1.x."""
+def noise_scheduler(v_parameterization: bool = False, zero_terminal_snr: bool = False):
+    """DDPM scaled_linear 0.00085-0.012 over 1000 steps, as kohya trains SD1.x and SDXL; with
+    zero_terminal_snr the betas rescaled so the last step is pure noise (kohya's
+    fix_noise_scheduler_betas_for_zero_terminal_snr is the same rescale as diffusers')."""
     from diffusers import DDPMScheduler
 
     from ..models.schedule import SD_SCHEDULE
@@ -19,6 +21,7 @@ def noise_scheduler(v_parameterization: bool = False):
         **SD_SCHEDULE,
         clip_sample=False,
         prediction_type="v_prediction" if v_parameterization else "epsilon",
+        rescale_betas_zero_snr=zero_terminal_snr,
     )
 
 
@@ -61,7 +64,16 @@ def min_snr_weights(
     """kohya's apply_snr_weight: min(snr, gamma) / snr (v-prediction: / (snr + 1))."""
     s = snr.to(t.device)[t]
     clipped = torch.clamp(s, max=gamma)
-    return clipped / (s + 1) if v_parameterization else clipped / s
+    if v_parameterization:
+        return clipped / (s + 1)
+    # zero terminal SNR makes s = 0 at the last step, where min(s, gamma) / s tends to 1
+    return torch.where(s > 0, clipped / s.clamp(min=torch.finfo(s.dtype).tiny), torch.ones_like(s))
+
+
+def v_pred_like_noise_pred_weights(snr: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """kohya's scale_v_prediction_loss_like_noise_prediction: SNR / (SNR + 1)."""
+    s = snr.to(t.device)[t]
+    return s / (s + 1)
 
 
 def per_sample_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

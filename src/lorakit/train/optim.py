@@ -27,12 +27,19 @@ def parse_kwargs(items: list[str], field: str) -> dict:
     return out
 
 
-def lora_param_groups(network, cfg: TrainingConfig) -> list[dict]:
-    """One optimizer group per trained part, U-Net first, each at its own lr (kohya's
-    prepare_optimizer_params); a part at lr 0, or without LoRA modules, gets no group."""
+def part_learning_rates(cfg: TrainingConfig, family) -> dict[str, float]:
+    """Text-encoder part -> lr: SD1's one encoder at text_encoder_lr; SDXL's CLIP-L at text_encoder_lr,
+    bigG at text_encoder_lr2 (kohya's second text_encoder_lr value), else the first."""
+    rates = (cfg.text_encoder_learning_rate, cfg.text_encoder_2_learning_rate)
+    return {part: rates[min(i, 1)] for i, part in enumerate(family.text_encoder_parts)}
+
+
+def lora_param_groups(network, rates: dict[str, float]) -> list[dict]:
+    """One optimizer group per trained part (U-Net first, then the text encoders), each at its own lr
+    (kohya's prepare_optimizer_params); a part at lr 0, or without LoRA modules, gets no group."""
     groups = []
-    for is_te, lr in ((False, cfg.unet_learning_rate), (True, cfg.text_encoder_learning_rate)):
-        params = network.parameters(is_te=is_te)
+    for part, lr in rates.items():
+        params = network.parameters(part=part)
         if params and lr > 0:
             groups.append({"params": params, "lr": lr})
     return groups
@@ -61,13 +68,19 @@ def build_optimizer(cfg: TrainingConfig, param_groups: list[dict]) -> tuple[torc
             import bitsandbytes as bnb
 
             cls = bnb.optim.AdamW8bit
+        elif name == "adafactor":  # kohya's: transformers' Adafactor, lr given (relative_step off)
+            from transformers.optimization import Adafactor as cls
+
+            kwargs.setdefault("relative_step", False)
+            kwargs.setdefault("scale_parameter", False)
+            kwargs.setdefault("warmup_init", False)
         elif name == "lion":
             from lion_pytorch import Lion as cls
         elif name == "prodigy":
             from prodigyopt import Prodigy as cls
         else:
             raise ConfigError(
-                f"optimizer_type {cfg.optimizer_type!r} is unknown; use AdamW, AdamW8bit, Lion or Prodigy"
+                f"optimizer_type {cfg.optimizer_type!r} is unknown; use AdamW, AdamW8bit, Adafactor, Lion or Prodigy"
             )
     except ImportError as e:
         raise ConfigError(missing_package_message(cfg.optimizer_type, e.name)) from None

@@ -21,9 +21,16 @@ import torch
 
 from ..config import TrainConfig
 from ..errors import ConfigError, ModelError, TrainingError
+from ..models.families.base import Conditioning
 from . import noise as N
 from .interrupts import interrupts_deferred
-from .optim import build_lr_scheduler, build_optimizer, lora_param_groups, steps_and_epochs
+from .optim import (
+    build_lr_scheduler,
+    build_optimizer,
+    lora_param_groups,
+    part_learning_rates,
+    steps_and_epochs,
+)
 from .output_lock import OutputLock, claim_output_name, is_main_launch_process, run_session_id
 from .preflight import check_output_folder
 from .samples import draw_training_samples, read_training_sample_prompts
@@ -50,6 +57,22 @@ def _seed(cfg: TrainConfig) -> int:
         cfg.training.seed = random.randint(0, 2**31 - 1)
         log.info("seed not set: using %d (stored in the LoRA's metadata)", cfg.training.seed)
     return cfg.training.seed
+
+
+def check_family_options(cfg: TrainConfig, family) -> None:
+    """Options that depend on the base model's family, checked once it is known."""
+    d = cfg.dataset
+    if d.bucket_reso_steps % family.bucket_step:
+        raise ConfigError(
+            f"bucket_reso_steps = {d.bucket_reso_steps}: {family.name} needs a multiple of {family.bucket_step}"
+        )
+    if family.key != "sd1" and cfg.model.clip_skip is not None:
+        log.warning("clip_skip is not used for %s (kohya ignores it too): both encoders give their penultimate layer", family.name)
+    if family.key != "sd1" and cfg.sample.sample_prompts:
+        raise ConfigError(
+            f"sample_prompts: drawing samples while training a {family.name} LoRA is not supported yet; remove "
+            "sample_prompts (the LoRA file itself is complete)"
+        )
 
 
 def build_trainer(cfg: TrainConfig) -> Trainer:
@@ -163,35 +186,36 @@ class Trainer:
             raise ModelError(
                 f"pretrained_model_name_or_path: {e.path} is a LoRA file, not a base model. To start "
                 "training from this LoRA, pass it as --network_weights (network_weights in the TOML) and "
-                "give the SD1.x checkpoint it was trained on as --pretrained_model_name_or_path."
+                "give the SD1.x/SDXL checkpoint it was trained on as --pretrained_model_name_or_path."
             ) from None
-        self.base = base
-        self.train_te, self.train_unet = cfg.trains_text_encoder, cfg.trains_unet
-        for m in (base.unet, base.vae, base.text_encoder):
+        self.base, self.family = base, base.spec
+        check_family_options(cfg, self.family)
+        if cfg.model.vae:
+            from ..models.vae import load_vae
+
+            base.vae = load_vae(cfg.model.vae, base.arch["vae"])
+            log.info("VAE: %s (instead of the base model's)", cfg.model.vae)
+        self.text_encoders = self.family.text_encoders(base)  # part -> module
+        self.train_unet = cfg.trains_unet
+        te_lrs = part_learning_rates(t, self.family)
+        self.train_te_parts = {p for p in self.text_encoders if te_lrs[p] > 0} if cfg.trains_text_encoder else set()
+        self.train_te = bool(self.train_te_parts)
+        for m in (base.unet, base.vae, *self.text_encoders.values()):
             m.requires_grad_(False)
             m.eval()
         n = cfg.network
-        self.network = LoRANetwork(
-            base.unet,
-            base.text_encoder,
-            n.network_dim,
-            n.network_alpha,
-            n.conv_dim,
-            n.conv_alpha,
-            train_unet=self.train_unet,
-            train_text_encoder=self.train_te,
-        )
+        parts = self.train_te_parts | ({"unet"} if self.train_unet else set())
+        targets = self.family.lora_targets(base, n.network_dim, n.network_alpha, n.conv_dim, n.conv_alpha, parts)
+        self.network = LoRANetwork.from_targets({"unet": base.unet, **self.text_encoders}, targets)
         te_count, unet_count = self.network.counts
         log.info("create LoRA for Text Encoder: %d modules. U-Net: %d modules.", te_count, unet_count)
 
         # Frozen base in the compute dtype; LoRA weights stay fp32 (autocast does the rest).
         # nn.Module.to: diffusers' own .to() warns about fp32-only modules that SD1 does not have
         torch.nn.Module.to(base.unet, self.device, self.weight_dtype)
-        base.text_encoder.to(self.device, self.weight_dtype)
-        vae_dtype = (
-            torch.float32 if t.mixed_precision == "fp16" else self.weight_dtype
-        )  # SD's VAE overflows in fp16
-        torch.nn.Module.to(base.vae, self.device, vae_dtype)
+        for te in self.text_encoders.values():
+            te.to(self.device, self.weight_dtype)
+        torch.nn.Module.to(base.vae, self.device, self._vae_dtype())
         self.network.to(self.device, torch.float32)
         if n.network_weights:  # after the cast: the file's values reach the fp32 LoRA unrounded
             from ..network.file import read_lora_file
@@ -200,15 +224,15 @@ class Trainer:
         if t.gradient_checkpointing:
             base.unet.enable_gradient_checkpointing()
             base.unet.train()  # diffusers checkpoints only in training mode
-            if self.train_te:
-                te = base.text_encoder  # transformers >= 5.24 renames it (the old name goes in v6)
+            for part in self.train_te_parts:
+                te = self.text_encoders[part]  # transformers >= 5.24 renames it (the old name goes in v6)
                 enable = (
                     getattr(te, "activation_checkpointing_enable", None) or te.gradient_checkpointing_enable
                 )
                 enable()
                 te.train()
 
-        self.scheduler = N.noise_scheduler(cfg.model.v_parameterization)
+        self.scheduler = N.noise_scheduler(cfg.model.v_parameterization, cfg.model.zero_terminal_snr)
         self.snr = N.snr_table(self.scheduler).to(self.device)
         self.batches_per_epoch = dataset.num_batches_per_rank(self.acc.num_processes)
         if self.batches_per_epoch == 0:
@@ -217,7 +241,8 @@ class Trainer:
             )
         _, self.total_steps, self.epochs = steps_and_epochs(t, self.batches_per_epoch)
 
-        optimizer, self.optimizer_repr = build_optimizer(t, lora_param_groups(self.network, t))
+        groups = lora_param_groups(self.network, {"unet": t.unet_learning_rate, **te_lrs})
+        optimizer, self.optimizer_repr = build_optimizer(t, groups)
         self.lr_scheduler = build_lr_scheduler(t, optimizer, self.total_steps)
         self.optimizer = self.acc.prepare(optimizer)  # gradient scaling for fp16
         self.pos = Position(epoch=0, step=0, batch_in_epoch=0, seed=seed)
@@ -242,19 +267,25 @@ class Trainer:
         return draw_training_samples(self.base, self.cfg, self.sample_prompts, epoch=epoch, step=step)
 
     # --- caches -----------------------------------------------------------------
-    def _prepare_caches(self) -> None:
-        from ..models.text import tokenize
+    def _vae_dtype(self) -> torch.dtype:
+        """float32 under fp16 (SD's and SDXL's VAEs overflow in fp16) or with no_half_vae; a VAE the user
+        gave (the SDXL fp16-fix one) runs in fp16 unless no_half_vae says otherwise."""
+        m, precision = self.cfg.model, self.cfg.training.mixed_precision
+        if m.no_half_vae or (precision == "fp16" and not m.vae):
+            return torch.float32
+        return self.weight_dtype
 
-        b, d = self.base, self.cfg.dataset
+    def _prepare_caches(self) -> None:
+        d = self.cfg.dataset
         if d.cache_latents:
             self.dataset.cache_latents(
                 self._encode_pixels, self._vae_fingerprint(), d.cache_latents_to_disk, 1
             )
-        self.te_cache: dict[str, torch.Tensor] = {}
+        self.te_cache: dict[str, Conditioning] = {}
         if d.cache_text_encoder_outputs:
-            for caption in self.dataset.all_captions():
-                ids = tokenize(b.tokenizer, [caption], self.cfg.model.max_token_length).to(self.device)
-                self.te_cache[caption] = self._encode_ids(ids)[0]
+            with torch.no_grad():
+                for caption in self.dataset.all_captions():
+                    self.te_cache[caption] = self._encode_captions([caption]).rows()[0]
 
     def _vae_fingerprint(self) -> str:
         import hashlib
@@ -269,21 +300,23 @@ class Trainer:
     def _encode_pixels(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         vae = self.base.vae
         dist = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist
-        return dist.sample(generator=generator).to(torch.float32) * vae.config.scaling_factor
+        latents = dist.sample(generator=generator).to(torch.float32) * vae.config.scaling_factor
+        if vae.dtype == torch.float16 and not torch.isfinite(latents).all():
+            raise TrainingError(
+                "the VAE made nan/inf latents in fp16 (SDXL's VAE overflows there): add no_half_vae = true, "
+                "or give the SDXL fp16-fix VAE as vae"
+            )
+        return latents
 
-    def _encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        from ..models.text import encode_tokens
-
+    def _encode_captions(self, captions: list[str]) -> Conditioning:
+        m = self.cfg.model
         with torch.set_grad_enabled(self.train_te and torch.is_grad_enabled()), self.acc.autocast():
-            return encode_tokens(self.base.text_encoder, ids, self.cfg.model.clip_skip)
+            return self.family.encode(self.base, captions, m.clip_skip, m.max_token_length)
 
-    def _text_embeddings(self, captions: list[str]) -> torch.Tensor:
-        from ..models.text import tokenize
-
+    def _conditioning(self, captions: list[str]) -> Conditioning:
         if self.te_cache:
-            return torch.stack([self.te_cache[c] for c in captions])
-        ids = tokenize(self.base.tokenizer, captions, self.cfg.model.max_token_length).to(self.device)
-        return self._encode_ids(ids)
+            return Conditioning.stack([self.te_cache[c] for c in captions])
+        return self._encode_captions(captions)
 
     # --- the step -----------------------------------------------------------------
     def loss_of(self, batch, step: int) -> torch.Tensor:
@@ -293,16 +326,17 @@ class Trainer:
             latents = batch.latents.to(self.device)
         else:
             latents = self._encode_pixels(batch.pixels, g)
-        cond = self._text_embeddings(batch.captions)
+        cond = self._conditioning(batch.captions).to(self.device, self.weight_dtype)
         noisy, noise, t = N.noisy_latents(self.scheduler, latents, g, cfg.training.noise_offset)
         with self.acc.autocast():
-            pred = self.base.unet(noisy.to(self.weight_dtype), t, cond.to(self.weight_dtype)).sample
-        target = N.target_of(self.scheduler, latents, noise, t, cfg.model.v_parameterization)
+            pred = self.family.predict(self.base, noisy.to(self.weight_dtype), t, cond, batch.size_ids)
+        v_pred = cfg.model.v_parameterization
+        target = N.target_of(self.scheduler, latents, noise, t, v_pred)
         loss = N.per_sample_loss(pred, target) * batch.loss_weights.to(self.device)
         if cfg.training.min_snr_gamma:
-            loss = loss * N.min_snr_weights(
-                self.snr, t, cfg.training.min_snr_gamma, cfg.model.v_parameterization
-            )
+            loss = loss * N.min_snr_weights(self.snr, t, cfg.training.min_snr_gamma, v_pred)
+        if v_pred and cfg.training.scale_v_pred_loss_like_noise_pred:
+            loss = loss * N.v_pred_like_noise_pred_weights(self.snr, t)
         return loss.mean()
 
     @torch.no_grad()
@@ -577,4 +611,5 @@ class Trainer:
             optimizer_repr=self.optimizer_repr,
             model_hashes=file_hashes(self.cfg.model.pretrained_model_name_or_path),
             world_size=self.acc.num_processes,
+            family=self.family,
         )

@@ -176,9 +176,12 @@ def detect_file_family(path: str | Path) -> Family:
 
 def unsupported_message(family: Family) -> str:
     """Why lorakit refuses a base of this family, naming it."""
-    if family.key == "sdxl" and not family.inpainting:
-        return f"this is an {family.label} checkpoint; SDXL support is coming. lorakit trains SD1.x bases for now."
-    return f"{family.label}: not supported yet. lorakit trains SD1.x bases for now."
+    if family.key == "playground_v2_5" or family.edm:
+        return (
+            f"{family.label}: its EDM noise schedule is not supported yet. lorakit trains SD1.x and SDXL "
+            "bases (SDXL 1.0, Pony, Illustrious, NoobAI eps and v-pred)."
+        )
+    return f"{family.label}: not supported yet. lorakit trains SD1.x and SDXL bases."
 
 
 # diffusers pipeline class name (model_index.json `_class_name`) prefix -> family

@@ -9,17 +9,24 @@ id 0 (`!`), as open_clip and kohya do (sd-scripts library/strategy_sdxl.py).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from lorakit.atomic import atomic_path
 from lorakit.errors import ModelError
-from lorakit.models.checkpoint import read_state_dict
+from lorakit.models.checkpoint import is_safetensors, read_state_dict
 from lorakit.models.families import sgm_layout
-from lorakit.models.families.detect import Family, detect_diffusers_family, detect_family
-from lorakit.models.loader import fit_state_dict, model_kind, move_model
+from lorakit.models.families.base import Conditioning, ModelFamily
+from lorakit.models.families.detect import (
+    Family,
+    detect_diffusers_family,
+    detect_family,
+    read_keys_and_shapes,
+    unsupported_message,
+)
+from lorakit.models.loader import BaseModel, fit_state_dict, model_kind, move_model
 from lorakit.models.tokenizer import load_tokenizer
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "sdxl"
@@ -28,20 +35,6 @@ ARCH_METADATA_KEY = "lorakit.arch"
 VAE_SCALE_FACTOR = 0.13025
 TE2_PAD_ID = 0
 _EXPECTED = "an SDXL checkpoint (.safetensors or .ckpt, SGM layout) or a diffusers folder"
-
-
-@dataclass
-class SdxlModel:
-    unet: torch.nn.Module = field(repr=False)  # diffusers UNet2DConditionModel
-    vae: torch.nn.Module = field(repr=False)  # diffusers AutoencoderKL
-    text_encoder_1: torch.nn.Module = field(repr=False)  # transformers CLIPTextModel (CLIP-L)
-    text_encoder_2: torch.nn.Module = field(repr=False)  # transformers CLIPTextModelWithProjection (bigG)
-    tokenizer_1: object = field(repr=False)
-    tokenizer_2: object = field(repr=False)  # pad id 0
-    source: Path
-    arch: dict = field(repr=False)  # {"unet", "vae", "text_encoder", "text_encoder_2"} configs
-    kind: str  # "single_file" | "diffusers"
-    family: Family
 
 
 def sdxl_arch() -> dict:
@@ -111,14 +104,26 @@ def _assign(path: Path, what: str, model: torch.nn.Module, sd: dict, dtype: torc
     model.load_state_dict(sd, strict=False, assign=True)
 
 
-def _load_single_file(path: Path, dtype: torch.dtype):
-    state_dict, metadata = read_state_dict(path)
-    family = detect_family(state_dict, {k: v.shape for k, v in state_dict.items() if v.ndim})
+def _check_sgm_keys(path: Path, keys, shapes: dict) -> Family:
+    """The family, if the keys are a complete SDXL base's (checked before any weight is read)."""
+    family = detect_family(keys, shapes)
     if family.key != "sdxl" or family.inpainting:
         raise ModelError(f"{path}: this is {family.label}, not an SDXL base model. Expected {_EXPECTED}.")
+    if family.edm:
+        raise ModelError(f"{path}: {unsupported_message(family)}")
     for prefix in sgm_layout.PREFIXES:
-        if not any(k.startswith(prefix) for k in state_dict):
-            raise ModelError(f"{path}: the checkpoint has no '{prefix}*' weights; expected {_EXPECTED}.")
+        if not any(k.startswith(prefix) for k in keys):
+            raise ModelError(
+                f"{path}: this {family.label} checkpoint has no '{prefix}*' weights; expected {_EXPECTED}."
+            )
+    return family
+
+
+def _load_single_file(path: Path, dtype: torch.dtype, loaded: tuple | None = None):
+    if loaded is None and is_safetensors(path):  # refuse from the header, before reading gigabytes
+        _check_sgm_keys(path, *read_keys_and_shapes(path))
+    state_dict, metadata = loaded or read_state_dict(path)
+    family = _check_sgm_keys(path, state_dict, {k: v.shape for k, v in state_dict.items() if v.ndim})
     arch = _arch_of(path, metadata)
     parts = sgm_layout.from_sgm_state_dict(state_dict, arch)
     del state_dict
@@ -131,17 +136,30 @@ def _load_single_file(path: Path, dtype: torch.dtype):
 # --------------------------------------------------------------------------- diffusers folder
 
 
-def _load_diffusers(path: Path, dtype: torch.dtype):
+def _scheduler_family(path: Path, family: Family) -> Family:
+    """A diffusers folder marks v-prediction / zero terminal SNR in scheduler/scheduler_config.json."""
+    try:
+        sched = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+    except (OSError, ValueError):
+        return family
+    return replace(
+        family,
+        v_pred=family.v_pred or sched.get("prediction_type") == "v_prediction",
+        zero_terminal_snr=family.zero_terminal_snr or bool(sched.get("rescale_betas_zero_snr")),
+    )
+
+
+def _load_diffusers(path: Path, dtype: torch.dtype, loaded=None):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     index = json.loads((path / "model_index.json").read_text())
-    family = detect_diffusers_family(index)
+    family = _scheduler_family(path, detect_diffusers_family(index))
     if family.key != "sdxl" or family.inpainting:
         raise ModelError(f"{path}: this is {family.label}, not an SDXL base model. Expected {_EXPECTED}.")
     for part in PARTS:
         if not (path / part / "config.json").is_file():
-            raise ModelError(f"{path}: the diffusers folder has no {part}/config.json.")
+            raise ModelError(f"{path}: the SDXL diffusers folder has no {part}/config.json.")
     try:
         kw = {"local_files_only": True, "torch_dtype": dtype}
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw)
@@ -164,16 +182,21 @@ def _load_diffusers(path: Path, dtype: torch.dtype):
 
 
 def load_sdxl(
-    path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
-) -> SdxlModel:
-    """Load an SDXL base: SGM .safetensors, .ckpt (weights only), or a diffusers folder. Never downloads."""
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    loaded: tuple | None = None,
+) -> BaseModel:
+    """Load an SDXL base: SGM .safetensors, .ckpt (weights only), or a diffusers folder. Never downloads.
+    `loaded`: the (state_dict, metadata) of a single file already read."""
     path = Path(path).expanduser()
     kind = model_kind(path, _EXPECTED)
     load = _load_diffusers if kind == "diffusers" else _load_single_file
-    *models, arch, family = load(path, dtype)
+    *models, arch, family = load(path, dtype, loaded)
     unet, vae, te1, te2 = (move_model(m, device, dtype).eval() for m in models)
-    tok1, tok2 = sdxl_tokenizers()
-    return SdxlModel(unet, vae, te1, te2, tok1, tok2, source=path, arch=arch, kind=kind, family=family)
+    return BaseModel(
+        unet, vae, (te1, te2), sdxl_tokenizers(), source=path, arch=arch, kind=kind, family=family
+    )
 
 
 def save_sgm_checkpoint(
@@ -195,3 +218,50 @@ def save_sgm_checkpoint(
     with atomic_path(path) as tmp:
         save_file(sd, str(tmp), metadata=metadata)
     return path
+
+
+# --------------------------------------------------------------------------- the family seam
+
+
+class SDXLFamily(ModelFamily):
+    """SDXL base 1.0 and its fine-tunes (Pony, Illustrious, NoobAI eps/v-pred) as kohya's
+    sdxl_train_network.py trains them."""
+
+    key = "sdxl"
+    name = "SDXL"
+    default_resolution = (1024, 1024)
+    default_max_bucket_reso = 2048  # kohya's 1024 would cap SDXL buckets; every SDXL guide raises it
+    bucket_step = 32  # two 2x downsamples of 8x latents (kohya's verify_bucket_reso_steps(32))
+    text_encoder_parts = ("te1", "te2")
+    base_model_version = "sdxl_base_v1-0"  # v-pred shows only in modelspec.prediction_type
+    modelspec_architecture = "stable-diffusion-xl-v1-base"
+    modelspec_implementation = "https://github.com/Stability-AI/generative-models"
+
+    def load(self, path, dtype, device):
+        return load_sdxl(path, dtype, device)
+
+    def encode(self, base, captions, clip_skip, max_token_length):
+        from lorakit.models.families.sdxl_conditioning import encode_sdxl_captions
+
+        context, pooled = encode_sdxl_captions(base, captions, max_token_length, clip_skip)
+        return Conditioning(context, pooled)
+
+    def predict(self, base, noisy, t, cond, size_ids):
+        from lorakit.models.families.sdxl_conditioning import predict_with_vector, sdxl_vector
+
+        y = sdxl_vector(cond.pooled, size_ids.to(noisy.device), base.unet)
+        return predict_with_vector(base.unet, noisy, t, cond.context, y.to(noisy.dtype))
+
+    def lora_targets(self, base, dim, alpha, conv_dim, conv_alpha, parts):
+        from lorakit.network.targets import sdxl_te_targets, sdxl_unet_targets
+
+        out = []
+        if "unet" in parts:
+            out += sdxl_unet_targets(base.unet, dim, alpha, conv_dim, conv_alpha)
+        for index, te in enumerate(base.text_encoders, start=1):
+            if f"te{index}" in parts:
+                out += sdxl_te_targets(te, index, dim, alpha)
+        return out
+
+
+SDXL = SDXLFamily()

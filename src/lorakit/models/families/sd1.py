@@ -1,0 +1,48 @@
+"""SD1.x behind the family seam: one CLIP-L text encoder, `lora_te_` / diffusers-path `lora_unet_` names."""
+
+from __future__ import annotations
+
+from lorakit.models.families.base import Conditioning, ModelFamily
+
+
+class SD1Family(ModelFamily):
+    key = "sd1"
+    name = "SD1.x"
+    default_resolution = (512, 512)
+    default_max_bucket_reso = 1024
+    bucket_step = 64  # three 2x downsamples of 8x latents
+    text_encoder_parts = ("te",)
+    base_model_version = "sd_v1"
+    modelspec_architecture = "stable-diffusion-v1"
+    modelspec_implementation = "diffusers"
+
+    def load(self, path, dtype, device):
+        from lorakit.models.loader import load_base_model
+
+        return load_base_model(path, dtype, device)
+
+    def encode(self, base, captions, clip_skip, max_token_length):
+        from lorakit.models.text import encode_tokens, tokenize
+
+        te = base.text_encoder
+        ids = tokenize(base.tokenizer, list(captions), max_token_length).to(te.device)
+        return Conditioning(encode_tokens(te, ids, clip_skip))
+
+    def predict(self, base, noisy, t, cond, size_ids):
+        return base.unet(noisy, t, cond.context).sample
+
+    def lora_targets(self, base, dim, alpha, conv_dim, conv_alpha, parts):
+        from lorakit.network.targets import te_targets, unet_targets
+
+        out = []
+        if "unet" in parts:
+            out += unet_targets(base.unet, dim, alpha, conv_dim, conv_alpha)
+        if "te" in parts:
+            out += te_targets(base.text_encoder, dim, alpha)
+        return out
+
+    def version_string(self, v_parameterization: bool) -> str:
+        return "sd_v1_v" if v_parameterization else "sd_v1"
+
+
+SD1 = SD1Family()
