@@ -190,6 +190,12 @@ class Trainer:
             ) from None
         self.base, self.family = base, base.spec
         check_family_options(cfg, self.family)
+        log.info("base model: %s (%s)", base.family.label, base.kind.replace("_", " "))
+        if base.family.v_pred and not cfg.model.v_parameterization:
+            log.warning(
+                "the base model is marked v-prediction (its 'v_pred' key) but v_parameterization is off: the "
+                "LoRA will learn the wrong target and draw noise or blank images. Add v_parameterization = true."
+            )
         if cfg.model.vae:
             from ..models.vae import load_vae
 
