@@ -292,6 +292,19 @@ class Trainer:
             with torch.no_grad():
                 for caption in self.dataset.all_captions():
                     self.te_cache[caption] = self._encode_captions([caption]).rows()[0]
+        self._offload_unused()
+
+    def _offload_unused(self) -> None:
+        """Models the steps no longer run leave the GPU, as kohya does: the VAE once latents are cached,
+        the frozen text encoders once their outputs are (SDXL's are 1.6 GB in bf16). Samples need them."""
+        if self.sample_prompts or self.device.type == "cpu":
+            return
+        if self.cfg.dataset.cache_latents:
+            self.base.vae.to("cpu")
+        if self.te_cache and not self.train_te:
+            for te in self.text_encoders.values():
+                te.to("cpu")
+        torch.cuda.empty_cache()
 
     def _vae_fingerprint(self) -> str:
         import hashlib

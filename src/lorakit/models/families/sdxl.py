@@ -136,7 +136,7 @@ def _load_single_file(path: Path, dtype: torch.dtype, loaded: tuple | None = Non
 # --------------------------------------------------------------------------- diffusers folder
 
 
-def _scheduler_family(path: Path, family: Family) -> Family:
+def scheduler_markers(path: Path, family: Family) -> Family:
     """A diffusers folder marks v-prediction / zero terminal SNR in scheduler/scheduler_config.json."""
     try:
         sched = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
@@ -154,7 +154,7 @@ def _load_diffusers(path: Path, dtype: torch.dtype, loaded=None):
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     index = json.loads((path / "model_index.json").read_text())
-    family = _scheduler_family(path, detect_diffusers_family(index))
+    family = scheduler_markers(path, detect_diffusers_family(index))
     if family.key != "sdxl" or family.inpainting:
         raise ModelError(f"{path}: this is {family.label}, not an SDXL base model. Expected {_EXPECTED}.")
     for part in PARTS:
