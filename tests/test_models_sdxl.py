@@ -16,7 +16,6 @@ import torch
 from lorakit.errors import ModelError
 from lorakit.models.checkpoint import read_state_dict
 from lorakit.models.families import sgm_layout
-from lorakit.models.loader import load_base_model
 from lorakit.models.families.sdxl import (
     VAE_SCALE_FACTOR,
     build_sdxl_empty,
@@ -24,6 +23,7 @@ from lorakit.models.families.sdxl import (
     save_sgm_checkpoint,
     sdxl_arch,
 )
+from lorakit.models.loader import load_base_model
 from lorakit.models.tiny import build_sdxl_models, tiny_sdxl_arch
 
 
