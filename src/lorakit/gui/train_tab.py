@@ -150,8 +150,8 @@ def make_field(name: str, f, value):
     kw = {"label": LABELS.get(name, name), "info": f.metadata["help"], "elem_id": f"cfg-{name}"}
     if name in WIDE:
         kw.update(scale=2, min_width=320)
-    if tp is bool:
-        return gr.Checkbox(value=bool(value), **kw)
+    if tp is bool:  # .lk-check (app.CSS): wide enough for its label
+        return gr.Checkbox(value=bool(value), elem_classes=["lk-check"], **kw)
     if typing.get_origin(tp) is typing.Literal:
         return gr.Dropdown(list(typing.get_args(tp)), value=value, **kw)
     if name in CHOICES:
@@ -421,8 +421,9 @@ def build(settings: Settings, notice: gr.components.Component | None = None) -> 
     widgets = [fields[n] for n in names]
     seen = gr.State({})
 
-    # --- the base model's defaults: a model the user picks fills resolution and learning rate; one
-    # that comes with a loaded config or run (recorded in `applied`) keeps that config's values
+    # --- the base model's defaults: a model the user picks moves the AUTO_FIELDS (resolution, learning
+    # rate, buckets, no_half_vae, v-pred/ztsnr) that still hold the last model's defaults (`applied`);
+    # values the user typed, loaded (config, run) or took from a preset stay, and the note says so
     model_box, resolution = fields["pretrained_model_name_or_path"], fields["resolution"]
     mixed_precision = fields["mixed_precision"]
     auto_widgets = [fields[n] for n in AUTO_FIELDS]
