@@ -218,10 +218,14 @@ def other_bases(work) -> dict[str, Path]:
     models = build_sdxl_models()
     flux = folder / "flux1-dev.safetensors"
     keys = ("double_blocks.0.img_attn.norm.key_norm.scale", "guidance_in.in_layer.bias")
-    save_file({k: np.zeros(1, dtype=np.float32) for k in keys} | {"img_in.weight": np.zeros((8, 64))}, str(flux))
+    save_file(
+        {k: np.zeros(1, dtype=np.float32) for k in keys} | {"img_in.weight": np.zeros((8, 64))}, str(flux)
+    )
     return {
         "sdxl": save_sgm_checkpoint(folder / "tiny-sdxl.safetensors", *models),
-        "vpred": save_sgm_checkpoint(folder / "tiny-sdxl-vpred.safetensors", *models, markers=("v_pred", "ztsnr")),
+        "vpred": save_sgm_checkpoint(
+            folder / "tiny-sdxl-vpred.safetensors", *models, markers=("v_pred", "ztsnr")
+        ),
         "flux": flux,
     }
 
@@ -231,20 +235,27 @@ def test_the_base_models_family_shows_and_switches_the_defaults(browser_page, wo
     tab(page, "train")
     resolution = page.locator("#cfg-resolution textarea, #cfg-resolution input").first
     max_bucket, note = page.locator("#cfg-max_bucket_reso input"), page.locator("#cfg-model-note")
-    v_pred, ztsnr = page.locator("#cfg-v_parameterization input"), page.locator("#cfg-zero_terminal_snr input")
+    v_pred, ztsnr = (
+        page.locator("#cfg-v_parameterization input"),
+        page.locator("#cfg-zero_terminal_snr input"),
+    )
     expect(note).to_contain_text("Family: SD1.x")
     fill(page, "cfg-pretrained_model_name_or_path", other_bases["sdxl"])
     expect(note).to_contain_text("Family: SDXL base")
     expect(resolution).to_have_value("1024,1024")
     expect(max_bucket).to_have_value("2048")
-    expect(page.locator("#cfg-model-changes")).to_contain_text("max_bucket_reso 2048 (SDXL images bucket up to 2048)")
+    expect(page.locator("#cfg-model-changes")).to_contain_text(
+        "max_bucket_reso 2048 (SDXL images bucket up to 2048)"
+    )
     expect(page.locator("#cfg-no_half_vae input")).to_be_visible()  # the SDXL section opened by itself
     expect(v_pred).not_to_be_checked()
     fill(page, "cfg-pretrained_model_name_or_path", other_bases["vpred"])
     expect(note).to_contain_text("SDXL base (v-prediction, zero terminal SNR)")
     expect(v_pred).to_be_checked()
     expect(ztsnr).to_be_checked()
-    expect(page.locator("#cfg-model-changes")).to_contain_text("v_parameterization on (its v_pred marker key)")
+    expect(page.locator("#cfg-model-changes")).to_contain_text(
+        "v_parameterization on (its v_pred marker key)"
+    )
     shot(page, work, "train-sdxl-vpred")
     fill(page, "cfg-pretrained_model_name_or_path", other_bases["flux"])  # refused: named, nothing changes
     expect(note).to_contain_text("FLUX.1 dev: not supported yet")

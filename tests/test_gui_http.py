@@ -648,14 +648,24 @@ def test_picking_an_sdxl_base_switches_the_defaults_the_user_left_and_says_why(b
     switch = switch_defaults(before, auto_defaults(sdxl, "bf16"), mine)
     assert switch.updates == {}  # max_bucket 1536, resolution 768: the user's; no_half_vae off under bf16
     assert switch.kept == {"resolution": "768,768", "max_bucket_reso": 1536}
-    assert "Kept as you set them: resolution 768,768 (its default here: 1024,1024)" in changes_note(switch, sdxl)
+    assert "Kept as you set them: resolution 768,768 (its default here: 1024,1024)" in changes_note(
+        switch, sdxl
+    )
     # and back to SD1.x: the SDXL defaults go back too; '1024' is the same size as '1024,1024'
-    after = switch_defaults(auto_defaults(sdxl, "fp16"), before, dict(auto_defaults(sdxl, "fp16"), resolution="1024"))
+    after = switch_defaults(
+        auto_defaults(sdxl, "fp16"), before, dict(auto_defaults(sdxl, "fp16"), resolution="1024")
+    )
     assert after.updates == {"resolution": "512,512", "max_bucket_reso": 1024, "no_half_vae": False}
 
 
 def test_a_v_pred_base_turns_on_v_parameterization_and_zero_terminal_snr(bases):
-    from lorakit.gui.base_model import auto_defaults, changes_note, family_line, plain_defaults, switch_defaults
+    from lorakit.gui.base_model import (
+        auto_defaults,
+        changes_note,
+        family_line,
+        plain_defaults,
+        switch_defaults,
+    )
 
     vpred = _defaults(bases["vpred"])
     eps = auto_defaults(_defaults(bases["sdxl"]), "bf16")
@@ -680,7 +690,9 @@ def test_a_family_lorakit_refuses_is_named_before_training_starts(bases):
 
     flux, inpaint, sdxl = (_defaults(bases[k]) for k in ("flux", "inpaint", "sdxl"))
     assert "FLUX.1 dev: not supported yet" in refusal(flux.family)
-    assert family_line(flux).startswith("✗ **FLUX.1 dev") and "Pick an SD1.x or SDXL model" in family_line(flux)
+    assert family_line(flux).startswith("✗ **FLUX.1 dev") and "Pick an SD1.x or SDXL model" in family_line(
+        flux
+    )
     assert "SD1.x inpainting" in refusal(inpaint.family) and "mask" in refusal(inpaint.family)
     assert refusal(sdxl.family) is None and refusal(_defaults(bases["sd1"]).family) is None
     with pytest.raises(ConfigError, match="flux1-dev.safetensors: FLUX.1 dev: not supported"):
@@ -695,14 +707,21 @@ def test_a_family_lorakit_refuses_is_named_before_training_starts(bases):
 def test_sdxl_presets_fill_the_fields_with_a_config_that_validates(name):
     from lorakit.gui.train_tab import PRESET_NOTES, PRESETS, config_from_widgets, widget_value
 
-    cfg = TrainConfig.from_dict({"pretrained_model_name_or_path": "sdxl.safetensors", "train_data_dir": "data"})
+    cfg = TrainConfig.from_dict(
+        {"pretrained_model_name_or_path": "sdxl.safetensors", "train_data_dir": "data"}
+    )
     cfg.update(PRESETS["Low VRAM (6-8 GB)"])  # what another preset left in the fields
     cfg.update(PRESETS[name], source=f"preset {name!r}")
     flat = cfg.flat()  # through the widgets and back, as Apply preset and Train do
     again = config_from_widgets(list(flat), [widget_value(n, v) for n, v in flat.items()])
     again.validate()
     d, t = again.dataset, again.training
-    assert (d.resolution, d.max_bucket_reso, d.bucket_reso_steps, d.enable_bucket) == ("1024,1024", 2048, 64, True)
+    assert (d.resolution, d.max_bucket_reso, d.bucket_reso_steps, d.enable_bucket) == (
+        "1024,1024",
+        2048,
+        64,
+        True,
+    )
     assert t.mixed_precision == "bf16" and again.model.no_half_vae is False and t.gradient_checkpointing
     assert d.bucket_reso_steps % 32 == 0  # SDXL's bucket step
     if name == "SDXL, 12 GB":

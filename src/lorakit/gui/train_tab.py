@@ -15,8 +15,14 @@ from ..config import TrainConfig, base_type, field_index, resolution_of
 from ..errors import ConfigError, LoraKitError
 from ..train.job import Job, latest_job, start_job
 from .base_model import (
-    AUTO_FIELDS, auto_defaults, changes_note, check_trainable, family_line, refusal, switch_defaults,
-)  # fmt: skip
+    AUTO_FIELDS,
+    auto_defaults,
+    changes_note,
+    check_trainable,
+    family_line,
+    refusal,
+    switch_defaults,
+)
 from .common import Settings, model_defaults_of, size_note, thumbnail, user_errors
 from .guard import config_file, inside
 
@@ -368,7 +374,9 @@ def build(settings: Settings, notice: gr.components.Component | None = None) -> 
             is_sdxl = model_d is not None and getattr(model_d.family, "key", None) == "sdxl"
             for group, names in GROUPS.items():
                 slug = re.sub(r"\W+", "-", group.lower())
-                with gr.Accordion(group, open=group != "SDXL" or is_sdxl, elem_id=f"train-group-{slug}") as acc:
+                with gr.Accordion(
+                    group, open=group != "SDXL" or is_sdxl, elem_id=f"train-group-{slug}"
+                ) as acc:
                     groups[group] = acc
                     if group == "Samples while training":
                         sample_text = gr.Textbox(
@@ -477,8 +485,12 @@ def build(settings: Settings, notice: gr.components.Component | None = None) -> 
         cfg.update(PRESETS[name], source=f"preset {name!r}")
         return fill_from(cfg, values[-1])
 
-    apply_preset.click(do_preset, [preset, *widgets, sample_text], [*widgets, sample_text]).then(*record_model)
-    preset.change(lambda name: PRESET_NOTES.get(name or "", ""), [preset], [preset_note], show_progress="hidden")
+    apply_preset.click(do_preset, [preset, *widgets, sample_text], [*widgets, sample_text]).then(
+        *record_model
+    )
+    preset.change(
+        lambda name: PRESET_NOTES.get(name or "", ""), [preset], [preset_note], show_progress="hidden"
+    )
 
     # Only <config_dir>/<name>.toml (and its .sample_prompts.txt): the client names a config, not a path.
     @user_errors
