@@ -188,8 +188,10 @@ def test_sizes_and_learning_rate_come_from_the_base_model(browser_page, work):
     expect(page.locator("#cfg-model-note")).to_contain_text("modelspec.resolution")
     fill(page, "cfg-resolution", "512,512")
     expect(page.locator("#cfg-model-note")).to_contain_text("far from the base model's native 64x64")
-    fill(page, "cfg-pretrained_model_name_or_path", work["base"])
-    expect(page.locator("#cfg-resolution textarea, #cfg-resolution input").first).to_have_value("64,64")
+    fill(page, "cfg-pretrained_model_name_or_path", work["base"])  # the 512 typed above is the user's: kept
+    expect(page.locator("#cfg-model-changes")).to_contain_text("Kept as you set them: resolution 512,512")
+    expect(page.locator("#cfg-resolution textarea, #cfg-resolution input").first).to_have_value("512,512")
+    fill(page, "cfg-resolution", "64,64")
     expect(page.locator("#cfg-model-note")).not_to_contain_text("far from")
     tab(page, "generate")
     expect(page.locator("#gen-width input[type=number]")).to_have_value("64")
@@ -199,6 +201,71 @@ def test_sizes_and_learning_rate_come_from_the_base_model(browser_page, work):
     expect(page.locator("#reg-size input")).to_have_value("64")
     expect(page.locator("#reg-note")).to_contain_text("native size 64x64")
     page.get_by_text("Make regularization images (the base model").click()  # closed again, as it was
+
+
+@pytest.fixture(scope="module")
+def other_bases(work) -> dict[str, Path]:
+    """Tiny SDXL checkpoints (SGM layout, no size in their metadata: SDXL's 1024), one with NoobAI's
+    v_pred/ztsnr marker keys, and a FLUX.1 dev stand-in (its key names only), in a model root."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from lorakit.models.families.sdxl import save_sgm_checkpoint
+    from lorakit.models.tiny import build_sdxl_models
+
+    folder = work["root"] / "bases"
+    folder.mkdir(exist_ok=True)
+    models = build_sdxl_models()
+    flux = folder / "flux1-dev.safetensors"
+    keys = ("double_blocks.0.img_attn.norm.key_norm.scale", "guidance_in.in_layer.bias")
+    save_file(
+        {k: np.zeros(1, dtype=np.float32) for k in keys} | {"img_in.weight": np.zeros((8, 64))}, str(flux)
+    )
+    return {
+        "sdxl": save_sgm_checkpoint(folder / "tiny-sdxl.safetensors", *models),
+        "vpred": save_sgm_checkpoint(
+            folder / "tiny-sdxl-vpred.safetensors", *models, markers=("v_pred", "ztsnr")
+        ),
+        "flux": flux,
+    }
+
+
+def test_the_base_models_family_shows_and_switches_the_defaults(browser_page, work, other_bases):
+    page = browser_page
+    tab(page, "train")
+    resolution = page.locator("#cfg-resolution textarea, #cfg-resolution input").first
+    max_bucket, note = page.locator("#cfg-max_bucket_reso input"), page.locator("#cfg-model-note")
+    v_pred, ztsnr = (
+        page.locator("#cfg-v_parameterization input"),
+        page.locator("#cfg-zero_terminal_snr input"),
+    )
+    expect(note).to_contain_text("Family: SD1.x")
+    fill(page, "cfg-pretrained_model_name_or_path", other_bases["sdxl"])
+    expect(note).to_contain_text("Family: SDXL base")
+    expect(resolution).to_have_value("1024,1024")
+    expect(max_bucket).to_have_value("2048")
+    expect(page.locator("#cfg-model-changes")).to_contain_text(
+        "max_bucket_reso 2048 (SDXL images bucket up to 2048)"
+    )
+    expect(page.locator("#cfg-no_half_vae input")).to_be_visible()  # the SDXL section opened by itself
+    expect(v_pred).not_to_be_checked()
+    fill(page, "cfg-pretrained_model_name_or_path", other_bases["vpred"])
+    expect(note).to_contain_text("SDXL base (v-prediction, zero terminal SNR)")
+    expect(v_pred).to_be_checked()
+    expect(ztsnr).to_be_checked()
+    expect(page.locator("#cfg-model-changes")).to_contain_text(
+        "v_parameterization on (its v_pred marker key)"
+    )
+    shot(page, work, "train-sdxl-vpred")
+    fill(page, "cfg-pretrained_model_name_or_path", other_bases["flux"])  # refused: named, nothing changes
+    expect(note).to_contain_text("FLUX.1 dev: not supported yet")
+    expect(v_pred).to_be_checked()
+    fill(page, "cfg-pretrained_model_name_or_path", work["base"])  # back to SD1.x: its own defaults again
+    expect(note).to_contain_text("Family: SD1.x")
+    expect(resolution).to_have_value("64,64")
+    expect(max_bucket).to_have_value("1024")
+    expect(v_pred).not_to_be_checked()
+    expect(ztsnr).not_to_be_checked()
 
 
 def test_dataset_tab_lists_folders_edits_captions_and_shows_problems(browser_page, work):

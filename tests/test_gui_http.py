@@ -467,6 +467,31 @@ def test_model_paths_outside_the_model_roots_are_refused_everywhere(site):
     assert not (work / "runs").exists() or not any("nope" in p.name for p in (work / "runs").iterdir())
 
 
+def test_train_refuses_a_flux_base_before_any_run_starts(site):
+    """The Train button's own handler, over HTTP: a FLUX file in a model root is named and refused
+    (before a job would load it); an SDXL base with sample prompts is refused with the fix."""
+    models = site["root"] / "models"
+    _fake_base(models / "flux1-dev.safetensors", *FLUX_KEYS, **{"img_in.weight": (8, 64)})
+    _fake_base(models / "sdxl.safetensors", *SDXL_KEYS)
+    api = Api(site["url"], "train-family")
+    runs = site["work"] / "runs"
+    before = set(runs.iterdir()) if runs.exists() else set()
+
+    def train(model, prompts=""):
+        fields = _train_fields(
+            api, "train", train_data_dir="data/train", output_dir="models/Lora", output_name="family",
+            pretrained_model_name_or_path=str(models / model),
+        )  # fmt: skip
+        fields[-1] = prompts
+        return api("train", fields)
+
+    err = train("flux1-dev.safetensors").get("error") or ""
+    assert "FLUX.1 dev: not supported yet" in err and "SD1.x and SDXL" in err, err
+    err = train("sdxl.safetensors", "usu bear --s 20").get("error") or ""
+    assert "samples while training an SDXL LoRA is not supported yet" in err, err
+    assert (set(runs.iterdir()) if runs.exists() else set()) == before  # no run started
+
+
 def test_a_model_in_a_model_dir_draws(site):
     api = Api(site["url"], "models-inside")
     outputs = site["work"] / "outputs"
@@ -564,3 +589,156 @@ def test_dataset_tab_shows_the_caption_training_uses_or_its_error(tmp_path):
     assert captions[0] == "first line"
     assert captions[1].startswith("✗ ") and "caption file is empty" in captions[1]
     assert captions[2].startswith("✗ ") and "not UTF-8" in captions[2]
+
+
+# --- Train tab: the base model's family and the defaults that follow it ---------------------
+
+
+def _fake_base(path: Path, *keys: str, **shapes) -> Path:
+    """A stand-in checkpoint: the key names (and the few shapes) family detection reads, tiny zeros."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    tensors = {k: np.zeros(shapes.get(k, (1,)), dtype=np.float32) for k in keys}
+    save_file(tensors, str(path))
+    return path
+
+
+UNET_IN = "model.diffusion_model.input_blocks.0.0.weight"
+SDXL_KEYS = (UNET_IN, "conditioner.embedders.0.transformer.x", "conditioner.embedders.1.model.x")
+FLUX_KEYS = ("double_blocks.0.img_attn.norm.key_norm.scale", "guidance_in.in_layer.bias", "img_in.weight")
+
+
+@pytest.fixture
+def bases(tmp_path) -> dict[str, Path]:
+    return {
+        "sd1": _fake_base(tmp_path / "sd1.safetensors", UNET_IN, "cond_stage_model.transformer.x"),
+        "sdxl": _fake_base(tmp_path / "sdxl.safetensors", *SDXL_KEYS),
+        "vpred": _fake_base(tmp_path / "noob-vpred.safetensors", *SDXL_KEYS, "v_pred", "ztsnr"),
+        "flux": _fake_base(tmp_path / "flux1-dev.safetensors", *FLUX_KEYS, **{"img_in.weight": (8, 64)}),
+        "inpaint": _fake_base(
+            tmp_path / "sd15-inpainting.safetensors", UNET_IN, "cond_stage_model.transformer.x",
+            **{UNET_IN: (8, 9, 3, 3)},
+        ),
+    }  # fmt: skip
+
+
+def _defaults(path):
+    from lorakit.gui.common import model_defaults_of
+
+    return model_defaults_of(str(path))
+
+
+def test_picking_an_sdxl_base_switches_the_defaults_the_user_left_and_says_why(bases):
+    from lorakit.gui.base_model import auto_defaults, changes_note, family_line, switch_defaults
+
+    sd1, sdxl = _defaults(bases["sd1"]), _defaults(bases["sdxl"])
+    before = auto_defaults(sd1, "fp16")
+    assert before["resolution"] == "512,512" and before["max_bucket_reso"] == 1024
+    assert before["no_half_vae"] is False  # SD1 under fp16: kohya's default stays
+    switch = switch_defaults(before, auto_defaults(sdxl, "fp16"), dict(before))
+    assert switch.updates == {"resolution": "1024,1024", "max_bucket_reso": 2048, "no_half_vae": True}
+    assert switch.kept == {}
+    assert "Family: **SDXL base**" in family_line(sdxl) and "Sample prompts empty" in family_line(sdxl)
+    note = changes_note(switch, sdxl)
+    assert "resolution **1024,1024** (the SDXL default)" in note
+    assert "max_bucket_reso **2048**" in note and "no_half_vae **on**" in note and "fp16" in note
+    # a value the user changed stays, and the note says so; bf16 needs no fp32 VAE
+    mine = dict(before, resolution="768,768", max_bucket_reso=1536)
+    switch = switch_defaults(before, auto_defaults(sdxl, "bf16"), mine)
+    assert switch.updates == {}  # max_bucket 1536, resolution 768: the user's; no_half_vae off under bf16
+    assert switch.kept == {"resolution": "768,768", "max_bucket_reso": 1536}
+    assert "Kept as you set them: resolution 768,768 (its default here: 1024,1024)" in changes_note(
+        switch, sdxl
+    )
+    # and back to SD1.x: the SDXL defaults go back too; '1024' is the same size as '1024,1024'
+    after = switch_defaults(
+        auto_defaults(sdxl, "fp16"), before, dict(auto_defaults(sdxl, "fp16"), resolution="1024")
+    )
+    assert after.updates == {"resolution": "512,512", "max_bucket_reso": 1024, "no_half_vae": False}
+
+
+def test_a_v_pred_base_turns_on_v_parameterization_and_zero_terminal_snr(bases):
+    from lorakit.gui.base_model import (
+        auto_defaults,
+        changes_note,
+        family_line,
+        plain_defaults,
+        switch_defaults,
+    )
+
+    vpred = _defaults(bases["vpred"])
+    eps = auto_defaults(_defaults(bases["sdxl"]), "bf16")
+    switch = switch_defaults(eps, auto_defaults(vpred, "bf16"), dict(eps))
+    assert switch.updates == {"v_parameterization": True, "zero_terminal_snr": True}
+    assert "SDXL base (v-prediction, zero terminal SNR)" in family_line(vpred)
+    assert "v_parameterization **on** (its `v_pred` marker key)" in changes_note(switch, vpred)
+    # no model to read: kohya's defaults, v-prediction off
+    assert auto_defaults(None, "fp16") == plain_defaults() and plain_defaults()["v_parameterization"] is False
+
+
+def test_an_sd1_base_keeps_512_and_kohyas_bucket_and_vae_defaults(bases):
+    from lorakit.gui.base_model import auto_defaults, plain_defaults, switch_defaults
+
+    sd1 = auto_defaults(_defaults(bases["sd1"]), "fp16")
+    assert sd1 == plain_defaults() | {"resolution": "512,512"}
+    assert switch_defaults(plain_defaults(), sd1, plain_defaults()).updates == {}  # 512 == '512,512'
+
+
+def test_a_family_lorakit_refuses_is_named_before_training_starts(bases):
+    from lorakit.gui.base_model import check_trainable, family_line, refusal
+
+    flux, inpaint, sdxl = (_defaults(bases[k]) for k in ("flux", "inpaint", "sdxl"))
+    assert "FLUX.1 dev: not supported yet" in refusal(flux.family)
+    assert family_line(flux).startswith("✗ **FLUX.1 dev") and "Pick an SD1.x or SDXL model" in family_line(
+        flux
+    )
+    assert "SD1.x inpainting" in refusal(inpaint.family) and "mask" in refusal(inpaint.family)
+    assert refusal(sdxl.family) is None and refusal(_defaults(bases["sd1"]).family) is None
+    with pytest.raises(ConfigError, match="flux1-dev.safetensors: FLUX.1 dev: not supported"):
+        check_trainable(str(bases["flux"]), flux, "")
+    with pytest.raises(ConfigError, match="samples while training an SDXL LoRA"):
+        check_trainable(str(bases["sdxl"]), sdxl, "usu bear --s 20")
+    check_trainable(str(bases["sdxl"]), sdxl, "  \n")  # no prompts: fine
+    check_trainable("missing.safetensors", None, "a prompt")  # unread: the trainer says what is wrong
+
+
+@pytest.mark.parametrize("name", ["SDXL, 12 GB", "SDXL, 24 GB"])
+def test_sdxl_presets_fill_the_fields_with_a_config_that_validates(name):
+    from lorakit.gui.train_tab import PRESET_NOTES, PRESETS, config_from_widgets, widget_value
+
+    cfg = TrainConfig.from_dict(
+        {"pretrained_model_name_or_path": "sdxl.safetensors", "train_data_dir": "data"}
+    )
+    cfg.update(PRESETS["Low VRAM (6-8 GB)"])  # what another preset left in the fields
+    cfg.update(PRESETS[name], source=f"preset {name!r}")
+    flat = cfg.flat()  # through the widgets and back, as Apply preset and Train do
+    again = config_from_widgets(list(flat), [widget_value(n, v) for n, v in flat.items()])
+    again.validate()
+    d, t = again.dataset, again.training
+    assert (d.resolution, d.max_bucket_reso, d.bucket_reso_steps, d.enable_bucket) == (
+        "1024,1024",
+        2048,
+        64,
+        True,
+    )
+    assert t.mixed_precision == "bf16" and again.model.no_half_vae is False and t.gradient_checkpointing
+    assert d.bucket_reso_steps % 32 == 0  # SDXL's bucket step
+    if name == "SDXL, 12 GB":
+        assert d.train_batch_size == 1 and d.cache_text_encoder_outputs and not again.trains_text_encoder
+        assert t.optimizer_type == "AdamW8bit" and 16 <= again.network.network_dim <= 32
+    else:
+        assert d.train_batch_size >= 2 and not d.cache_text_encoder_outputs and again.trains_text_encoder
+        assert t.optimizer_type in ("AdamW", "AdamW8bit") and again.network.network_dim == 32
+    assert name.split(", ")[1] in PRESET_NOTES[name]  # the note says the VRAM it is for
+
+
+def test_train_tab_shows_the_sdxl_options_where_kohya_ss_has_them():
+    from lorakit.gui.train_tab import CHOICES, GROUPS
+
+    assert "Adafactor" in CHOICES["optimizer_type"]
+    assert {"v_parameterization", "zero_terminal_snr"} <= set(GROUPS["Source model"])
+    assert {"vae", "no_half_vae", "cache_text_encoder_outputs", "text_encoder_lr2"} <= set(GROUPS["SDXL"])
+    assert "max_bucket_reso" in GROUPS["Training parameters"]  # beside the resolution it switches with
+    # scale_v_pred_loss_like_noise_pred is in Advanced: every option not in a group is
+    assert not any("scale_v_pred_loss_like_noise_pred" in names for names in GROUPS.values())

@@ -28,6 +28,8 @@ CSS = """
 .lk-pre { white-space: pre-wrap; font-size: 0.9em; }
 .lk-notice { padding: 6px 10px; border-radius: 8px; border: 1px solid var(--border-color-primary); }
 .lk-notice-running { border-color: #2563eb; } .lk-notice-error { border-color: #dc2626; }
+/* Train tab checkboxes keep room for their label and help: a full row wraps instead of squeezing them */
+.lk-check { min-width: 170px !important; }
 /* sample labels in full (which step, which prompt), wrapped over the picture */
 #train-samples .caption-label { white-space: normal; overflow-wrap: anywhere; text-overflow: clip;
                                 max-width: none; left: var(--block-label-margin); }
@@ -35,7 +37,7 @@ CSS = """
 
 INTRO = """\
 # lorakit
-Train a kohya-compatible Stable Diffusion 1.x LoRA, watch it learn, and draw with it.
+Train a kohya-compatible Stable Diffusion 1.x or SDXL LoRA, watch it learn, and draw with it.
 **1 · Dataset**: point at your image folders and check them. **2 · Train**: set up and press Train —
 progress, loss and samples show up live, and training goes on if you close the page.
 **3 · Generate**: click your LoRA's card to use it.

@@ -136,8 +136,10 @@ def model_defaults_of(model: str):
     from ..models.defaults import model_defaults
 
     path = Path(model or "")
-    # a file, or a diffusers folder: not any folder met while the path is being typed
-    if not model or not (path.is_file() or (path / "unet" / "config.json").is_file()):
+    # a file, or a diffusers folder (SD's unet/, or any pipeline's model_index.json, which names the
+    # family): not any folder met while the path is being typed
+    folder = (path / "unet" / "config.json").is_file() or (path / "model_index.json").is_file()
+    if not model or not (path.is_file() or folder):
         return None
     return model_defaults(path)
 

@@ -14,12 +14,29 @@ import gradio as gr
 from ..config import TrainConfig, base_type, field_index, resolution_of
 from ..errors import ConfigError, LoraKitError
 from ..train.job import Job, latest_job, start_job
+from .base_model import (
+    AUTO_FIELDS,
+    auto_defaults,
+    changes_note,
+    check_trainable,
+    family_line,
+    refusal,
+    switch_defaults,
+)
 from .common import Settings, model_defaults_of, size_note, thumbnail, user_errors
 from .guard import config_file, inside
 
 LABELS = {
-    "pretrained_model_name_or_path": "Pretrained model (SD1.x .safetensors/.ckpt or diffusers folder)",
+    "pretrained_model_name_or_path": "Pretrained model (SD1.x or SDXL .safetensors/.ckpt, or diffusers folder)",
     "v_parameterization": "v-parameterization",
+    "zero_terminal_snr": "Zero terminal SNR",
+    "vae": "VAE (optional; e.g. the SDXL fp16-fix VAE)",
+    "no_half_vae": "No half VAE",
+    "cache_text_encoder_outputs": "Cache text encoder outputs",
+    "text_encoder_lr2": "Text encoder 2 (bigG) learning rate",
+    "enable_bucket": "Enable buckets",
+    "min_bucket_reso": "Minimum bucket resolution",
+    "max_bucket_reso": "Maximum bucket resolution",
     "clip_skip": "Clip skip",
     "train_data_dir": "Image folder",
     "reg_data_dir": "Regularisation folder",
@@ -46,19 +63,22 @@ LABELS = {
     "sample_sampler": "Sample sampler",
     "progress_every_n_steps": "Report loss every N steps",
 }
-WIDE = {"pretrained_model_name_or_path", "train_data_dir", "reg_data_dir", "output_dir", "logging_dir"}
+WIDE = {"pretrained_model_name_or_path", "train_data_dir", "reg_data_dir", "output_dir", "logging_dir", "vae"}
 GROUPS = {
-    "Source model": ["pretrained_model_name_or_path", "v_parameterization", "clip_skip"],
+    "Source model": ["pretrained_model_name_or_path", "v_parameterization", "zero_terminal_snr", "clip_skip"],
     "Folders": ["train_data_dir", "reg_data_dir", "output_dir", "output_name", "logging_dir"],
     "Training parameters": [
         "train_batch_size", "max_train_epochs", "max_train_steps", "network_dim", "network_alpha",
         "learning_rate", "unet_lr", "text_encoder_lr", "mixed_precision", "resolution",
+        "enable_bucket", "min_bucket_reso", "max_bucket_reso",
         "optimizer_type", "lr_scheduler", "seed", "save_every_n_epochs", "progress_every_n_steps",
     ],
+    # kohya_ss GUI's "SDXL Specific Parameters"; opens by itself when an SDXL base is picked
+    "SDXL": ["vae", "no_half_vae", "cache_text_encoder_outputs", "text_encoder_lr2"],
     "Samples while training": ["sample_every_n_epochs", "sample_every_n_steps", "sample_at_first", "sample_sampler"],
 }  # fmt: skip
 CHOICES = {
-    "optimizer_type": ["AdamW", "AdamW8bit", "Lion", "Prodigy"],
+    "optimizer_type": ["AdamW", "AdamW8bit", "Adafactor", "Lion", "Prodigy"],
     "lr_scheduler": [
         "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
     ],
@@ -87,6 +107,26 @@ PRESETS: dict[str, dict] = {
         "cache_latents": True, "network_train_unet_only": True, "cache_text_encoder_outputs": True,
         "shuffle_caption": False, "optimizer_type": "AdamW8bit",
     },
+    "SDXL, 12 GB": {
+        "resolution": "1024,1024", "enable_bucket": True, "min_bucket_reso": 256, "max_bucket_reso": 2048,
+        "bucket_reso_steps": 64, "train_batch_size": 1, "max_train_epochs": 10, "network_dim": 16,
+        "network_alpha": 8, "learning_rate": 1e-4, "unet_lr": 1e-4, "text_encoder_lr": None,
+        "text_encoder_lr2": None, "optimizer_type": "AdamW8bit", "lr_scheduler": "cosine",
+        "mixed_precision": "bf16", "no_half_vae": False, "gradient_checkpointing": True,
+        "cache_latents": True, "cache_text_encoder_outputs": True, "network_train_unet_only": True,
+        "shuffle_caption": False, "save_every_n_epochs": 2, "sample_every_n_epochs": None,
+        "sample_every_n_steps": None, "sample_at_first": False,
+    },
+    "SDXL, 24 GB": {
+        "resolution": "1024,1024", "enable_bucket": True, "min_bucket_reso": 256, "max_bucket_reso": 2048,
+        "bucket_reso_steps": 64, "train_batch_size": 2, "max_train_epochs": 10, "network_dim": 32,
+        "network_alpha": 16, "learning_rate": 1e-4, "unet_lr": 1e-4, "text_encoder_lr": 1e-5,
+        "text_encoder_lr2": None, "optimizer_type": "AdamW", "lr_scheduler": "cosine",
+        "mixed_precision": "bf16", "no_half_vae": False, "gradient_checkpointing": True,
+        "cache_latents": True, "cache_text_encoder_outputs": False, "network_train_unet_only": False,
+        "save_every_n_epochs": 2, "sample_every_n_epochs": None, "sample_every_n_steps": None,
+        "sample_at_first": False,
+    },
     "Quick test (tiny model, 64 px, CPU)": {
         "resolution": "64", "train_batch_size": 2, "max_train_epochs": None, "max_train_steps": 40,
         "network_dim": 4, "network_alpha": 4, "learning_rate": 1e-3, "unet_lr": None,
@@ -94,6 +134,20 @@ PRESETS: dict[str, dict] = {
         "sample_every_n_epochs": None, "sample_every_n_steps": 20, "sample_at_first": False,
     },
 }  # fmt: skip
+# What a preset is for, shown under the preset menu once one is picked.
+PRESET_NOTES = {
+    "SDXL, 12 GB": (
+        "For an SDXL base on a **12 GB** card (RTX 3060 12 GB / 4070): 1024 px, batch 1, U-Net only "
+        "with cached latents and text-encoder outputs, gradient checkpointing, AdamW8bit (bitsandbytes), "
+        "bf16 (an RTX 20xx has no bf16: use fp16, which turns on No half VAE), rank 16."
+    ),
+    "SDXL, 24 GB": (
+        "For an SDXL base on a **24 GB** card (RTX 3090 / 4090): 1024 px, batch 2, both text encoders "
+        "trained (1e-5), AdamW, bf16, rank 32, cached latents; gradient checkpointing on to leave room for "
+        "bucketed 2048 px sides (turn it off for speed if memory allows)."
+    ),
+    "Low VRAM (6-8 GB)": "SD1.x on a 6-8 GB card: batch 1, U-Net only, cached latents, AdamW8bit.",
+}
 
 
 def make_field(name: str, f, value):
@@ -102,8 +156,8 @@ def make_field(name: str, f, value):
     kw = {"label": LABELS.get(name, name), "info": f.metadata["help"], "elem_id": f"cfg-{name}"}
     if name in WIDE:
         kw.update(scale=2, min_width=320)
-    if tp is bool:
-        return gr.Checkbox(value=bool(value), **kw)
+    if tp is bool:  # .lk-check (app.CSS): wide enough for its label
+        return gr.Checkbox(value=bool(value), elem_classes=["lk-check"], **kw)
     if typing.get_origin(tp) is typing.Literal:
         return gr.Dropdown(list(typing.get_args(tp)), value=value, **kw)
     if name in CHOICES:
@@ -211,18 +265,24 @@ def loss_frame(job: Job | None):
     )
 
 
-def model_note(model: str, resolution: str) -> str:
-    """The base model's native size and learning rate, which picking it fills in; a warning when the
-    resolution is far from that size."""
+def model_note(model: str, resolution: str, changes: str = "") -> str:
+    """The base model's family, native size and learning rate (picking it fills in the fields that
+    follow it, see base_model.py), what it just changed, and a warning when the resolution is far
+    from the native size."""
     d = model_defaults_of(model)
     if d is None:
         return ""
+    if refusal(d.family):
+        return family_line(d)
     try:
         size = resolution_of(resolution)
     except ConfigError:
         size = None
-    lr = f", learning rate **{d.learning_rate:g}** ({d.learning_rate_source}): picking it fills both in"
-    return size_note(model, size, lr)
+    lr = f", learning rate **{d.learning_rate:g}** ({d.learning_rate_source})"
+    parts = [family_line(d), size_note(model, size, lr)]
+    if changes:
+        parts.insert(1, changes)
+    return "\n\n".join(parts)
 
 
 def sample_label(path: Path) -> str:
@@ -286,8 +346,12 @@ def build(settings: Settings, notice: gr.components.Component | None = None) -> 
         sample_every_n_epochs=1,
     )
     model_d = model_defaults_of(settings.model)
-    if model_d is not None:  # the demo model trains at 64 px with 1e-3, SD1.5 at 512 with 1e-4
-        defaults.update(resolution="{},{}".format(*model_d.resolution), learning_rate=model_d.learning_rate)
+    if model_d is not None and refusal(model_d.family):
+        model_d = None  # a model lorakit refuses sets nothing; the note says why
+    # the demo model trains at 64 px with 1e-3, SD1.5 at 512 with 1e-4, SDXL at 1024 with 2048 buckets
+    start_auto = auto_defaults(model_d, defaults["mixed_precision"])
+    defaults.update(start_auto)
+    groups = {}
     fields: dict[str, gr.components.Component] = {}
     with gr.Row(equal_height=False):
         with gr.Column(scale=3):
@@ -296,6 +360,7 @@ def build(settings: Settings, notice: gr.components.Component | None = None) -> 
                     list(PRESETS), label="Preset", value=None, scale=3, elem_id="train-preset"
                 )
                 apply_preset = gr.Button("Apply preset", scale=1)
+            preset_note = gr.Markdown(elem_id="train-preset-note")
             with gr.Row():
                 config_path = gr.Textbox(
                     label="Config name (TOML, the same `lorakit train --config` reads)",
@@ -306,8 +371,13 @@ def build(settings: Settings, notice: gr.components.Component | None = None) -> 
                 )
                 save_cfg = gr.Button("Save config", scale=1, elem_id="train-save-config")
                 load_cfg = gr.Button("Load config", scale=1, elem_id="train-load-config")
+            is_sdxl = model_d is not None and getattr(model_d.family, "key", None) == "sdxl"
             for group, names in GROUPS.items():
-                with gr.Accordion(group, open=True):
+                slug = re.sub(r"\W+", "-", group.lower())
+                with gr.Accordion(
+                    group, open=group != "SDXL" or is_sdxl, elem_id=f"train-group-{slug}"
+                ) as acc:
+                    groups[group] = acc
                     if group == "Samples while training":
                         sample_text = gr.Textbox(
                             label="Sample prompts (one per line; kohya options --n --w --h --s --l --d)",
@@ -322,6 +392,7 @@ def build(settings: Settings, notice: gr.components.Component | None = None) -> 
                         note = gr.Markdown(
                             model_note(settings.model, defaults["resolution"]), elem_id="cfg-model-note"
                         )
+                        changes_md = gr.Markdown(elem_id="cfg-model-changes")
             with gr.Accordion("Advanced", open=False, elem_id="train-advanced"):
                 shown = {n for names in GROUPS.values() for n in names} | HIDDEN
                 rest = [n for n in index if n not in shown]
@@ -358,32 +429,47 @@ def build(settings: Settings, notice: gr.components.Component | None = None) -> 
     widgets = [fields[n] for n in names]
     seen = gr.State({})
 
-    # --- the base model's defaults: a model the user picks fills resolution and learning rate; one
-    # that comes with a loaded config or run (recorded in `applied`) keeps that config's values
+    # --- the base model's defaults: a model the user picks moves the AUTO_FIELDS (resolution, learning
+    # rate, buckets, no_half_vae, v-pred/ztsnr) that still hold the last model's defaults (`applied`);
+    # values the user typed, loaded (config, run) or took from a preset stay, and the note says so
     model_box, resolution = fields["pretrained_model_name_or_path"], fields["resolution"]
-    applied = gr.State(settings.model)
+    mixed_precision = fields["mixed_precision"]
+    auto_widgets = [fields[n] for n in AUTO_FIELDS]
+    applied = gr.State(start_auto)  # the model-dependent defaults now in the fields (base_model.py)
 
     # The notes read only a model inside the model roots (Settings.model_path), never any host file.
-    def pick_model(model, last, res):
+    def pick_model(model, last, precision, *current):
+        """A new model (or mixed precision) moves the fields that still hold the last defaults."""
         readable = settings.known_model(model)
         d = model_defaults_of(readable)
-        if d is None or model == last:
-            return gr.skip(), gr.skip(), model_note(readable, res), last
-        res = "{},{}".format(*d.resolution)
-        return res, d.learning_rate, model_note(readable, res), model
+        res = current[AUTO_FIELDS.index("resolution")]
+        if d is None or refusal(d.family):  # nothing to go by, or a model lorakit refuses: change nothing
+            return [gr.skip()] * len(AUTO_FIELDS) + [model_note(readable, res), "", last, gr.skip()]
+        switch = switch_defaults(last or {}, auto_defaults(d, precision), dict(zip(AUTO_FIELDS, current)))
+        values = [switch.updates.get(n, gr.skip()) for n in AUTO_FIELDS]
+        res = switch.updates.get("resolution", res)
+        sdxl = gr.update(open=True) if d.family is not None and d.family.key == "sdxl" else gr.skip()
+        return [*values, model_note(readable, res), changes_note(switch, d), switch.applied, sdxl]
 
     def resolution_changed(model, res):
         return model_note(settings.known_model(model), res)
 
+    pick = (
+        pick_model,
+        [model_box, applied, mixed_precision, *auto_widgets],
+        [*auto_widgets, note, changes_md, applied, groups["SDXL"]],
+    )
     for event in (model_box.blur, model_box.submit):  # left or Enter: typed, pasted or dropped alike
-        event(
-            pick_model,
-            [model_box, applied, resolution],
-            [resolution, fields["learning_rate"], note, applied],
-            show_progress="hidden",
-        )
+        event(*pick, show_progress="hidden")
+    mixed_precision.input(*pick, show_progress="hidden")  # fp16 <-> bf16 moves No half VAE on SDXL
     resolution.change(resolution_changed, [model_box, resolution], [note], show_progress="hidden")
-    record_model = (lambda m: m, [model_box], [applied])
+
+    def record(model, precision):
+        """A loaded config's or run's values are the user's: the defaults in force are those of its model."""
+        d = model_defaults_of(settings.known_model(model))
+        return auto_defaults(None if d is None or refusal(d.family) else d, precision)
+
+    record_model = (record, [model_box, mixed_precision], [applied])
     log_box.change(None, None, None, js=FOLLOW_LOG_JS)
 
     # --- config in and out ------------------------------------------------------------
@@ -399,7 +485,12 @@ def build(settings: Settings, notice: gr.components.Component | None = None) -> 
         cfg.update(PRESETS[name], source=f"preset {name!r}")
         return fill_from(cfg, values[-1])
 
-    apply_preset.click(do_preset, [preset, *widgets, sample_text], [*widgets, sample_text])
+    apply_preset.click(do_preset, [preset, *widgets, sample_text], [*widgets, sample_text]).then(
+        *record_model
+    )
+    preset.change(
+        lambda name: PRESET_NOTES.get(name or "", ""), [preset], [preset_note], show_progress="hidden"
+    )
 
     # Only <config_dir>/<name>.toml (and its .sample_prompts.txt): the client names a config, not a path.
     @user_errors
@@ -433,6 +524,8 @@ def build(settings: Settings, notice: gr.components.Component | None = None) -> 
     def do_train(*values):
         cfg = config_from_widgets(names, list(values[:-1]))
         check_folders(cfg, settings)
+        model = cfg.model.pretrained_model_name_or_path
+        check_trainable(model, model_defaults_of(settings.known_model(model)), values[-1])
         job = start_job(cfg, settings.runs_dir, sample_prompts_text=values[-1])
         return (
             f"Started **{job.name}**. You may close this page: training goes on, and the page shows it again."
