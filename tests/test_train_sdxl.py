@@ -6,12 +6,13 @@ import logging
 import re
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from lorakit.errors import ConfigError, ModelError, TrainingError
+from lorakit.errors import ConfigError, DatasetError, ModelError, TrainingError
 from lorakit.models.defaults import apply_model_defaults
 from lorakit.train.trainer import Trainer, build_trainer, train
 
@@ -97,6 +98,101 @@ def test_sdxl_text_encoder_cache_trains_like_the_plain_run(sdxl_config, tmp_path
     # hundredths of one step (lr 1e-3) on near-zero gradient components
     for k in plain:
         torch.testing.assert_close(cached[k], plain[k], rtol=1e-4, atol=5e-5, msg=k)
+
+
+# --- 3b. text-encoder outputs cached on disk ---------------------------------------------------------
+def count_encodes(monkeypatch, family_cls) -> list[int]:
+    """Spy on the family's encode: the list grows by one per call."""
+    calls, real = [], family_cls.encode
+
+    def spy(self, *args, **kwargs):
+        calls.append(1)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(family_cls, "encode", spy)
+    return calls
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd1"])
+def test_text_encoder_outputs_on_disk_are_written_then_read_instead_of_encoding(
+    family, sdxl_config, train_config, tiny_data, tmp_path, monkeypatch
+):
+    from lorakit.models.families.sd1 import SD1Family
+    from lorakit.models.families.sdxl import SDXLFamily
+
+    make, family_cls = (sdxl_config, SDXLFamily) if family == "sdxl" else (train_config, SD1Family)
+    common = dict(
+        cache_text_encoder_outputs_to_disk=True, network_train_unet_only=True, max_train_steps=2,
+        save_precision="float",
+    )  # fmt: skip
+    images = sorted((tiny_data[0] / "2_usu bear").glob("*.png"))
+    files = [i.with_name(f"{i.stem}_lorakit_te.npz") for i in images]
+
+    calls = count_encodes(monkeypatch, family_cls)
+    cfg = make(output_dir=str(tmp_path / "first"), **common)
+    first = build_trainer(cfg)
+    assert cfg.dataset.cache_text_encoder_outputs  # implied, as in kohya
+    assert len(calls) == 1  # one caption ("usu bear") for 4 images
+    assert all(f.is_file() for f in files)
+    with np.load(files[0]) as z:
+        assert ("pooled" in z) == (family == "sdxl")  # SD1 has no pooled vector
+        cached = first.te_cache["usu bear"]
+        np.testing.assert_array_equal(z["context"], cached.context.float().numpy())
+    first_lora = tensors(first.run())
+    stamps = [f.stat().st_mtime_ns for f in files]
+
+    calls.clear()
+    second = build_trainer(make(output_dir=str(tmp_path / "second"), **common))
+    assert calls == []  # read from disk, the encoders never ran
+    second_lora = tensors(second.run())
+    assert [f.stat().st_mtime_ns for f in files] == stamps  # not rewritten
+    for k in first_lora:
+        assert torch.equal(second_lora[k], first_lora[k]), k
+
+    # a changed caption re-encodes that image only; a changed token length, every image
+    images[0].with_suffix(".caption").write_text("usu bear, red")
+    build_trainer(make(output_dir=str(tmp_path / "third"), **common))
+    assert len(calls) == 1 and files[0].stat().st_mtime_ns != stamps[0]
+    assert [f.stat().st_mtime_ns for f in files[1:]] == stamps[1:]
+    calls.clear()
+    build_trainer(make(output_dir=str(tmp_path / "fourth"), max_token_length=150, **common))
+    assert len(calls) == 2 and all(f.stat().st_mtime_ns not in stamps for f in files)
+
+
+def test_text_encoder_cache_key_covers_caption_length_clip_skip_and_weights():
+    from lorakit.dataset.te_cache import te_cache_key, text_encoders_fingerprint
+    from lorakit.models.tiny import build_sdxl_models
+
+    _, _, te1, te2 = build_sdxl_models()
+    fingerprint = text_encoders_fingerprint([te1, te2])
+    base = te_cache_key("usu bear", None, None, fingerprint)
+    assert base == te_cache_key("usu bear", None, None, text_encoders_fingerprint([te1, te2]))
+    with torch.no_grad():
+        te2.text_model.encoder.layers[1].mlp.fc2.weight[0, 0] += 1e-3
+    changed = {
+        te_cache_key("usu bear, red", None, None, fingerprint),
+        te_cache_key("usu bear", 150, None, fingerprint),
+        te_cache_key("usu bear", None, 2, fingerprint),
+        te_cache_key("usu bear", None, None, text_encoders_fingerprint([te1, te2])),
+    }
+    assert base not in changed and len(changed) == 4
+
+
+def test_text_encoder_disk_cache_in_a_read_only_folder_says_what_to_do(sdxl_config, monkeypatch):
+    import lorakit.dataset.te_cache as te_cache
+
+    def read_only(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(te_cache, "atomic_file", read_only)
+    with pytest.raises(DatasetError, match=r"text-encoder cache beside .*2_usu bear.*writable.*"
+                       r"cache_text_encoder_outputs_to_disk"):
+        build_trainer(sdxl_config(cache_text_encoder_outputs_to_disk=True, network_train_unet_only=True))
+
+
+def test_text_encoder_disk_cache_needs_frozen_encoders(sdxl_config):
+    with pytest.raises(ConfigError, match=r"cache_text_encoder_outputs_to_disk needs a frozen text encoder"):
+        build_trainer(sdxl_config(cache_text_encoder_outputs_to_disk=True))
 
 
 # --- 4. two text-encoder learning rates ---------------------------------------------------------------

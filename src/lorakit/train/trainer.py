@@ -80,7 +80,7 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     cfg.validate()
     if cfg.dataset.cache_text_encoder_outputs and cfg.dataset.shuffle_caption:
         raise ConfigError(
-            "cache_text_encoder_outputs cannot be used with shuffle_caption (captions change per step)"
+            f"{cfg.dataset.te_cache_option} cannot be used with shuffle_caption (captions change per step)"
         )
     model_path = Path(cfg.model.pretrained_model_name_or_path)
     if not model_path.exists():
@@ -283,9 +283,17 @@ class Trainer:
             )
         self.te_cache: dict[str, Conditioning] = {}
         if d.cache_text_encoder_outputs:
+            from ..dataset.te_cache import cache_text_encoder_outputs, te_cache_key, text_encoders_fingerprint
+
+            key_of = None
+            if d.cache_text_encoder_outputs_to_disk:
+                m = self.cfg.model
+                fingerprint = text_encoders_fingerprint(self.text_encoders.values())
+                key_of = lambda caption: te_cache_key(caption, m.max_token_length, m.clip_skip, fingerprint)  # noqa: E731
             with torch.no_grad():
-                for caption in self.dataset.all_captions():
-                    self.te_cache[caption] = self._encode_captions([caption]).rows()[0]
+                self.te_cache = cache_text_encoder_outputs(
+                    self.dataset.image_captions(), lambda c: self._encode_captions([c]).rows()[0], key_of
+                )
 
     def _vae_fingerprint(self) -> str:
         import hashlib
