@@ -335,9 +335,17 @@ def test_sample_prompts_on_sdxl_are_refused(sdxl_config, tmp_path):
 
 
 # --- 10. the fp16 VAE guard ---------------------------------------------------------------------------
-def test_nan_latents_from_an_fp16_vae_ask_for_no_half_vae(sdxl_config, monkeypatch):
-    tr = build_trainer(sdxl_config(max_train_steps=1))
-    vae = torch.nn.Module.to(tr.base.vae, torch.float16)  # as a VAE given with `vae` runs under fp16
+def test_nan_latents_from_an_fp16_vae_ask_for_no_half_vae(sdxl_config, tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    vae_file = tmp_path / "fp16-fix-vae.safetensors"  # a VAE given apart runs in fp16 under fp16
+    save_file({k: v.contiguous() for k, v in other_vae().state_dict().items()}, str(vae_file))
+    common = dict(mixed_precision="fp16", vae=str(vae_file), max_train_steps=1)
+    assert build_trainer(sdxl_config(no_half_vae=True, **common)).base.vae.dtype == torch.float32
+    assert build_trainer(sdxl_config(**{**common, "vae": None})).base.vae.dtype == torch.float32
+    tr = build_trainer(sdxl_config(**common))
+    vae = tr.base.vae
+    assert vae.dtype == torch.float16
 
     def overflowing(pixels):
         b, _, h, w = pixels.shape
@@ -347,3 +355,79 @@ def test_nan_latents_from_an_fp16_vae_ask_for_no_half_vae(sdxl_config, monkeypat
     monkeypatch.setattr(vae, "encode", overflowing)
     with pytest.raises(TrainingError, match=r"nan/inf latents in fp16.*no_half_vae = true"):
         tr.run()
+
+
+# --- 9. a separate VAE --------------------------------------------------------------------------------
+def other_vae(seed: int = 1):
+    """A VAE of the tiny SDXL base's shape with other weights (and SD1's scaling factor in its config)."""
+    from diffusers import AutoencoderKL
+
+    from lorakit.models.tiny import tiny_sdxl_arch
+
+    config = dict(tiny_sdxl_arch()["vae"], scaling_factor=0.18215)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoencoderKL.from_config(config).eval()
+
+
+@pytest.mark.parametrize("layout", ["ldm-prefixed", "ldm-bare", "diffusers-keys", "diffusers-folder"])
+def test_load_vae_reads_every_layout_with_the_base_scaling_factor(layout, tmp_path):
+    from safetensors.torch import save_file
+
+    from lorakit.models.families.sdxl import VAE_SCALE_FACTOR
+    from lorakit.models.ldm_layout import vae_to_ldm
+    from lorakit.models.tiny import tiny_sdxl_arch
+    from lorakit.models.vae import load_vae
+
+    vae = other_vae()
+    sd = {k: v.contiguous() for k, v in vae.state_dict().items()}
+    path = tmp_path / "vae.safetensors"
+    if layout == "diffusers-folder":
+        path = tmp_path / "vae"
+        vae.save_pretrained(path)
+    elif layout == "diffusers-keys":
+        save_file(sd, str(path))
+    else:
+        ldm = vae_to_ldm(sd)
+        prefix = "first_stage_model." if layout == "ldm-prefixed" else ""
+        save_file({prefix + k: v.contiguous() for k, v in ldm.items()}, str(path))
+    loaded = load_vae(path, tiny_sdxl_arch()["vae"])
+    assert loaded.config.scaling_factor == VAE_SCALE_FACTOR  # the base's, not the file's 0.18215
+    got = loaded.state_dict()
+    assert got.keys() == sd.keys()
+    for k, v in sd.items():
+        assert torch.equal(got[k], v), k
+
+
+def test_load_vae_refuses_a_file_that_is_not_a_vae(tmp_path, trained_lora):
+    from lorakit.models.tiny import tiny_sdxl_arch
+    from lorakit.models.vae import load_vae
+
+    with pytest.raises(ModelError, match=re.escape(str(trained_lora)) + ".*no VAE encoder weights"):
+        load_vae(trained_lora, tiny_sdxl_arch()["vae"])
+    sd1_vae = tmp_path / "sd1-vae.safetensors"  # a VAE, but not of this shape
+    from diffusers import AutoencoderKL
+    from safetensors.torch import save_file
+
+    from lorakit.models.tiny import tiny_arch
+
+    small = AutoencoderKL.from_config(dict(tiny_arch()["vae"], block_out_channels=[8, 8, 8, 8]))
+    save_file({k: v.contiguous() for k, v in small.state_dict().items()}, str(sd1_vae))
+    with pytest.raises(ModelError, match=re.escape(str(sd1_vae)) + ".*does not fit the base model's VAE"):
+        load_vae(sd1_vae, tiny_sdxl_arch()["vae"])
+
+
+def test_the_vae_option_replaces_the_base_vae_for_the_latents(sdxl_config, tmp_path):
+    from safetensors.torch import save_file
+
+    vae_file = tmp_path / "other-vae.safetensors"
+    save_file({k: v.contiguous() for k, v in other_vae().state_dict().items()}, str(vae_file))
+    common = dict(cache_latents=True, max_train_steps=1)
+    base = build_trainer(sdxl_config(output_dir=str(tmp_path / "a"), **common))
+    swapped = build_trainer(sdxl_config(output_dir=str(tmp_path / "b"), vae=str(vae_file), **common))
+    assert swapped.base.vae.config.scaling_factor == base.base.vae.config.scaling_factor
+    assert swapped._vae_fingerprint() != base._vae_fingerprint()  # the disk latent cache is keyed apart
+    image = next(iter(base.dataset._latents))
+    a, b = base.dataset._latents[image].latents, swapped.dataset._latents[image].latents
+    assert a.shape == b.shape and not torch.allclose(a, b)
+    assert tensors(swapped.run())
