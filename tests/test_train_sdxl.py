@@ -2,6 +2,7 @@
 memory and on disk), two text-encoder rates, metadata, LoCon, checkpointing, Adafactor, buckets, the
 separate VAE and the fp16 VAE guard."""
 
+import hashlib
 import logging
 import re
 from types import SimpleNamespace
@@ -430,4 +431,7 @@ def test_the_vae_option_replaces_the_base_vae_for_the_latents(sdxl_config, tmp_p
     image = next(iter(base.dataset._latents))
     a, b = base.dataset._latents[image].latents, swapped.dataset._latents[image].latents
     assert a.shape == b.shape and not torch.allclose(a, b)
-    assert tensors(swapped.run())
+    meta = metadata(swapped.run())
+    assert meta["ss_vae_name"] == "other-vae.safetensors"  # kohya names and hashes a VAE given apart
+    assert meta["ss_new_vae_hash"] == hashlib.sha256(vae_file.read_bytes()).hexdigest()
+    assert re.fullmatch(r"[0-9a-f]{8}", meta["ss_vae_hash"])

@@ -618,6 +618,7 @@ class Trainer:
             bucket_info=self.dataset.bucket_info(),
             optimizer_repr=self.optimizer_repr,
             model_hashes=file_hashes(self.cfg.model.pretrained_model_name_or_path),
+            vae_hashes=file_hashes(self.cfg.model.vae) if self.cfg.model.vae else None,
             world_size=self.acc.num_processes,
             family=self.family,
         )
