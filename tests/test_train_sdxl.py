@@ -316,7 +316,16 @@ def test_adafactor_trains_on_sdxl(sdxl_config):
     assert any(not torch.equal(a, b) for a, b in zip(before, tr.network.parameters()))
 
 
-def test_bucket_reso_steps_32_is_for_sdxl_only(sdxl_config, train_config):
+def model_load_forbidden(monkeypatch):
+    import lorakit.models.loader as loader
+
+    def never(*a, **k):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(loader, "load_base_model", never)
+
+
+def test_bucket_reso_steps_32_is_for_sdxl_only(sdxl_config, train_config, monkeypatch):
     buckets = dict(
         resolution="96", enable_bucket=True, bucket_reso_steps=32, min_bucket_reso=32, max_bucket_reso=128,
         max_train_steps=1,
@@ -324,13 +333,15 @@ def test_bucket_reso_steps_32_is_for_sdxl_only(sdxl_config, train_config):
     tr = build_trainer(sdxl_config(**buckets))
     assert tr.dataset.bucket_resos == [(96, 96)]  # not a multiple of 64: 12x12 latents, 3x3 at the bottom
     assert tensors(tr.run())
-    with pytest.raises(ConfigError, match=r"bucket_reso_steps = 32.*multiple of 64"):
+    model_load_forbidden(monkeypatch)  # refused from the file's header, before the model loads
+    with pytest.raises(ConfigError, match=r"bucket_reso_steps = 32.*SD1.x needs a multiple of 64"):
         build_trainer(train_config(**buckets))
 
 
-def test_sample_prompts_on_sdxl_are_refused(sdxl_config, tmp_path):
+def test_sample_prompts_on_sdxl_are_refused(sdxl_config, tmp_path, monkeypatch):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("usu bear --w 64 --h 64 --s 2\n")
+    model_load_forbidden(monkeypatch)
     with pytest.raises(ConfigError, match=r"sample_prompts.*SDXL.*not supported"):
         build_trainer(sdxl_config(sample_prompts=str(prompts), sample_every_n_steps=2))
 

@@ -75,6 +75,19 @@ def check_family_options(cfg: TrainConfig, family) -> None:
         )
 
 
+def _family_from_header(model_path: Path):
+    """The base's family module from a .safetensors header or a diffusers folder's JSON, without loading
+    weights; None for a pickle checkpoint or an unreadable file (both are handled when the model loads)."""
+    from ..models.families.base import family_spec
+    from ..models.loader import base_family, model_kind
+
+    try:
+        family = base_family(model_path, model_kind(model_path))
+        return None if family is None else family_spec(family.key)
+    except (ModelError, OSError, ValueError, KeyError):
+        return None
+
+
 def build_trainer(cfg: TrainConfig) -> Trainer:
     """Check the config, the base model path and the dataset (fast), then load the models."""
     cfg.validate()
@@ -88,6 +101,9 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
             f"pretrained_model_name_or_path: {model_path} does not exist. Give an SD1.x .safetensors/.ckpt "
             "file or a diffusers folder."
         )
+    family = _family_from_header(model_path)
+    if family is not None:  # bucket step, sample prompts: refused in seconds, not after the model loads
+        check_family_options(cfg, family)
     if cfg.output.resume:  # the run goes on with its own seed: data order and noise depend on it
         cfg.training.seed = read_position(cfg.output.resume).seed
     seed = _seed(cfg)
