@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from lorakit.errors import ConfigError, DatasetError, ModelError, TrainingError
 from lorakit.models.defaults import apply_model_defaults
-from lorakit.train.trainer import Trainer, build_trainer, train
+from lorakit.train.trainer import build_trainer, train
 
 
 def tensors(path):
@@ -82,7 +82,9 @@ def test_sdxl_text_encoder_cache_trains_like_the_plain_run(sdxl_config, tmp_path
 
     def run(name, **opts):
         seen = []
-        tr = build_trainer(sdxl_config(output_dir=str(tmp_path / name), progress_every_n_steps=1, **common, **opts))
+        tr = build_trainer(
+            sdxl_config(output_dir=str(tmp_path / name), progress_every_n_steps=1, **common, **opts)
+        )
         path = tr.run(lambda p: seen.append(p.loss))
         losses[name] = seen
         return tr, tensors(path)
@@ -186,8 +188,11 @@ def test_text_encoder_disk_cache_in_a_read_only_folder_says_what_to_do(sdxl_conf
         raise PermissionError(13, "Permission denied", str(path))
 
     monkeypatch.setattr(te_cache, "atomic_file", read_only)
-    with pytest.raises(DatasetError, match=r"text-encoder cache beside .*2_usu bear.*writable.*"
-                       r"cache_text_encoder_outputs_to_disk"):
+    with pytest.raises(
+        DatasetError,
+        match=r"text-encoder cache beside .*2_usu bear.*writable.*"
+        r"cache_text_encoder_outputs_to_disk",
+    ):
         build_trainer(sdxl_config(cache_text_encoder_outputs_to_disk=True, network_train_unet_only=True))
 
 
@@ -245,9 +250,7 @@ def test_vpred_markers_turn_on_v_parameterization_and_are_recorded(sdxl_config, 
 
 
 def test_v_parameterization_given_false_wins_over_the_markers(sdxl_config, tiny_sdxl_bases):
-    cfg = sdxl_config(
-        pretrained_model_name_or_path=str(tiny_sdxl_bases["vpred"]), v_parameterization=False
-    )
+    cfg = sdxl_config(pretrained_model_name_or_path=str(tiny_sdxl_bases["vpred"]), v_parameterization=False)
     apply_model_defaults(cfg)
     assert not cfg.model.v_parameterization and cfg.model.zero_terminal_snr
 
@@ -275,7 +278,11 @@ def test_sdxl_locon_has_the_3x3_convs_with_sgm_names_and_trains(sdxl_config):
 # --- 7. gradient checkpointing ------------------------------------------------------------------------
 def checkpointing(te) -> bool:
     # transformers >= 5.24 renames is_gradient_checkpointing (the old name warns, and goes in v6)
-    name = "is_activation_checkpointing" if hasattr(type(te), "is_activation_checkpointing") else "is_gradient_checkpointing"
+    name = (
+        "is_activation_checkpointing"
+        if hasattr(type(te), "is_activation_checkpointing")
+        else "is_gradient_checkpointing"
+    )
     return getattr(te, name)
 
 
@@ -298,7 +305,9 @@ def test_gradient_checkpointing_with_both_encoders_trained_gives_the_same_step(s
     assert all(checkpointing(te) for te in tr.text_encoders.values())
     torch.testing.assert_close(loss_gc, loss, rtol=1e-5, atol=1e-7)
     te2 = set(map(id, tr.network.parameters(part="te2")))
-    assert any(g is not None and g.abs().max() > 0 for p, g in zip(tr.network.parameters(), grads_gc) if id(p) in te2)
+    assert any(
+        g is not None and g.abs().max() > 0 for p, g in zip(tr.network.parameters(), grads_gc) if id(p) in te2
+    )
     for g, g_gc in zip(grads, grads_gc):
         assert (g is None) == (g_gc is None)
         if g is not None:
