@@ -21,6 +21,9 @@ from ..errors import DatasetError
 from ..models.families.base import Conditioning
 
 EncodeOne = Callable[[str], Conditioning]  # one caption -> its Conditioning row (context [T, D])
+# part of every key: raise it when the encoding itself changes (layers taken, pooling), so files
+# written by an older lorakit are recomputed rather than trusted
+FORMAT_VERSION = 1
 
 
 def te_cache_path(image: Path) -> Path:
@@ -42,7 +45,7 @@ def text_encoders_fingerprint(text_encoders: Iterable[torch.nn.Module]) -> str:
 
 
 def te_cache_key(caption: str, max_token_length: int | None, clip_skip: int | None, fingerprint: str) -> str:
-    parts = [caption, max_token_length, clip_skip, fingerprint]
+    parts = [FORMAT_VERSION, caption, max_token_length, clip_skip, fingerprint]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 
