@@ -23,6 +23,7 @@ from lorakit.models.families.sdxl import (
     save_sgm_checkpoint,
     sdxl_arch,
 )
+from lorakit.models.loader import load_base_model
 from lorakit.models.tiny import build_sdxl_models, tiny_sdxl_arch
 
 
@@ -123,8 +124,9 @@ def test_ckpt_and_markers(tiny_sdxl, tmp_path):
     sd.update({"v_pred": torch.tensor([]), "ztsnr": torch.tensor([])})
     path = tmp_path / "xl.ckpt"
     torch.save({"state_dict": sd, "lorakit.arch": json.dumps(arch), "global_step": 3}, path)
-    base = load_sdxl(path)
+    base = load_base_model(path)  # the one entry point: detects SDXL from the pickle's keys
     assert (base.family.v_pred, base.family.zero_terminal_snr) == (True, True)
+    assert base.spec.key == "sdxl" and base.kind == "single_file"
     _assert_same(models, base)
 
 
@@ -135,9 +137,15 @@ def test_diffusers_folder(tiny_sdxl, tmp_path):
     index = {"_class_name": "StableDiffusionXLPipeline", "text_encoder": ["transformers", "CLIPTextModel"]}
     index["text_encoder_2"] = ["transformers", "CLIPTextModelWithProjection"]
     (tmp_path / "model_index.json").write_text(json.dumps(index))
-    base = load_sdxl(tmp_path)
-    assert base.kind == "diffusers"
+    base = load_base_model(tmp_path)
+    assert (base.kind, base.spec.key, base.family.v_pred) == ("diffusers", "sdxl", False)
     _assert_same(models, base)
+    # a v-pred diffusers SDXL says so in its scheduler config (NoobAI's diffusers release does)
+    (tmp_path / "scheduler").mkdir()
+    scheduler = {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True}
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler))
+    family = load_base_model(tmp_path).family
+    assert (family.v_pred, family.zero_terminal_snr) == (True, True)
 
 
 def test_text_projection_orientation(tiny_sdxl, tiny_sgm_file, tmp_path):

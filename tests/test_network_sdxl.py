@@ -88,3 +88,27 @@ def test_text_encoder_targets(sdxl):
     assert sum(sum(_io(t.module)) for t in t1) == 165_888
     assert sum(sum(_io(t.module)) for t in t2) == 737_280
     assert not any(n.startswith("lora_te_") for n in by_name)
+
+
+def test_the_family_seam_builds_kohyas_sdxl_network_on_meta():
+    """Through the seam the trainer uses: SDXL family -> targets -> LoRANetwork -> kohya state dict."""
+    from types import SimpleNamespace
+
+    from lorakit.models.families.base import family_spec
+    from lorakit.network.lora import LoRANetwork
+
+    unet, _vae, te1, te2 = build_sdxl_empty()  # its own copy: the network injects layers into it
+    base = SimpleNamespace(unet=unet, text_encoders=(te1, te2))
+    family = family_spec("sdxl")
+    parts = {"unet", *family.text_encoder_parts}
+    targets = family.lora_targets(base, 32, 32.0, None, None, parts)
+    net = LoRANetwork.from_targets({"unet": unet, **family.text_encoders(base)}, targets)
+    assert net.counts == (72 + 192, 722)
+    sd = net.kohya_state_dict()
+    assert len(sd) == 3 * (722 + 264)
+    assert sd["lora_te2_text_model_encoder_layers_31_self_attn_q_proj.lora_down.weight"].shape == (32, 1280)
+    assert sd["lora_te1_text_model_encoder_layers_11_mlp_fc2.lora_up.weight"].shape == (768, 32)
+    assert sd["lora_unet_input_blocks_7_1_transformer_blocks_1_attn2_to_k.lora_down.weight"].shape == (32, 2048)
+    # parts the run does not train get no modules (text_encoder_lr2 = 0: bigG left out, as kohya's file)
+    only_te1 = family.lora_targets(base, 4, 1.0, None, None, {"te1"})
+    assert {t.part for t in only_te1} == {"te1"} and len(only_te1) == 72

@@ -55,6 +55,11 @@ class Generator:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
         base = load_base_model(model_path, dtype=dtype, device=device)
+        if base.family.key != "sd1":  # the SD1 pipeline would draw noise with an SDXL UNet
+            raise GenerationError(
+                f"{model_path}: this is an {base.family.label} model; lorakit draws with SD1.x bases for now "
+                "(SDXL LoRAs it trains load in A1111, Forge and ComfyUI)"
+            )
         base.vae.float()  # SD's VAE overflows in fp16; fp32 costs ~160 MB
         return cls(base.unet, base.vae, base.text_encoder, base.tokenizer, Path(model_path), Path(lora_dir))
 

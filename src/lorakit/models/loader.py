@@ -292,7 +292,12 @@ def base_family(path: Path, kind: str) -> Family | None:
     if kind == "diffusers":
         index = json.loads((path / "model_index.json").read_text())
         unet_json = path / "unet" / "config.json"
-        return detect_diffusers_family(index, json.loads(unet_json.read_text()) if unet_json.is_file() else {})
+        family = detect_diffusers_family(index, json.loads(unet_json.read_text()) if unet_json.is_file() else {})
+        if family.key == "sdxl":
+            from lorakit.models.families.sdxl import scheduler_markers
+
+            family = scheduler_markers(path, family)
+        return family
     if is_safetensors(path):
         return detect_family(*read_keys_and_shapes(path))
     return None

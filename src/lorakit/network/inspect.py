@@ -47,6 +47,52 @@ def architecture(keys: list[str]) -> str:
     return "unknown"
 
 
+# Who loads a kohya-format LoRA / LoCon file for SD1.x, SD2.x or SDXL (shared/reference
+# lycoris-and-tools.md section 2). Tucker (lora_mid) and DoRA (dora_scale) narrow the list.
+KOHYA_CONSUMERS = ("A1111", "Forge", "ComfyUI", "kohya sd-scripts", "diffusers")
+
+
+def consumers(architecture_name: str, modules: dict) -> list[str]:
+    """The programs that load a kohya-format file of `architecture_name` with these ModuleLoras."""
+    if architecture_name not in ("SDXL", "SD1.x/SD2.x"):
+        return []  # FLUX.1 / unknown: not a format lorakit vouches for
+    out = list(KOHYA_CONSUMERS)
+    if any(m.mid is not None for m in modules.values()):
+        # diffusers' kohya converter raises on keys it does not rename; kohya's networks.lora has no lora_mid
+        out = [c for c in out if c not in ("diffusers", "kohya sd-scripts")]
+    dora = [m for m in modules.values() if m.dora_scale is not None]
+    if dora:
+        out = [c for c in out if c != "kohya sd-scripts"]  # DoRA only through the LyCORIS package
+        # A1111 (#15283) reads the input-axis dora_scale only: (1, in, ...), LyCORIS < 3.2's default
+        if any(m.dora_scale.shape[0] != 1 for m in dora):
+            out = [c for c in out if c != "A1111"]
+    return out
+
+
+def prediction(meta: dict[str, str]) -> str | None:
+    """'v-prediction' / 'epsilon' from kohya's metadata (SDXL: modelspec.prediction_type only;
+    SD1/SD2: ss_base_model_version's `_v`), None when the file says neither."""
+    kind = meta.get("modelspec.prediction_type")
+    version = meta.get("ss_base_model_version")
+    if kind == "v" or (version or "").endswith("_v"):
+        return "v-prediction"
+    if kind == "epsilon" or version:
+        return "epsilon"
+    return None
+
+
+def family_name(names: list[str], meta: dict[str, str], architecture_name: str) -> str:
+    """'SD1.x' / 'SDXL' (the lorakit model family the file is for), else what the keys tell."""
+    from ..models.families.base import lora_family
+
+    family = lora_family(names, meta)
+    if family is not None:
+        return family.name
+    if meta.get("ss_v2") == "True" or meta.get("ss_base_model_version", "").startswith("sd_v2"):
+        return "SD2.x"
+    return architecture_name
+
+
 def inspect_lora(path: str | Path) -> dict:
     """A summary dict (what `lorakit inspect --json` prints)."""
     path = Path(path)
@@ -63,9 +109,10 @@ def inspect_lora(path: str | Path) -> dict:
     top_tags = {
         folder: sorted(tags.items(), key=lambda kv: -kv[1])[:10] for folder, tags in tag_frequency.items()
     }
+    arch = architecture(list(tensors))
     return {
         "file": str(path),
-        "architecture": architecture(list(tensors)),
+        "architecture": arch,
         "modules": {
             "text_encoder": sum(n.startswith("lora_te") for n in names),
             "unet": sum(n.startswith("lora_unet_") for n in names),
@@ -81,6 +128,10 @@ def inspect_lora(path: str | Path) -> dict:
         "network_args": json.loads(meta["ss_network_args"]) if meta.get("ss_network_args") else None,
         "tag_frequency": top_tags,
         "metadata_keys": len(meta),
+        "family": family_name(names, meta, arch),
+        "prediction": prediction(meta),
+        "zero_terminal_snr": meta.get("ss_zero_terminal_snr") == "True",
+        "loads_in": consumers(arch, modules),
     }
 
 
@@ -108,6 +159,12 @@ def format_table(info: dict) -> str:
         lines.append(f"  {k}{' ' * max(1, 27 - display_width(str(k)))}{v}")
 
     row("architecture", info["architecture"])
+    if "family" in info:  # (summaries from before these keys lack them)
+        row("family", info["family"])
+        if info["prediction"]:
+            ztsnr = ", zero terminal SNR" if info["zero_terminal_snr"] else ""
+            row("prediction", info["prediction"] + ztsnr)
+        row("loads in", ", ".join(info["loads_in"]) or "not known (not a kohya SD1.x/SD2.x/SDXL LoRA)")
     m = info["modules"]
     row(
         "modules",

@@ -1,4 +1,4 @@
-"""Merge kohya LoRA / LyCORIS LoCon files into a UNet and text encoder (see delta.py for the maths).
+"""Merge kohya LoRA / LyCORIS LoCon files into a UNet and its text encoders (see delta.py for the maths).
 
 Merged, a LoRA costs nothing at generation time. LoraMerger keeps the original weights of every
 touched module, so switching or removing LoRAs restores the base bit for bit. It is all or nothing:
@@ -14,15 +14,32 @@ import torch.nn as nn
 
 from ..errors import ModelError
 from .delta import ModuleLora, check_fits, lora_module_names, lora_modules, module_update
-from .targets import TE_PREFIX, kohya_module_map, ldm_unet_aliases
+from .targets import is_te_module
 
 
 class LoraMerger:
-    """Applies a set of (label, tensors, te_multiplier, unet_multiplier) to a UNet and text encoder."""
+    """Applies a set of (label, tensors, te_multiplier, unet_multiplier) to a UNet and text encoders.
+
+    The names a file may use come from the model family (ModelFamily.module_map / name_aliases), so
+    a LoRA made for another family names modules this base lacks and is refused whole."""
 
     def __init__(self, unet: nn.Module | None, text_encoder: nn.Module | None):
-        self.modules = kohya_module_map(unet, text_encoder)
-        self.aliases = ldm_unet_aliases(unet) if unet is not None else {}
+        """An SD1.x UNet and text encoder (either may be None: left alone); any family: for_base."""
+        from ..models.families.sd1 import SD1
+
+        self._bind(SD1, unet, (text_encoder,))
+
+    @classmethod
+    def for_base(cls, base) -> LoraMerger:
+        """A merger for a loaded BaseModel of any family (its UNet and all its text encoders)."""
+        merger = cls.__new__(cls)
+        merger._bind(base.spec, base.unet, tuple(base.text_encoders))
+        return merger
+
+    def _bind(self, family, unet: nn.Module | None, text_encoders: tuple) -> None:
+        self.family = family
+        self.modules = family.module_map(unet, text_encoders)
+        self.aliases = family.name_aliases(unet) if unet is not None else {}
         self.backup: dict[str, torch.Tensor] = {}
         self.applied: list[tuple[str, float, float]] = []
 
@@ -40,7 +57,8 @@ class LoraMerger:
         if unknown:
             raise ModelError(
                 f"LoRA {label!r}: {len(unknown)} of {len(found)} modules do not exist in this base model "
-                f"(e.g. {unknown[0]}): it was made for another architecture (SDXL? SD2?) and was not applied"
+                f"(e.g. {unknown[0]}): it was made for another architecture than this "
+                f"{self.family.name} base (SD1.x / SD2.x / SDXL?) and was not applied"
             )
         out: dict[str, ModuleLora] = {}
         for name, m in found.items():
@@ -54,7 +72,7 @@ class LoraMerger:
     @torch.no_grad()
     def _merge(self, modules: dict[str, ModuleLora], te_mult: float, unet_mult: float) -> None:
         for name, m in modules.items():
-            mult = te_mult if name.startswith(TE_PREFIX + "_") else unet_mult
+            mult = te_mult if is_te_module(name) else unet_mult
             if mult == 0:
                 continue
             weight = self.modules[name].weight
@@ -98,4 +116,16 @@ def merge_lora(
     """Add one LoRA into the weights in place, for good; returns the number of modules it names."""
     merger = LoraMerger(unet, text_encoder)
     merger.apply([(source, tensors, te_multiplier, unet_multiplier)])
+    return len(lora_module_names(tensors))
+
+
+def merge_lora_into_base(
+    base,
+    tensors: dict[str, torch.Tensor],
+    te_multiplier: float = 1.0,
+    unet_multiplier: float = 1.0,
+    source: str = "LoRA",
+) -> int:
+    """merge_lora for a loaded BaseModel of any family (SD1, SDXL); returns the modules it names."""
+    LoraMerger.for_base(base).apply([(source, tensors, te_multiplier, unet_multiplier)])
     return len(lora_module_names(tensors))

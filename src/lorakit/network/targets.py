@@ -10,6 +10,7 @@ LDM UNet (A1111-side extractors, old kohya) name the same modules by their LDM p
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch.nn as nn
@@ -130,13 +131,9 @@ def sdxl_unet_targets(
 ) -> list[Target]:
     """kohya's SDXL UNet targets (722; 788 with conv_dim), named by SGM path; `path` stays the module's
     path in our diffusers UNet. Same selection rules as SD1's unet_targets."""
-    from ..models.ldm_layout import unet_module_paths_to_ldm
-
     targets = unet_targets(unet, dim, alpha, conv_dim, conv_alpha)
     # all modules: the block numbering is read from the resnets' paths, which are not default targets
-    sgm = unet_module_paths_to_ldm(
-        [p for p, m in unet.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)]
-    )
+    sgm = _sgm_unet_paths(unet)
     missing = [t.path for t in targets if t.path not in sgm]
     if missing:
         raise ValueError(f"UNet module {missing[0]!r} has no SGM name")
@@ -166,3 +163,44 @@ def sdxl_te_targets(text_encoder: nn.Module, index: int, dim: int, alpha: float)
         for i, layer in enumerate(layers)
         for c in TE_CHILDREN
     ]
+
+
+def is_te_module(name: str) -> bool:
+    """True for text-encoder module names: SD1's `lora_te_`, SDXL's `lora_te1_` / `lora_te2_`."""
+    return re.match(rf"{TE_PREFIX}\d*_", name) is not None
+
+
+def _sgm_unet_paths(unet: nn.Module) -> dict[str, str]:
+    """diffusers module path -> SGM path for every Linear/Conv2d of an SDXL UNet that has one."""
+    from ..models.ldm_layout import unet_module_paths_to_ldm
+
+    return unet_module_paths_to_ldm(
+        [p for p, m in unet.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)]
+    )
+
+
+def sdxl_module_map(unet: nn.Module | None, text_encoders=()) -> dict[str, nn.Module]:
+    """kohya name -> Linear/Conv2d for every module an SDXL LoRA may adapt: each of the UNet's under
+    its SGM name (LyCORIS presets reach conv_in, time_embed, label_emb), and TE_CHILDREN of each text
+    encoder under `lora_te1_` / `lora_te2_` (None: leave that encoder out)."""
+    out: dict[str, nn.Module] = {}
+    if unet is not None:
+        for path, sgm in _sgm_unet_paths(unet).items():
+            out[unet_module_name(sgm)] = unet.get_submodule(path)
+    for index, te in enumerate(text_encoders, start=1):
+        if te is None:
+            continue
+        _, layers = te_layers(te)
+        for i, layer in enumerate(layers):
+            for child in TE_CHILDREN:
+                out[sdxl_te_module_name(index, i, child)] = layer.get_submodule(child)
+    return out
+
+
+def sdxl_diffusers_aliases(unet: nn.Module) -> dict[str, str]:
+    """diffusers-path name (`lora_unet_down_blocks_1_attentions_0_proj_in`, as diffusers-side tools
+    write SDXL LoRAs) -> kohya's SGM name (`lora_unet_input_blocks_4_1_proj_in`), for every
+    Linear/Conv2d: what kohya's convert_diffusers_to_sai_if_needed does on loading."""
+    return {
+        unet_module_name(p): unet_module_name(sgm) for p, sgm in _sgm_unet_paths(unet).items() if p != sgm
+    }

@@ -206,6 +206,12 @@ class Trainer:
             ) from None
         self.base, self.family = base, base.spec
         check_family_options(cfg, self.family)
+        log.info("base model: %s (%s)", base.family.label, base.kind.replace("_", " "))
+        if base.family.v_pred and not cfg.model.v_parameterization:
+            log.warning(
+                "the base model is marked v-prediction (its 'v_pred' key) but v_parameterization is off: the "
+                "LoRA will learn the wrong target and draw noise or blank images. Add v_parameterization = true."
+            )
         if cfg.model.vae:
             from ..models.vae import load_vae
 
@@ -310,6 +316,19 @@ class Trainer:
                 self.te_cache = cache_text_encoder_outputs(
                     self.dataset.image_captions(), lambda c: self._encode_captions([c]).rows()[0], key_of
                 )
+        self._offload_unused()
+
+    def _offload_unused(self) -> None:
+        """Models the steps no longer run leave the GPU, as kohya does: the VAE once latents are cached,
+        the frozen text encoders once their outputs are (SDXL's are 1.6 GB in bf16). Samples need them."""
+        if self.sample_prompts or self.device.type == "cpu":
+            return
+        if self.cfg.dataset.cache_latents:
+            self.base.vae.to("cpu")
+        if self.te_cache and not self.train_te:
+            for te in self.text_encoders.values():
+                te.to("cpu")
+        torch.cuda.empty_cache()
 
     def _vae_fingerprint(self) -> str:
         import hashlib

@@ -2,7 +2,7 @@
 
 One module per family (sd1.py, sdxl.py) implements `ModelFamily`; `family_spec(key)` finds it. The
 training loop only calls these methods, so a new family (FLUX.1) is a new module plus one line in
-FAMILIES, never a branch in the loop.
+the family table in `_families`, never a branch in the loop (or in merge / inspect).
 """
 
 from __future__ import annotations
@@ -95,12 +95,39 @@ class ModelFamily:
         """ss_base_model_version: kohya marks v-pred SD1/SD2 there, SDXL only in modelspec."""
         return self.base_model_version
 
+    # --- applying LoRA files (merge) and telling them apart (inspect) ---------------------
+    def module_map(
+        self, unet: torch.nn.Module | None, text_encoders: Sequence[torch.nn.Module | None]
+    ) -> dict[str, torch.nn.Module]:
+        """kohya name -> Linear/Conv2d for every module a LoRA file of this family may adapt (wider
+        than lora_targets: LyCORIS presets reach more). A part given as None is left out."""
+        raise NotImplementedError
+
+    def name_aliases(self, unet: torch.nn.Module) -> dict[str, str]:
+        """Other tools' names for the UNet's modules -> module_map's names (resolved on merging)."""
+        return {}
+
+    def claims_lora(self, names: Sequence[str], metadata: dict[str, str]) -> bool:
+        """Whether a LoRA file with these module names / metadata was made for this family. Asked in
+        `_families()` order, so a family may claim what a more specific one (earlier) did not."""
+        raise NotImplementedError
+
+
+def _families() -> dict[str, ModelFamily]:
+    from . import sd1, sdxl
+
+    # the most specific first: SD1 claims any kohya names that SDXL did not
+    return {sdxl.SDXL.key: sdxl.SDXL, sd1.SD1.key: sd1.SD1}
+
 
 def family_spec(key: str) -> ModelFamily:
     """The family module for a detected Family.key ("sd1", "sdxl")."""
-    from . import sd1, sdxl
-
-    families = {sd1.SD1.key: sd1.SD1, sdxl.SDXL.key: sdxl.SDXL}
+    families = _families()
     if key not in families:
         raise KeyError(f"no lorakit model family {key!r}")
     return families[key]
+
+
+def lora_family(names: Sequence[str], metadata: dict[str, str]) -> ModelFamily | None:
+    """The lorakit family a LoRA file (its module names and metadata) was made for; None if none."""
+    return next((f for f in _families().values() if f.claims_lora(names, metadata)), None)

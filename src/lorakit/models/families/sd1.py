@@ -44,5 +44,20 @@ class SD1Family(ModelFamily):
     def version_string(self, v_parameterization: bool) -> str:
         return "sd_v1_v" if v_parameterization else "sd_v1"
 
+    def module_map(self, unet, text_encoders):
+        from lorakit.network.targets import kohya_module_map
+
+        return kohya_module_map(unet, text_encoders[0] if text_encoders else None)
+
+    def name_aliases(self, unet):
+        from lorakit.network.targets import ldm_unet_aliases
+
+        return ldm_unet_aliases(unet)  # A1111-side tools name SD1 UNet modules by their LDM path
+
+    def claims_lora(self, names, metadata):
+        # kohya's SD1 and SD2 names are alike; only the metadata tells SD2 apart
+        v2 = metadata.get("ss_v2") == "True" or metadata.get("ss_base_model_version", "").startswith("sd_v2")
+        return not v2 and any(n.startswith(("lora_unet_", "lora_te_")) for n in names)
+
 
 SD1 = SD1Family()

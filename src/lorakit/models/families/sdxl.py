@@ -9,6 +9,7 @@ id 0 (`!`), as open_clip and kohya do (sd-scripts library/strategy_sdxl.py).
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -136,7 +137,7 @@ def _load_single_file(path: Path, dtype: torch.dtype, loaded: tuple | None = Non
 # --------------------------------------------------------------------------- diffusers folder
 
 
-def _scheduler_family(path: Path, family: Family) -> Family:
+def scheduler_markers(path: Path, family: Family) -> Family:
     """A diffusers folder marks v-prediction / zero terminal SNR in scheduler/scheduler_config.json."""
     try:
         sched = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
@@ -154,7 +155,7 @@ def _load_diffusers(path: Path, dtype: torch.dtype, loaded=None):
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     index = json.loads((path / "model_index.json").read_text())
-    family = _scheduler_family(path, detect_diffusers_family(index))
+    family = scheduler_markers(path, detect_diffusers_family(index))
     if family.key != "sdxl" or family.inpainting:
         raise ModelError(f"{path}: this is {family.label}, not an SDXL base model. Expected {_EXPECTED}.")
     for part in PARTS:
@@ -262,6 +263,23 @@ class SDXLFamily(ModelFamily):
             if f"te{index}" in parts:
                 out += sdxl_te_targets(te, index, dim, alpha)
         return out
+
+    def module_map(self, unet, text_encoders):
+        from lorakit.network.targets import sdxl_module_map
+
+        return sdxl_module_map(unet, text_encoders)
+
+    def name_aliases(self, unet):
+        from lorakit.network.targets import sdxl_diffusers_aliases
+
+        return sdxl_diffusers_aliases(unet)
+
+    def claims_lora(self, names, metadata):
+        # two text encoders, a label embedding, transformer depth > 1: no SD1/SD2 LoRA has these
+        sdxl_unet = re.compile(r"lora_unet_(label_emb|.*_transformer_blocks_[1-9])")
+        return metadata.get("ss_base_model_version", "").startswith("sdxl_") or any(
+            n.startswith(("lora_te1_", "lora_te2_")) or sdxl_unet.match(n) for n in names
+        )
 
 
 SDXL = SDXLFamily()
