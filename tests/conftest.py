@@ -83,3 +83,51 @@ def trained_lora(tmp_path_factory, tiny_base):
         }
     )
     return train(cfg)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_bases(tmp_path_factory) -> dict[str, Path]:
+    """A tiny random SDXL-shaped base as SGM-layout .safetensors: "eps" plain, and "vpred" the same
+    weights with ComfyUI's v_pred/ztsnr marker keys (as NoobAI v-pred ships)."""
+    from lorakit.models.families.sdxl import save_sgm_checkpoint
+    from lorakit.models.tiny import build_sdxl_models, tiny_sdxl_arch
+
+    folder = tmp_path_factory.mktemp("sdxl")
+    arch = tiny_sdxl_arch()
+    models = build_sdxl_models(arch, seed=0)
+    return {
+        "eps": save_sgm_checkpoint(folder / "tiny-sdxl.safetensors", *models, arch=arch),
+        "vpred": save_sgm_checkpoint(
+            folder / "tiny-sdxl-vpred.safetensors", *models, arch=arch, markers=("v_pred", "ztsnr")
+        ),
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_base(tiny_sdxl_bases) -> Path:
+    return tiny_sdxl_bases["eps"]
+
+
+@pytest.fixture
+def sdxl_config(tiny_sdxl_base, tiny_data, tmp_path):
+    """train_config's twin over the tiny SDXL base (64x64, batch 2, 4 steps); overrides as kwargs."""
+    from lorakit.config import TrainConfig
+
+    def make(**overrides):
+        flat = {
+            "pretrained_model_name_or_path": str(tiny_sdxl_base),
+            "train_data_dir": str(tiny_data[0]),
+            "resolution": "64",
+            "output_dir": str(tmp_path / "out"),
+            "output_name": "xl",
+            "network_dim": 4,
+            "network_alpha": 2,
+            "learning_rate": 1e-3,
+            "max_train_steps": 4,
+            "train_batch_size": 2,
+            "seed": 1,
+        }
+        flat.update(overrides)
+        return TrainConfig.from_dict(flat, source="test")
+
+    return make

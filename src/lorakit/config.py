@@ -77,10 +77,22 @@ class DatasetConfig:
     cache_text_encoder_outputs: bool = opt(
         False, "encode captions once (only when the text encoder is not trained)"
     )
+    cache_text_encoder_outputs_to_disk: bool = opt(
+        False,
+        "cache text-encoder outputs as .npz beside the images, read by later runs (implies "
+        "cache_text_encoder_outputs)",
+    )
     bad_images: Literal["stop", "skip"] = opt(
         "stop",
         "what to do with unreadable images found before training: stop with a list, or skip with a warning",
     )
+
+    @property
+    def te_cache_option(self) -> str:
+        """The text-encoder cache option the user set (the disk one implies the other), for messages."""
+        if self.cache_text_encoder_outputs_to_disk:
+            return "cache_text_encoder_outputs_to_disk"
+        return "cache_text_encoder_outputs"
 
 
 @dataclass
@@ -301,9 +313,11 @@ class TrainConfig:
         if self.model.clip_skip is not None and self.model.clip_skip < 1:
             raise ConfigError("clip_skip must be 1 or more")
         self._validate_learning_rates()
+        if self.dataset.cache_text_encoder_outputs_to_disk:  # as kohya: the disk cache implies the cache
+            self.dataset.cache_text_encoder_outputs = True
         if self.dataset.cache_text_encoder_outputs and self.trains_text_encoder:
             raise ConfigError(
-                "cache_text_encoder_outputs needs a frozen text encoder: add network_train_unet_only "
+                f"{self.dataset.te_cache_option} needs a frozen text encoder: add network_train_unet_only "
                 "(or set text_encoder_lr = 0)"
             )
         if self.dataset.cache_latents_to_disk:

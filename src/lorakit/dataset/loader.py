@@ -109,6 +109,10 @@ class DreamBoothDataset:
         """Unique raw captions in sample order (for caching text-encoder outputs)."""
         return list(dict.fromkeys(s.caption for s in self.plan.samples))
 
+    def image_captions(self) -> list[tuple[Path, str]]:
+        """Unique (image, raw caption) pairs in sample order (for caching text-encoder outputs per image)."""
+        return list(dict.fromkeys((s.image, s.caption) for s in self.plan.samples))
+
     # --- latents ----------------------------------------------------------
     def cache_latents(
         self,

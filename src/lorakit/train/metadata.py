@@ -58,6 +58,7 @@ def training_metadata(
     model_hashes: tuple[str, str],
     world_size: int = 1,
     family=None,
+    vae_hashes: tuple[str, str] | None = None,
 ) -> dict[str, str]:
     """Everything that stays the same through a run; `finish_metadata` adds step/epoch on each save.
     `family`: the base's family module (lorakit.models.families; default SD1.x)."""
@@ -131,6 +132,10 @@ def training_metadata(
         "ss_sd_model_hash": model_hashes[0],
         "ss_new_sd_model_hash": model_hashes[1],
     }
+    if m.vae:  # kohya: a VAE given apart is named and hashed like the base model
+        meta["ss_vae_name"] = Path(m.vae).name
+        if vae_hashes is not None:
+            meta["ss_vae_hash"], meta["ss_new_vae_hash"] = vae_hashes
     if bucket_info is not None:
         meta["ss_bucket_info"] = bucket_info
     if network_args:

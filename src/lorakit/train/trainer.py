@@ -75,12 +75,25 @@ def check_family_options(cfg: TrainConfig, family) -> None:
         )
 
 
+def _family_from_header(model_path: Path):
+    """The base's family module from a .safetensors header or a diffusers folder's JSON, without loading
+    weights; None for a pickle checkpoint or an unreadable file (both are handled when the model loads)."""
+    from ..models.families.base import family_spec
+    from ..models.loader import base_family, model_kind
+
+    try:
+        family = base_family(model_path, model_kind(model_path))
+        return None if family is None else family_spec(family.key)
+    except (ModelError, OSError, ValueError, KeyError):
+        return None
+
+
 def build_trainer(cfg: TrainConfig) -> Trainer:
     """Check the config, the base model path and the dataset (fast), then load the models."""
     cfg.validate()
     if cfg.dataset.cache_text_encoder_outputs and cfg.dataset.shuffle_caption:
         raise ConfigError(
-            "cache_text_encoder_outputs cannot be used with shuffle_caption (captions change per step)"
+            f"{cfg.dataset.te_cache_option} cannot be used with shuffle_caption (captions change per step)"
         )
     model_path = Path(cfg.model.pretrained_model_name_or_path)
     if not model_path.exists():
@@ -88,6 +101,9 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
             f"pretrained_model_name_or_path: {model_path} does not exist. Give an SD1.x .safetensors/.ckpt "
             "file or a diffusers folder."
         )
+    family = _family_from_header(model_path)
+    if family is not None:  # bucket step, sample prompts: refused in seconds, not after the model loads
+        check_family_options(cfg, family)
     if cfg.output.resume:  # the run goes on with its own seed: data order and noise depend on it
         cfg.training.seed = read_position(cfg.output.resume).seed
     seed = _seed(cfg)
@@ -289,9 +305,17 @@ class Trainer:
             )
         self.te_cache: dict[str, Conditioning] = {}
         if d.cache_text_encoder_outputs:
+            from ..dataset.te_cache import cache_text_encoder_outputs, te_cache_key, text_encoders_fingerprint
+
+            key_of = None
+            if d.cache_text_encoder_outputs_to_disk:
+                m = self.cfg.model
+                fingerprint = text_encoders_fingerprint(self.text_encoders.values())
+                key_of = lambda caption: te_cache_key(caption, m.max_token_length, m.clip_skip, fingerprint)  # noqa: E731
             with torch.no_grad():
-                for caption in self.dataset.all_captions():
-                    self.te_cache[caption] = self._encode_captions([caption]).rows()[0]
+                self.te_cache = cache_text_encoder_outputs(
+                    self.dataset.image_captions(), lambda c: self._encode_captions([c]).rows()[0], key_of
+                )
         self._offload_unused()
 
     def _offload_unused(self) -> None:
@@ -629,6 +653,7 @@ class Trainer:
             bucket_info=self.dataset.bucket_info(),
             optimizer_repr=self.optimizer_repr,
             model_hashes=file_hashes(self.cfg.model.pretrained_model_name_or_path),
+            vae_hashes=file_hashes(self.cfg.model.vae) if self.cfg.model.vae else None,
             world_size=self.acc.num_processes,
             family=self.family,
         )
