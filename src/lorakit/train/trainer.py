@@ -298,11 +298,19 @@ class Trainer:
         return self.weight_dtype
 
     def _prepare_caches(self) -> None:
+        """Latents and text-encoder outputs, encoded once. On a GPU only the model that is encoding stays
+        there meanwhile (kohya does the same): SDXL's UNet is 5 GB in bf16, and with it beside the
+        encoders and the VAE's 1024-px activations the setup would need more memory than training."""
         d = self.cfg.dataset
+        self._park(self.base.unet, d.cache_latents or d.cache_text_encoder_outputs)
         if d.cache_latents:
+            self._park(list(self.text_encoders.values()), True)
             self.dataset.cache_latents(
                 self._encode_pixels, self._vae_fingerprint(), d.cache_latents_to_disk, 1
             )
+            self._unpark(list(self.text_encoders.values()))
+            if not self.sample_prompts:
+                self._park(self.base.vae, True)  # for good: the steps use the cached latents
         self.te_cache: dict[str, Conditioning] = {}
         if d.cache_text_encoder_outputs:
             from ..dataset.te_cache import cache_text_encoder_outputs, te_cache_key, text_encoders_fingerprint
@@ -316,19 +324,23 @@ class Trainer:
                 self.te_cache = cache_text_encoder_outputs(
                     self.dataset.image_captions(), lambda c: self._encode_captions([c]).rows()[0], key_of
                 )
-        self._offload_unused()
+        if self.te_cache and not self.train_te and not self.sample_prompts:
+            self._park(list(self.text_encoders.values()), True)  # for good: SDXL's are 1.6 GB in bf16
+        self._unpark([self.base.unet])
 
-    def _offload_unused(self) -> None:
-        """Models the steps no longer run leave the GPU, as kohya does: the VAE once latents are cached,
-        the frozen text encoders once their outputs are (SDXL's are 1.6 GB in bf16). Samples need them."""
-        if self.sample_prompts or self.device.type == "cpu":
+    def _park(self, models, when: bool) -> None:
+        """Move `models` off the GPU (to the CPU, dtype kept); nothing on a CPU run."""
+        if not when or self.device.type != "cuda":
             return
-        if self.cfg.dataset.cache_latents:
-            self.base.vae.to("cpu")
-        if self.te_cache and not self.train_te:
-            for te in self.text_encoders.values():
-                te.to("cpu")
+        for m in models if isinstance(models, list) else [models]:
+            torch.nn.Module.to(m, "cpu")  # parameters keep their identity: the optimizer's stay valid
         torch.cuda.empty_cache()
+
+    def _unpark(self, models: list) -> None:
+        if self.device.type != "cuda":
+            return
+        for m in models:
+            torch.nn.Module.to(m, self.device)
 
     def _vae_fingerprint(self) -> str:
         import hashlib
