@@ -62,7 +62,14 @@ def main() -> None:
         device = gen.unet.device
 
         def run(prompt: str, seed: int) -> float:
-            p = GenerationParams(prompt=prompt, steps=args.steps, width=args.size, height=args.size, seed=seed, sampler=args.sampler)
+            p = GenerationParams(
+                prompt=prompt,
+                steps=args.steps,
+                width=args.size,
+                height=args.size,
+                seed=seed,
+                sampler=args.sampler,
+            )
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t = time.perf_counter()
@@ -83,8 +90,12 @@ def main() -> None:
             with_lora.append(run("a bear <lora:bench:1>", i))  # first of each pair re-merges
         steady = [run("a bear <lora:bench:1>", i) for i in range(args.repeats)]  # LoRA stays merged
 
-    dev = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"device: {dev}; arch {args.arch}, {args.size}x{args.size}, {args.steps} steps, {args.sampler}, LoRA rank {args.rank}")
+    dev = (
+        torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    )
+    print(
+        f"device: {dev}; arch {args.arch}, {args.size}x{args.size}, {args.steps} steps, {args.sampler}, LoRA rank {args.rank}"
+    )
     print(f"  without LoRA:                  median {statistics.median(plain):.3f} s/image")
     print(f"  with LoRA (merge each time):   median {statistics.median(with_lora):.3f} s/image")
     print(f"  with LoRA (already merged):    median {statistics.median(steady):.3f} s/image")

@@ -108,7 +108,10 @@ def test_the_family_seam_builds_kohyas_sdxl_network_on_meta():
     assert len(sd) == 3 * (722 + 264)
     assert sd["lora_te2_text_model_encoder_layers_31_self_attn_q_proj.lora_down.weight"].shape == (32, 1280)
     assert sd["lora_te1_text_model_encoder_layers_11_mlp_fc2.lora_up.weight"].shape == (768, 32)
-    assert sd["lora_unet_input_blocks_7_1_transformer_blocks_1_attn2_to_k.lora_down.weight"].shape == (32, 2048)
+    assert sd["lora_unet_input_blocks_7_1_transformer_blocks_1_attn2_to_k.lora_down.weight"].shape == (
+        32,
+        2048,
+    )
     # parts the run does not train get no modules (text_encoder_lr2 = 0: bigG left out, as kohya's file)
     only_te1 = family.lora_targets(base, 4, 1.0, None, None, {"te1"})
     assert {t.part for t in only_te1} == {"te1"} and len(only_te1) == 72

@@ -42,10 +42,12 @@ class ModelConfig:
         False, "train with v-prediction (for v-models; default from a checkpoint's v_pred marker key)"
     )
     zero_terminal_snr: bool = opt(
-        False, "rescale the noise schedule to zero terminal SNR (default from a checkpoint's ztsnr marker key)"
+        False,
+        "rescale the noise schedule to zero terminal SNR (default from a checkpoint's ztsnr marker key)",
     )
     vae: str | None = opt(
-        None, "a VAE to use instead of the base model's (e.g. SDXL's fp16-fix VAE): .safetensors or diffusers folder"
+        None,
+        "a VAE to use instead of the base model's (e.g. SDXL's fp16-fix VAE): .safetensors or diffusers folder",
     )
     no_half_vae: bool = opt(False, "keep the VAE in float32 under fp16/bf16 mixed precision")
     clip_skip: int | None = opt(None, "use the output of the n-th last text-encoder layer (2 = skip one)")

@@ -47,7 +47,14 @@ def size_numbers(image_size: tuple[int, int], bucket: tuple[int, int], flipped: 
     from ..models.families.sdxl_conditioning import crop_top_left
 
     top, left = crop_top_left(bucket, image_size, flipped)
-    return [float(image_size[1]), float(image_size[0]), float(top), float(left), float(bucket[1]), float(bucket[0])]
+    return [
+        float(image_size[1]),
+        float(image_size[0]),
+        float(top),
+        float(left),
+        float(bucket[1]),
+        float(bucket[0]),
+    ]
 
 
 def stable_seed(*parts: int) -> int:
@@ -182,7 +189,16 @@ class DreamBoothDataset:
         )
         size_ids = torch.tensor([size_numbers(s.size, bucket, f) for s, f in zip(samples, flips)])
         return Batch(
-            pixels, latents, captions, is_reg, weights, [s.image for s in samples], flips, bucket, index, size_ids
+            pixels,
+            latents,
+            captions,
+            is_reg,
+            weights,
+            [s.image for s in samples],
+            flips,
+            bucket,
+            index,
+            size_ids,
         )
 
     def _pick_latents(self, image: Path, flipped: bool) -> torch.Tensor:

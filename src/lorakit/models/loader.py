@@ -27,9 +27,7 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 SD1_FAMILY = Family("sd1", "SD1.x")
 ARCH_METADATA_KEY = "lorakit.arch"
 _PARTS = ("unet", "vae", "text_encoder")
-_EXPECTED = (
-    "an SD1.x or SDXL checkpoint (.safetensors or .ckpt) or a diffusers folder with model_index.json"
-)
+_EXPECTED = "an SD1.x or SDXL checkpoint (.safetensors or .ckpt) or a diffusers folder with model_index.json"
 
 
 @dataclass
@@ -39,9 +37,13 @@ class BaseModel:
     unet: torch.nn.Module = field(repr=False)  # diffusers UNet2DConditionModel
     vae: torch.nn.Module = field(repr=False)  # diffusers AutoencoderKL
     text_encoders: tuple = field(repr=False)  # transformers CLIP models: (CLIP-L,) SD1; (CLIP-L, bigG) SDXL
-    tokenizers: tuple = field(repr=False)  # one per text encoder (load_tokenizer(); SDXL's second pads with 0)
+    tokenizers: tuple = field(
+        repr=False
+    )  # one per text encoder (load_tokenizer(); SDXL's second pads with 0)
     source: Path
-    arch: dict = field(repr=False)  # {"unet": ..., "vae": ..., "text_encoder": ...[, "text_encoder_2"]} configs
+    arch: dict = field(
+        repr=False
+    )  # {"unet": ..., "vae": ..., "text_encoder": ...[, "text_encoder_2"]} configs
     kind: str  # "single_file" | "diffusers"
     family: Family = SD1_FAMILY  # what was detected (v-pred / ztsnr markers included)
 
@@ -292,7 +294,9 @@ def base_family(path: Path, kind: str) -> Family | None:
     if kind == "diffusers":
         index = json.loads((path / "model_index.json").read_text())
         unet_json = path / "unet" / "config.json"
-        family = detect_diffusers_family(index, json.loads(unet_json.read_text()) if unet_json.is_file() else {})
+        family = detect_diffusers_family(
+            index, json.loads(unet_json.read_text()) if unet_json.is_file() else {}
+        )
         if family.key == "sdxl":
             from lorakit.models.families.sdxl import scheduler_markers
 
@@ -325,7 +329,13 @@ def load_base_model(
         unet, vae, te, arch = _load_single_file(path, dtype, loaded)
     unet, vae, te = (move_model(m, device, dtype).eval() for m in (unet, vae, te))
     return BaseModel(
-        unet=unet, vae=vae, text_encoders=(te,), tokenizers=(load_tokenizer(),), source=path, arch=arch, kind=kind
+        unet=unet,
+        vae=vae,
+        text_encoders=(te,),
+        tokenizers=(load_tokenizer(),),
+        source=path,
+        arch=arch,
+        kind=kind,
     )
 
 

@@ -67,7 +67,10 @@ def check_family_options(cfg: TrainConfig, family) -> None:
             f"bucket_reso_steps = {d.bucket_reso_steps}: {family.name} needs a multiple of {family.bucket_step}"
         )
     if family.key != "sd1" and cfg.model.clip_skip is not None:
-        log.warning("clip_skip is not used for %s (kohya ignores it too): both encoders give their penultimate layer", family.name)
+        log.warning(
+            "clip_skip is not used for %s (kohya ignores it too): both encoders give their penultimate layer",
+            family.name,
+        )
     if family.key != "sd1" and cfg.sample.sample_prompts:
         raise ConfigError(
             f"sample_prompts: drawing samples while training a {family.name} LoRA is not supported yet; remove "
@@ -220,14 +223,18 @@ class Trainer:
         self.text_encoders = self.family.text_encoders(base)  # part -> module
         self.train_unet = cfg.trains_unet
         te_lrs = part_learning_rates(t, self.family)
-        self.train_te_parts = {p for p in self.text_encoders if te_lrs[p] > 0} if cfg.trains_text_encoder else set()
+        self.train_te_parts = (
+            {p for p in self.text_encoders if te_lrs[p] > 0} if cfg.trains_text_encoder else set()
+        )
         self.train_te = bool(self.train_te_parts)
         for m in (base.unet, base.vae, *self.text_encoders.values()):
             m.requires_grad_(False)
             m.eval()
         n = cfg.network
         parts = self.train_te_parts | ({"unet"} if self.train_unet else set())
-        targets = self.family.lora_targets(base, n.network_dim, n.network_alpha, n.conv_dim, n.conv_alpha, parts)
+        targets = self.family.lora_targets(
+            base, n.network_dim, n.network_alpha, n.conv_dim, n.conv_alpha, parts
+        )
         self.network = LoRANetwork.from_targets({"unet": base.unet, **self.text_encoders}, targets)
         te_count, unet_count = self.network.counts
         log.info("create LoRA for Text Encoder: %d modules. U-Net: %d modules.", te_count, unet_count)

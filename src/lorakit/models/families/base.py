@@ -74,7 +74,12 @@ class ModelFamily:
         raise NotImplementedError
 
     def predict(
-        self, base: BaseModel, noisy: torch.Tensor, t: torch.Tensor, cond: Conditioning, size_ids: torch.Tensor
+        self,
+        base: BaseModel,
+        noisy: torch.Tensor,
+        t: torch.Tensor,
+        cond: Conditioning,
+        size_ids: torch.Tensor,
     ) -> torch.Tensor:
         """The denoiser's output. size_ids [B, 6]: (original h, w, crop top, left, target h, w) per image."""
         raise NotImplementedError
