@@ -31,18 +31,17 @@ def tiny_data(tmp_path) -> tuple[Path, Path]:
     return make_dataset(tmp_path / "data", n_train=4, n_reg=4, repeats=2)
 
 
-@pytest.fixture
-def train_config(tiny_base, tiny_data, tmp_path):
-    """A factory for a small, fast TrainConfig over the tiny model and data; overrides as kwargs."""
+def config_factory(base: Path, train_dir: Path, out: Path, name: str):
+    """make(**overrides) -> a small, fast TrainConfig (64x64, batch 2, 4 steps) over `base`."""
     from lorakit.config import TrainConfig
 
     def make(**overrides):
         flat = {
-            "pretrained_model_name_or_path": str(tiny_base),
-            "train_data_dir": str(tiny_data[0]),
+            "pretrained_model_name_or_path": str(base),
+            "train_data_dir": str(train_dir),
             "resolution": "64",
-            "output_dir": str(tmp_path / "out"),
-            "output_name": "tiny",
+            "output_dir": str(out),
+            "output_name": name,
             "network_dim": 4,
             "network_alpha": 2,
             "learning_rate": 1e-3,
@@ -54,6 +53,12 @@ def train_config(tiny_base, tiny_data, tmp_path):
         return TrainConfig.from_dict(flat, source="test")
 
     return make
+
+
+@pytest.fixture
+def train_config(tiny_base, tiny_data, tmp_path):
+    """A factory for a small, fast TrainConfig over the tiny model and data; overrides as kwargs."""
+    return config_factory(tiny_base, tiny_data[0], tmp_path / "out", "tiny")
 
 
 @pytest.fixture(scope="session")
@@ -111,23 +116,4 @@ def tiny_sdxl_base(tiny_sdxl_bases) -> Path:
 @pytest.fixture
 def sdxl_config(tiny_sdxl_base, tiny_data, tmp_path):
     """train_config's twin over the tiny SDXL base (64x64, batch 2, 4 steps); overrides as kwargs."""
-    from lorakit.config import TrainConfig
-
-    def make(**overrides):
-        flat = {
-            "pretrained_model_name_or_path": str(tiny_sdxl_base),
-            "train_data_dir": str(tiny_data[0]),
-            "resolution": "64",
-            "output_dir": str(tmp_path / "out"),
-            "output_name": "xl",
-            "network_dim": 4,
-            "network_alpha": 2,
-            "learning_rate": 1e-3,
-            "max_train_steps": 4,
-            "train_batch_size": 2,
-            "seed": 1,
-        }
-        flat.update(overrides)
-        return TrainConfig.from_dict(flat, source="test")
-
-    return make
+    return config_factory(tiny_sdxl_base, tiny_data[0], tmp_path / "out", "xl")
