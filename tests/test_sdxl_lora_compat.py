@@ -355,3 +355,23 @@ def test_sdxl_module_map_names_every_unet_module_and_both_encoders(sdxl_ckpt):
     te_modules = [n for n in merger.modules if n.startswith(("lora_te1_", "lora_te2_"))]
     assert len(te_modules) == 2 * 2 * 6  # two encoders of 2 layers, kohya's 6 modules each
     assert len(merger.modules) == len(unet_layers) + len(te_modules)
+
+
+def test_lora_lists_know_each_files_family_and_filter_by_the_base(
+    sdxl_ckpt, sdxl_lora, trained_lora, tmp_path
+):
+    """The Generate tab's cards, as A1111's: only LoRAs for the base model's family, unless asked."""
+    import shutil
+
+    from lorakit.generate.loras import for_family, list_loras
+    from lorakit.gui.generate_tab import family_of_model, lora_cards
+
+    shutil.copy(sdxl_lora, tmp_path / "xl-char.safetensors")
+    shutil.copy(trained_lora, tmp_path / "sd1-char.safetensors")
+    (tmp_path / "old.pt").write_bytes(b"not a safetensors file")  # family unknown: always listed
+    families = {lf.name: lf.family for lf in list_loras(tmp_path)}
+    assert families == {"xl-char": "sdxl", "sd1-char": "sd1", "old": None}
+    assert family_of_model(str(sdxl_ckpt)) == "sdxl"
+    assert [lf.name for lf in for_family(list_loras(tmp_path), "sdxl")] == ["old", "xl-char"]
+    assert lora_cards(tmp_path, "sd1")[1] == ["old", "sd1-char"]
+    assert lora_cards(tmp_path, None)[1] == ["old", "sd1-char", "xl-char"]

@@ -17,17 +17,22 @@ class LoraFile:
     name: str  # file stem: what <lora:NAME> uses
     path: Path
     alias: str | None  # ss_output_name from the metadata
+    family: str | None = None  # "sd1", "sdxl" (lorakit.models.families), None when unknown
 
 
-def _output_name(path: Path) -> str | None:
+def _header_facts(path: Path) -> tuple[str | None, str | None]:
+    """(ss_output_name, family key) from a .safetensors header; no tensor is read."""
     if path.suffix != ".safetensors":
-        return None
+        return None, None
     from ..models.checkpoint import safetensors_header
+    from ..models.families.base import lora_family
 
     try:
-        return safetensors_header(path).metadata.get("ss_output_name")
+        header = safetensors_header(path)
     except ModelError:  # unreadable: listed by its file name only
-        return None
+        return None, None
+    family = lora_family(header.keys, header.metadata)
+    return header.metadata.get("ss_output_name"), family.key if family else None
 
 
 def list_loras(lora_dir: str | Path) -> list[LoraFile]:
@@ -40,7 +45,15 @@ def list_loras(lora_dir: str | Path) -> list[LoraFile]:
         for p in root.rglob("*")
         if p.suffix.lower() in LORA_SUFFIXES and p.is_file() and not (p.parent / "train_state.json").exists()
     )  # a training state folder (<name>-state/network.safetensors) is not a LoRA to draw with
-    return [LoraFile(p.stem, p, _output_name(p)) for p in files]
+    return [LoraFile(p.stem, p, *_header_facts(p)) for p in files]
+
+
+def for_family(loras: list[LoraFile], family: str | None) -> list[LoraFile]:
+    """The LoRAs made for base-model family `family` (A1111 hides the others the same way, by
+    ss_base_model_version); those whose family is unknown always stay. family None: all."""
+    if family is None:
+        return loras
+    return [lf for lf in loras if lf.family in (None, family)]
 
 
 def resolve(name: str, loras: list[LoraFile], lora_dir: str | Path) -> LoraFile:

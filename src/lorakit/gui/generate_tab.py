@@ -7,7 +7,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from ..generate.loras import list_loras
+from ..generate.loras import for_family, list_loras
 from ..generate.params import MAX_SIDE, GenerationParams
 from ..generate.samplers import all_names
 from .common import Settings, is_state_file, model_defaults_of, placeholder, size_note, thumbnail, user_errors
@@ -40,9 +40,16 @@ def preview_of(path: Path):
     return placeholder(path.stem)
 
 
-def lora_cards(lora_dir: Path) -> tuple[list, list[str]]:
-    loras = [lf for lf in list_loras(lora_dir) if not is_state_file(lf.path)]
+def lora_cards(lora_dir: Path, family: str | None = None) -> tuple[list, list[str]]:
+    """Cards of the LoRAs for base-model family `family` (None: every LoRA)."""
+    loras = for_family([lf for lf in list_loras(lora_dir) if not is_state_file(lf.path)], family)
     return [(preview_of(lf.path), lf.name) for lf in loras], [lf.name for lf in loras]
+
+
+def family_of_model(model: str | None) -> str | None:
+    """The family key of a base model ("sd1", "sdxl"), None when it cannot be read."""
+    d = model_defaults_of(model) if model else None
+    return d.family.key if d is not None and d.family is not None else None
 
 
 def add_lora_tag(prompt: str, name: str) -> str:
@@ -81,6 +88,13 @@ def build(settings: Settings) -> dict:
                 batch_size = gr.Number(value=1, precision=0, minimum=1, label="Batch size")
             with gr.Row():
                 gr.Markdown(f"**LoRAs** in `{settings.lora_dir}` — click a card to add it to the prompt")
+                show_all = gr.Checkbox(
+                    False,
+                    label="Show LoRAs of other model families",
+                    info="by default only those made for the base model's family (SD1.x / SDXL), as A1111",
+                    scale=0,
+                    elem_id="gen-lora-all",
+                )
                 refresh = gr.Button("Refresh", size="sm", scale=0, elem_id="gen-lora-refresh")
             cards = gr.Gallery(
                 columns=6,
@@ -97,11 +111,13 @@ def build(settings: Settings) -> dict:
     names = gr.State([])
     infos = gr.State([])
 
-    def do_refresh():
-        items, card_names = lora_cards(settings.lora_dir)
+    def do_refresh(model_path=None, every=False):
+        family = None if every else family_of_model(settings.known_model(model_path or settings.model))
+        items, card_names = lora_cards(settings.lora_dir, family)
         return items, card_names
 
-    refresh.click(do_refresh, None, [cards, names])
+    refresh.click(do_refresh, [model, show_all], [cards, names])
+    show_all.change(do_refresh, [model, show_all], [cards, names])
 
     def pick(prompt_text, card_names, evt: gr.SelectData):
         return add_lora_tag(prompt_text, card_names[evt.index])
@@ -123,6 +139,7 @@ def build(settings: Settings) -> dict:
 
     for event in (model.blur, model.submit):  # left or Enter: typed, pasted or dropped alike
         event(pick_model, [model, applied], [width, height, size_md, applied], show_progress="hidden")
+        event(do_refresh, [model, show_all], [cards, names], show_progress="hidden")
     for slider in (width, height):
         slider.change(size_changed, [model, width, height], [size_md], show_progress="hidden")
 
@@ -160,4 +177,4 @@ def build(settings: Settings) -> dict:
 
     images.select(show_info, [infos], [info])
 
-    return {"refresh": (do_refresh, None, [cards, names]), "prompt": prompt}
+    return {"refresh": (do_refresh, [model, show_all], [cards, names]), "prompt": prompt}
