@@ -68,7 +68,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from ..demo.workflow import run_demo
 
-    run_demo(args.workdir, steps=args.steps)
+    run_demo(args.workdir, steps=args.steps, sdxl=args.sdxl)
     return 0
 
 
@@ -91,4 +91,5 @@ def add_parsers(sub) -> None:
     )
     q.add_argument("--workdir", default="lorakit-quickstart", help="folder for the dataset, LoRA and grid")
     q.add_argument("--steps", type=int, default=None, help="training steps (default 200)")
-    q.set_defaults(func=cmd_quickstart, known=lambda: ["workdir", "steps"])
+    q.add_argument("--sdxl", action="store_true", help="the same story on the SDXL-family demo model")
+    q.set_defaults(func=cmd_quickstart, known=lambda: ["workdir", "steps", "sdxl"])

@@ -37,10 +37,19 @@ TRAIN = {
 GRID_ROWS = ("usu bear", "usu bear <lora:{name}:1>", "bear", "bear <lora:{name}:1>")
 
 
-def demo_generator(lora_dir: str | Path = "models/Lora"):
+def demo_model(sdxl: bool = False) -> Path:
+    """The shipped demo base: SD1.x-family, or the SDXL-family one (same world, same metric)."""
+    if not sdxl:
+        return DEMO_MODEL
+    from . import DEMO_SDXL_MODEL
+
+    return DEMO_SDXL_MODEL
+
+
+def demo_generator(lora_dir: str | Path = "models/Lora", model: Path = DEMO_MODEL):
     from ..generate.pipeline import Generator
 
-    return Generator.from_path(DEMO_MODEL, lora_dir, device="cpu")
+    return Generator.from_path(model, lora_dir, device="cpu")
 
 
 def draw(gen, prompt: str, first_seed: int, n: int, **overrides) -> list:
@@ -65,7 +74,9 @@ def pixel_distance(a: list, b: list) -> float:
     )
 
 
-def train_demo_lora(workdir: Path, with_reg: bool = True, n_reg: int = 32, gen=None, **overrides) -> Path:
+def train_demo_lora(
+    workdir: Path, with_reg: bool = True, n_reg: int = 32, gen=None, model: Path = DEMO_MODEL, **overrides
+) -> Path:
     """Instance dataset (+ base-drawn reg bears) -> LoRA file, with the measured settings."""
     from ..config import TrainConfig
     from ..generate.params import GenerationParams
@@ -74,10 +85,10 @@ def train_demo_lora(workdir: Path, with_reg: bool = True, n_reg: int = 32, gen=N
     from .world import make_instance_dataset
 
     train_dir = make_instance_dataset(workdir / "data", n=16, repeats=10)
-    flat = {**TRAIN, "pretrained_model_name_or_path": str(DEMO_MODEL), "train_data_dir": str(train_dir)}
+    flat = {**TRAIN, "pretrained_model_name_or_path": str(model), "train_data_dir": str(train_dir)}
     flat["output_dir"] = str(workdir / "output")
     if with_reg:
-        gen = gen or demo_generator()
+        gen = gen or demo_generator(model=model)
         params = GenerationParams(seed=0, **DRAW)
         make_reg_images(gen, "bear", n_reg, workdir / "data" / "reg", params, show_progress=True)
         flat["reg_data_dir"] = str(workdir / "data" / "reg")
@@ -132,14 +143,16 @@ def lorakit_command() -> str:
         return str(script)
 
 
-def run_demo(workdir: str | Path, steps: int | None = None) -> GridResult:
+def run_demo(workdir: str | Path, steps: int | None = None, sdxl: bool = False) -> GridResult:
     workdir = Path(workdir)
     t0 = time.time()
-    gen = demo_generator(workdir / "output")
+    model = demo_model(sdxl)
+    print(f"base model: {model.name} (lorakit's {'SDXL' if sdxl else 'SD1.x'}-family demo model)")
+    gen = demo_generator(workdir / "output", model)
     overrides = {"max_train_steps": steps} if steps else {}
     print(f"1/4 instance images -> {workdir / 'data' / 'train'}")
     print(f"2/4 regularization images: the base model draws 'bear' -> {workdir / 'data' / 'reg' / '1_bear'}")
-    lora = train_demo_lora(workdir, with_reg=True, gen=gen, **overrides)
+    lora = train_demo_lora(workdir, with_reg=True, gen=gen, model=model, **overrides)
     print(f"3/4 LoRA -> {lora}")
     result = write_grid(gen, lora.stem, workdir / "grid.png")
     print(f"4/4 before/after grid -> {result.path}")
@@ -148,7 +161,7 @@ def run_demo(workdir: str | Path, steps: int | None = None) -> GridResult:
         print(f"  {row:<28} {score:.2f}")
     print(f"\nDone in {time.time() - t0:.0f} s. Draw more with:")
     print(
-        f"  {lorakit_command()} generate --model {DEMO_MODEL} --lora_dir {workdir / 'output'} --width 64 "
+        f"  {lorakit_command()} generate --model {model} --lora_dir {workdir / 'output'} --width 64 "
         f'--height 64 --sampler DDIM --cfg_scale 6 --prompt "usu bear, on grass <lora:{lora.stem}:1>"'
     )
     return result
