@@ -106,11 +106,10 @@ class Generator:
 
     # --- LoRAs ------------------------------------------------------------------------
     def _load_lora(self, name: str) -> _Lora:
-        from ..network.file import addnet_hash, read_lora_file
-        from .loras import list_loras, resolve
-
         from ..models.families.base import lora_family
         from ..network.delta import lora_module_names
+        from ..network.file import addnet_hash, read_lora_file
+        from .loras import list_loras, resolve
 
         found = resolve(name, list_loras(self.lora_dir), self.lora_dir)
         key = (str(found.path), found.path.stat().st_mtime_ns)
