@@ -124,6 +124,7 @@ class Generator:
         if lora.family is None or lora.family.key == self.family.key:
             return
         model = self.model_path.name if self.model_path is not None else "the base model"
+        self.restore_base()  # as a merge that fails: the base as loaded, no LoRA left merged
         raise ModelError(
             f"LoRA {lora.name!r} ({lora.path.name}) is an {lora.family.name} LoRA but {model} is an "
             f"{self.family.name} model: it was made for another architecture and was not applied (no "
