@@ -487,8 +487,6 @@ def test_train_refuses_a_flux_base_before_any_run_starts(site):
 
     err = train("flux1-dev.safetensors").get("error") or ""
     assert "FLUX.1 dev: not supported yet" in err and "SD1.x and SDXL" in err, err
-    err = train("sdxl.safetensors", "usu bear --s 20").get("error") or ""
-    assert "samples while training an SDXL LoRA is not supported yet" in err, err
     assert (set(runs.iterdir()) if runs.exists() else set()) == before  # no run started
 
 
@@ -639,7 +637,7 @@ def test_picking_an_sdxl_base_switches_the_defaults_the_user_left_and_says_why(b
     switch = switch_defaults(before, auto_defaults(sdxl, "fp16"), dict(before))
     assert switch.updates == {"resolution": "1024,1024", "max_bucket_reso": 2048, "no_half_vae": True}
     assert switch.kept == {}
-    assert "Family: **SDXL base**" in family_line(sdxl) and "Sample prompts empty" in family_line(sdxl)
+    assert family_line(sdxl) == "Family: **SDXL base**."  # sample prompts are drawn on SDXL too
     note = changes_note(switch, sdxl)
     assert "resolution **1024,1024** (the SDXL default)" in note
     assert "max_bucket_reso **2048**" in note and "no_half_vae **on**" in note and "fp16" in note
@@ -697,9 +695,8 @@ def test_a_family_lorakit_refuses_is_named_before_training_starts(bases):
     assert refusal(sdxl.family) is None and refusal(_defaults(bases["sd1"]).family) is None
     with pytest.raises(ConfigError, match="flux1-dev.safetensors: FLUX.1 dev: not supported"):
         check_trainable(str(bases["flux"]), flux, "")
-    with pytest.raises(ConfigError, match="samples while training an SDXL LoRA"):
-        check_trainable(str(bases["sdxl"]), sdxl, "usu bear --s 20")
-    check_trainable(str(bases["sdxl"]), sdxl, "  \n")  # no prompts: fine
+    check_trainable(str(bases["sdxl"]), sdxl, "usu bear --s 20")  # samples are drawn on SDXL too
+    check_trainable(str(bases["sdxl"]), sdxl, "  \n")
     check_trainable("missing.safetensors", None, "a prompt")  # unread: the trainer says what is wrong
 
 

@@ -316,7 +316,7 @@ def test_gradient_checkpointing_with_both_encoders_trained_gives_the_same_step(s
     assert tensors(tr.run())  # and the run itself goes through
 
 
-# --- 8. Adafactor, bucket steps, sample prompts -----------------------------------------------------
+# --- 8. Adafactor, bucket steps --------------------------------------------------------------------
 def test_adafactor_trains_on_sdxl(sdxl_config):
     tr = build_trainer(sdxl_config(optimizer_type="Adafactor", max_train_steps=2))
     before = [p.detach().clone() for p in tr.network.parameters()]
@@ -345,14 +345,6 @@ def test_bucket_reso_steps_32_is_for_sdxl_only(sdxl_config, train_config, monkey
     model_load_forbidden(monkeypatch)  # refused from the file's header, before the model loads
     with pytest.raises(ConfigError, match=r"bucket_reso_steps = 32.*SD1.x needs a multiple of 64"):
         build_trainer(train_config(**buckets))
-
-
-def test_sample_prompts_on_sdxl_are_refused(sdxl_config, tmp_path, monkeypatch):
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("usu bear --w 64 --h 64 --s 2\n")
-    model_load_forbidden(monkeypatch)
-    with pytest.raises(ConfigError, match=r"sample_prompts.*SDXL.*not supported"):
-        build_trainer(sdxl_config(sample_prompts=str(prompts), sample_every_n_steps=2))
 
 
 # --- 10. the fp16 VAE guard ---------------------------------------------------------------------------

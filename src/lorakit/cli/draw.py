@@ -16,14 +16,15 @@ GENERATION_HELP = {
     "negative_prompt": "negative prompt",
     "steps": "sampling steps",
     "cfg_scale": "classifier-free guidance scale",
-    "width": "image width (multiple of 8; default: the base model's native size, 512 for SD1.x)",
-    "height": "image height (multiple of 8; default: the base model's native size, 512 for SD1.x)",
+    "width": "image width (multiple of 8; default: the base model's native size: 512 SD1.x, 1024 SDXL)",
+    "height": "image height (multiple of 8; default: the base model's native size: 512 SD1.x, 1024 SDXL)",
     "seed": "seed; -1 = random (printed and stored in the PNG)",
     "batch_count": "how many batches to draw",
     "batch_size": "images per batch",
     "sampler": "A1111 sampler name: 'Euler a', 'DPM++ 2M Karras', 'DDIM', 'UniPC' ...",
     "schedule_type": "schedule type (A1111 >= 1.9): Automatic, Karras, Uniform",
-    "clip_skip": "CLIP skip (1 = last layer, 2 = skip one, as A1111)",
+    "clip_skip": "CLIP skip (1 = last layer, 2 = skip one, as A1111; SDXL keeps its penultimate layers)",
+    "cfg_rescale": "CFG rescale phi, 0 to 1 (reForge/Forge's 'Rescale CFG'; ~0.7 for v-prediction bases)",
 }
 
 
@@ -41,7 +42,9 @@ def add_generation_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ())
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="base model: SD1.x .safetensors/.ckpt or diffusers folder")
+    p.add_argument(
+        "--model", required=True, help="base model: SD1.x or SDXL .safetensors/.ckpt, or a diffusers folder"
+    )
     p.add_argument(
         "--lora_dir", default="models/Lora", help="folder searched (recursively) for <lora:NAME> files"
     )

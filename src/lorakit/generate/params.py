@@ -35,6 +35,7 @@ class GenerationParams:
     sampler: str = "DPM++ 2M"
     schedule_type: str | None = None  # "Karras"; or fold it into the name ("DPM++ 2M Karras")
     clip_skip: int = 1
+    cfg_rescale: float = 0.0  # reForge/Forge's "Rescale CFG" phi, 0 to 1 (0.7 for v-prediction bases)
 
     def check(self, images: str = "images") -> None:
         """ConfigError (a ParamError naming the field where one field is wrong) for a request that
@@ -54,6 +55,10 @@ class GenerationParams:
             raise ConfigError("steps, batch_count and batch_size must be at least 1")
         if self.clip_skip < 1:
             raise ConfigError("clip_skip must be 1 or more")
+        if not (math.isfinite(self.cfg_rescale) and 0 <= self.cfg_rescale <= 1):
+            raise ParamError(
+                "cfg_rescale", self.cfg_rescale, "CFG rescale is 0 (off) to 1; 0.7 is usual for v-prediction"
+            )
         if not math.isfinite(self.cfg_scale) or self.cfg_scale < 0:
             raise ParamError(
                 "cfg_scale", self.cfg_scale, "the CFG scale must be a number of 0 or more (7 is usual)"

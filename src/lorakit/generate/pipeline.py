@@ -1,7 +1,10 @@
 """txt2img as A1111 users know it: prompt syntax, LoRAs by name, sampler names, seeds, PNG info.
 
-The denoising loop is diffusers' StableDiffusionPipeline fed with A1111-weighted embeddings;
-LoRAs are merged into the weights (and restored afterwards), so they cost nothing per step.
+Any model family (SD1.x, SDXL): the prompt is encoded by the family as A1111 does (ModelFamily.
+encode_prompts), the model is called through ModelFamily.predict (family_draw.py). SD1.x without CFG
+rescale or zero terminal SNR keeps its original route: k-diffusion over the UNet, or diffusers'
+StableDiffusionPipeline fed with A1111-weighted embeddings. LoRAs are merged into the weights (and
+restored afterwards), so they cost nothing per step.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..errors import GenerationError
+from ..errors import GenerationError, ModelError
 from .params import GenerationParams
 
 
@@ -31,11 +34,15 @@ class _Lora:
     path: Path
     tensors: dict
     short_hash: str
+    family: object = None  # the lorakit ModelFamily the file was made for; None: not told
 
 
 @dataclass
 class Generator:
-    """Holds a base model (and its LoRA merger) between requests."""
+    """Holds a base model (and its LoRA merger) between requests.
+
+    Generator(unet, vae, text_encoder, tokenizer, ...) is an SD1.x model; any family (SDXL) comes from
+    a loaded BaseModel: Generator.from_base(base) or Generator.from_path(file)."""
 
     unet: torch.nn.Module
     vae: torch.nn.Module
@@ -44,36 +51,85 @@ class Generator:
     model_path: Path | None = None
     lora_dir: Path = Path("models/Lora")
     prediction_type: str = "epsilon"
+    base: object = field(default=None, repr=False)  # BaseModel; None: an SD1.x one of the parts above
+    zero_terminal_snr: bool = False  # draw with A1111's zero-terminal-SNR alphas_cumprod
     _merger: object = field(default=None, repr=False)
     _lora_cache: dict = field(default_factory=dict, repr=False)
     _model_hash: str | None = field(default=None, repr=False)
 
+    def __post_init__(self):
+        if self.base is None:
+            from ..models.loader import BaseModel
+
+            self.base = BaseModel(
+                self.unet, self.vae, (self.text_encoder,), (self.tokenizer,),
+                source=self.model_path or Path(), arch={}, kind="in_memory",
+            )  # fmt: skip
+
+    @classmethod
+    def from_base(
+        cls,
+        base,
+        model_path: str | Path | None = None,
+        lora_dir: str | Path = "models/Lora",
+        prediction_type: str | None = None,
+        zero_terminal_snr: bool | None = None,
+    ) -> Generator:
+        """A generator over a loaded BaseModel of any family; v-prediction and zero terminal SNR follow
+        the base's markers (Family.v_pred / zero_terminal_snr) unless given."""
+        family = base.family
+        if prediction_type is None:
+            prediction_type = "v_prediction" if family.v_pred else "epsilon"
+        if zero_terminal_snr is None:
+            zero_terminal_snr = family.zero_terminal_snr
+        return cls(
+            base.unet, base.vae, base.text_encoder, base.tokenizer,
+            model_path=Path(model_path) if model_path is not None else None, lora_dir=Path(lora_dir),
+            prediction_type=prediction_type, base=base, zero_terminal_snr=zero_terminal_snr,
+        )  # fmt: skip
+
     @classmethod
     def from_path(cls, model_path: str | Path, lora_dir: str | Path = "models/Lora", device=None, dtype=None):
+        """Load an SD1.x or SDXL base (any file or folder load_base_model reads) to draw with."""
         from ..models.loader import load_base_model
 
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
         base = load_base_model(model_path, dtype=dtype, device=device)
-        if base.family.key != "sd1":  # the SD1 pipeline would draw noise with an SDXL UNet
-            raise GenerationError(
-                f"{model_path}: this is an {base.family.label} model; lorakit draws with SD1.x bases for now "
-                "(SDXL LoRAs it trains load in A1111, Forge and ComfyUI)"
-            )
-        base.vae.float()  # SD's VAE overflows in fp16; fp32 costs ~160 MB
-        return cls(base.unet, base.vae, base.text_encoder, base.tokenizer, Path(model_path), Path(lora_dir))
+        base.vae.float()  # SD's and SDXL's VAEs overflow in fp16 (NaN images); fp32 costs ~160 MB
+        return cls.from_base(base, model_path, lora_dir)
+
+    @property
+    def family(self):
+        """The base's family module (lorakit.models.families): SD1 or SDXL."""
+        return self.base.spec
 
     # --- LoRAs ------------------------------------------------------------------------
     def _load_lora(self, name: str) -> _Lora:
+        from ..models.families.base import lora_family
+        from ..network.delta import lora_module_names
         from ..network.file import addnet_hash, read_lora_file
         from .loras import list_loras, resolve
 
         found = resolve(name, list_loras(self.lora_dir), self.lora_dir)
         key = (str(found.path), found.path.stat().st_mtime_ns)
         if key not in self._lora_cache:
-            tensors, _ = read_lora_file(found.path)
-            self._lora_cache[key] = _Lora(name, found.path, tensors, addnet_hash(found.path)[:12])
+            tensors, metadata = read_lora_file(found.path)
+            family = lora_family(lora_module_names(tensors), metadata)
+            self._lora_cache[key] = _Lora(name, found.path, tensors, addnet_hash(found.path)[:12], family)
         return self._lora_cache[key]
+
+    def _check_family(self, lora: _Lora) -> None:
+        """An SD1.x LoRA on an SDXL base (or the reverse) is refused by name, before any weight moves."""
+        if lora.family is None or lora.family.key == self.family.key:
+            return
+        model = self.model_path.name if self.model_path is not None else "the base model"
+        self.restore_base()  # as a merge that fails: the base as loaded, no LoRA left merged
+        raise ModelError(
+            f"LoRA {lora.name!r} ({lora.path.name}) is an {lora.family.name} LoRA but {model} is an "
+            f"{self.family.name} model: it was made for another architecture and was not applied (no "
+            f"LoRA was). Use it with an {lora.family.name} base, or a LoRA trained on {self.family.name}."
+        )
 
     def apply_loras(self, prompt: str) -> tuple[str, list[_Lora]]:
         """Merge the prompt's <lora:...> tags (and only those); returns the prompt without them."""
@@ -82,8 +138,10 @@ class Generator:
 
         text, refs = extract_loras(prompt)
         loaded = [(ref, self._load_lora(ref.name)) for ref in refs]
+        for _, lr in loaded:
+            self._check_family(lr)
         if self._merger is None:
-            self._merger = LoraMerger(self.unet, self.text_encoder)
+            self._merger = LoraMerger.for_base(self.base)  # te= reaches every text encoder (SDXL: both)
         self._merger.apply(
             [
                 (f"{lr.name}@{lr.path}", lr.tensors, ref.te_multiplier, ref.unet_multiplier)
@@ -124,6 +182,10 @@ class Generator:
         hashes = [f"{lr.name}: {lr.short_hash}" for lr in loras if lr.short_hash]
         if hashes:
             params["Lora hashes"] = ", ".join(hashes)
+        if p.cfg_rescale:
+            params["Rescale CFG"] = _num(p.cfg_rescale)  # Forge's key (reForge: rescale_cfg_multiplier)
+        if self.zero_terminal_snr:
+            params["Noise Schedule"] = "Zero Terminal SNR"  # A1111's apply_alpha_schedule_override
         params["Version"] = f"lorakit {__version__}"
         return format_parameters(p.prompt, p.negative_prompt, params)
 
@@ -131,14 +193,14 @@ class Generator:
     def generate(self, p: GenerationParams, on_image=None, on_step=None) -> list[GeneratedImage]:
         """Draw batch_count x batch_size images; image i of the run uses seed + i (as A1111).
         on_step(batch, step, steps) after each sampling step of batch `batch` (0-based)."""
-        from .prompt import encode_pair, extract_loras
+        from .prompt import extract_loras
 
         p.check()
         seed = p.seed if p.seed != -1 else random.randint(0, 2**32 - 1)
         text, loras = self.apply_loras(p.prompt)
         neg_text, _ = extract_loras(p.negative_prompt)  # LoRA tags there are ignored, as in A1111
         clip_skip = p.clip_skip if p.clip_skip > 1 else None
-        cond, uncond = encode_pair(self.tokenizer, self.text_encoder, text, neg_text, clip_skip)
+        cond, uncond = self.family.encode_prompts(self.base, text, neg_text, clip_skip)
         out: list[GeneratedImage] = []
         for b in range(p.batch_count):
             seeds = [seed + b * p.batch_size + i for i in range(p.batch_size)]
@@ -151,10 +213,47 @@ class Generator:
                     on_image(item)
         return out
 
-    def draw(
+    def alphas_cumprod(self) -> torch.Tensor:
+        """The noise schedule drawing uses: SD's own, or A1111's zero-terminal-SNR one."""
+        from ..models.schedule import draw_alphas_cumprod
+
+        return draw_alphas_cumprod(self.zero_terminal_snr)
+
+    def draw(self, cond, uncond, seeds: list[int], p: GenerationParams, on_step=None) -> list:
+        """The denoising loop and the VAE decode, for one batch of seeds; on_step(done, total).
+        cond/uncond: Conditioning (ModelFamily.encode_prompts), or SD1.x context tensors."""
+        from ..models.families.base import Conditioning
+
+        cond = cond if isinstance(cond, Conditioning) else Conditioning(cond)
+        uncond = uncond if isinstance(uncond, Conditioning) else Conditioning(uncond)
+        if self.family.key == "sd1" and not p.cfg_rescale and not self.zero_terminal_snr:
+            return self._draw_sd1(cond.context, uncond.context, seeds, p, on_step)
+        return self._draw_family(cond, uncond, seeds, p, on_step)
+
+    def _draw_family(self, cond, uncond, seeds: list[int], p: GenerationParams, on_step=None) -> list:
+        """Any family, through ModelFamily.predict (family_draw.py)."""
+        from .family_draw import FamilyPredictor, scheduler_sample
+        from .samplers import is_k_sampler, k_sample
+        from .sdxl_prompt import sdxl_size_ids
+
+        shape = (self.unet.config.in_channels, p.height // 8, p.width // 8)
+        predict = FamilyPredictor(self.base, cond, uncond, sdxl_size_ids(p.width, p.height))
+        ac = self.alphas_cumprod()
+        if is_k_sampler(p.sampler, p.schedule_type):
+            latents = k_sample(
+                self.unet, cond, uncond, seeds, shape, p, self.prediction_type, on_step,
+                alphas_cumprod=ac, predict=predict,
+            )  # fmt: skip
+        else:
+            latents = scheduler_sample(
+                predict, seeds, shape, p, self.prediction_type, ac, self.unet.device, on_step
+            )
+        return decode_latents(self.vae, latents, seeds)
+
+    def _draw_sd1(
         self, cond: torch.Tensor, uncond: torch.Tensor, seeds: list[int], p: GenerationParams, on_step=None
     ) -> list:
-        """The denoising loop and the VAE decode, for one batch of seeds; on_step(done, total)."""
+        """SD1.x's own route (k-diffusion over the UNet, or diffusers' StableDiffusionPipeline)."""
         from .kdiffusion import SeededNoise
         from .samplers import is_k_sampler, k_sample, make_scheduler
 

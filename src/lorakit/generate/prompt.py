@@ -226,16 +226,19 @@ def _encode_chunks(tokenizer, text_encoder, chunks, weights, clip_skip):
     ids = torch.tensor(chunks, dtype=torch.long).unsqueeze(1)  # [k, 1, 77]: one chunk per row
     z = encode_tokens(text_encoder, ids, clip_skip)  # [k, 77, D]
     w = torch.tensor(weights, dtype=torch.float32, device=z.device).unsqueeze(-1)
-    out = []
-    for zi, wi in zip(z.float(), w):
-        # A1111 (EmphasisOriginal): weight, then restore the chunk's original mean
-        original_mean = zi.mean()
-        zi = zi * wi
-        new_mean = zi.mean()
-        if new_mean != 0:  # 0/0 would give NaN (A1111 does not guard); z is unchanged then
-            zi = zi * (original_mean / new_mean)
-        out.append(zi)
+    out = [emphasize(zi, wi) for zi, wi in zip(z.float(), w)]
     return torch.cat(out, dim=0).unsqueeze(0).to(z.dtype)
+
+
+def emphasize(z, weights):
+    """A1111's EmphasisOriginal for one chunk: z [77, D] times its token weights [77, 1], then scaled
+    back to the chunk's original mean (each text encoder's output on its own, SDXL's two included)."""
+    original_mean = z.mean()
+    z = z * weights
+    new_mean = z.mean()
+    if new_mean != 0:  # 0/0 would give NaN (A1111 does not guard); z is unchanged then
+        z = z * (original_mean / new_mean)
+    return z
 
 
 def encode_weighted(tokenizer, text_encoder, text: str, clip_skip: int | None = None):

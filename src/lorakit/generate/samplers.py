@@ -117,13 +117,19 @@ def display_name(name: str, schedule_type: str | None = None) -> tuple[str, str 
     return base, (schedule if schedule != "Automatic" else None)
 
 
-def make_scheduler(name: str, schedule_type: str | None = None, prediction_type: str = "epsilon"):
-    """A fresh diffusers scheduler for DDIM, PLMS or UniPC."""
+def make_scheduler(
+    name: str, schedule_type: str | None = None, prediction_type: str = "epsilon", alphas_cumprod=None
+):
+    """A fresh diffusers scheduler for DDIM, PLMS or UniPC; `alphas_cumprod` (a zero-terminal-SNR
+    schedule) replaces SD's own, as A1111's samplers take the model's alphas_cumprod."""
     import diffusers
 
     base, schedule = split_name(name, schedule_type)
     cls_name, extra, _ = DIFFUSERS_SAMPLERS[base]
     config = {**SD_SCHEDULE, **extra, "prediction_type": prediction_type}
+    if alphas_cumprod is not None:
+        ac = alphas_cumprod.double()
+        config["trained_betas"] = (1 - ac / torch.cat([ac.new_ones(1), ac[:-1]])).tolist()
     if schedule == "Karras":
         config["use_karras_sigmas"] = True
     config["steps_offset"] = 1  # as in SD1.5's own scheduler config (diffusers warns otherwise)
@@ -137,14 +143,15 @@ def is_k_sampler(name: str, schedule_type: str | None = None) -> bool:
 # --- the k-diffusion route ----------------------------------------------------------------------
 
 
-def k_sigmas(name: str, schedule_type: str | None, steps: int) -> torch.Tensor:
-    """A1111's KDiffusionSampler.get_sigmas for SD1.x: steps + 1 sigmas ending in 0 (float32, CPU)."""
+def k_sigmas(name: str, schedule_type: str | None, steps: int, alphas_cumprod=None) -> torch.Tensor:
+    """A1111's KDiffusionSampler.get_sigmas: steps + 1 sigmas ending in 0 (float32, CPU), from SD's
+    alphas_cumprod (SD1.x and SDXL) or the one given (zero terminal SNR)."""
     from ..models.schedule import sd_alphas_cumprod
     from . import kdiffusion as K
 
     base, schedule = resolve(name, schedule_type)
     spec = K_SAMPLERS[base]
-    model = K.DiscreteSchedule(sd_alphas_cumprod())
+    model = K.DiscreteSchedule(sd_alphas_cumprod() if alphas_cumprod is None else alphas_cumprod)
     n = steps + 1 if spec.discard_penultimate_sigma else steps
     if schedule == "Karras":
         sigmas = K.karras_sigmas(n, model.sigma_min, model.sigma_max)
@@ -160,49 +167,110 @@ def k_sigmas(name: str, schedule_type: str | None, steps: int) -> torch.Tensor:
 class CFGDenoiser:
     """The UNet as k-diffusion's denoiser D(x, sigma) (CompVisDenoiser, or CompVisVDenoiser for
     v-prediction) with A1111's classifier-free guidance on the denoised images; cond and uncond run
-    as one batch. Sampling runs in float32 whatever the UNet's dtype."""
+    as one batch. Sampling runs in float32 whatever the UNet's dtype.
 
-    def __init__(self, unet, cond, uncond, cfg_scale: float, prediction_type: str = "epsilon"):
+    predict(x_in [n], t [n]) -> model outputs [2n] (cond rows, then uncond rows), float32: a model
+    family's own call (lorakit.generate.family_draw); None calls an SD1.x UNet with cond/uncond
+    context tensors. cfg_rescale: reForge's / Forge's RescaleCFG phi (0: plain CFG)."""
+
+    def __init__(
+        self,
+        unet,
+        cond,
+        uncond,
+        cfg_scale: float,
+        prediction_type: str = "epsilon",
+        *,
+        alphas_cumprod=None,
+        cfg_rescale: float = 0.0,
+        predict=None,
+    ):
         from ..models.schedule import sd_alphas_cumprod
         from .kdiffusion import DiscreteSchedule
 
         self.unet, self.cfg_scale, self.prediction_type = unet, cfg_scale, prediction_type
-        self.schedule = DiscreteSchedule(sd_alphas_cumprod())
+        self.schedule = DiscreteSchedule(sd_alphas_cumprod() if alphas_cumprod is None else alphas_cumprod)
         self.cond, self.uncond = cond, uncond
+        self.cfg_rescale, self.predict = cfg_rescale, predict
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
         sigma = sigma.to(x.device, torch.float32)
         c_in = (sigma**2 + 1) ** -0.5
         t = self.schedule.sigma_to_t(sigma)
-        x_in = torch.cat([x * c_in[:, None, None, None]] * 2)
-        dtype = self.unet.dtype
-        context = torch.cat([self.cond.expand(n, -1, -1), self.uncond.expand(n, -1, -1)]).to(x.device, dtype)
-        out = self.unet(x_in.to(dtype), torch.cat([t, t]), encoder_hidden_states=context).sample.float()
+        if self.predict is not None:
+            out = self.predict(x * c_in[:, None, None, None], t)
+        else:
+            x_in = torch.cat([x * c_in[:, None, None, None]] * 2)
+            dtype = self.unet.dtype
+            context = torch.cat([self.cond.expand(n, -1, -1), self.uncond.expand(n, -1, -1)])
+            context = context.to(x.device, dtype)
+            out = self.unet(x_in.to(dtype), torch.cat([t, t]), encoder_hidden_states=context).sample.float()
         s, xx = torch.cat([sigma, sigma])[:, None, None, None], torch.cat([x, x])
         if self.prediction_type == "v_prediction":
             denoised = out * (-s * (s**2 + 1) ** -0.5) + xx / (s**2 + 1)
         else:
             denoised = xx - s * out
         cond, uncond = denoised.chunk(2)
+        if self.cfg_rescale:
+            return rescale_cfg(cond, uncond, x, sigma, self.cfg_scale, self.cfg_rescale)
         return uncond + (cond - uncond) * self.cfg_scale
 
 
+def rescale_cfg(cond, uncond, x, sigma, cfg_scale: float, phi: float) -> torch.Tensor:
+    """The guided denoised image with CFG rescale (Lin et al. 2023, eq. 15-16) as ComfyUI's RescaleCFG,
+    reForge and Forge apply it: in v space, the guided v rescaled to the std of the conditional v (per
+    image), mixed by phi with the plain guided v; back to a denoised image. cond/uncond: denoised [n],
+    x: the noisy latents, sigma [n] (k-diffusion's, > 0)."""
+    s = sigma.view(-1, *([1] * (x.ndim - 1)))
+    x_scaled = x / (s * s + 1)
+
+    def to_v(denoised):
+        return (x_scaled - denoised) * (s * s + 1) ** 0.5 / s
+
+    v_cond, v_uncond = to_v(cond), to_v(uncond)
+    v_cfg = v_uncond + cfg_scale * (v_cond - v_uncond)
+    dims = tuple(range(1, x.ndim))
+    v_rescaled = v_cfg * (v_cond.std(dim=dims, keepdim=True) / v_cfg.std(dim=dims, keepdim=True))
+    v_final = phi * v_rescaled + (1 - phi) * v_cfg
+    return x_scaled - v_final * s / (s * s + 1) ** 0.5
+
+
 def k_sample(
-    unet, cond, uncond, seeds: list[int], shape, p, prediction_type: str = "epsilon", on_step=None
+    unet,
+    cond,
+    uncond,
+    seeds: list[int],
+    shape,
+    p,
+    prediction_type: str = "epsilon",
+    on_step=None,
+    *,
+    alphas_cumprod=None,
+    predict=None,
 ) -> torch.Tensor:
     """Latents for one batch of seeds with a k-diffusion sampler, as A1111 draws them.
-    on_step(done, total) is called after each model evaluation with the sampling steps done."""
+    on_step(done, total) is called after each model evaluation with the sampling steps done.
+    alphas_cumprod / predict: see CFGDenoiser (a zero-terminal-SNR schedule, a family's model call)."""
     from . import kdiffusion as K
 
     base, _ = split_name(p.sampler, p.schedule_type)
     spec = K_SAMPLERS[base]
     device = unet.device
-    sigmas = k_sigmas(p.sampler, p.schedule_type, p.steps)
+    sigmas = k_sigmas(p.sampler, p.schedule_type, p.steps, alphas_cumprod)
     rng = K.SeededNoise(seeds, shape, device)
     x = rng.next() * sigmas[0]
     noise = K.BrownianNoise(seeds, shape, sigmas, device) if spec.brownian_noise else rng
-    model = CFGDenoiser(unet, cond, uncond, p.cfg_scale, prediction_type)
+    model = CFGDenoiser(
+        unet,
+        cond,
+        uncond,
+        p.cfg_scale,
+        prediction_type,
+        alphas_cumprod=alphas_cumprod,
+        cfg_rescale=getattr(p, "cfg_rescale", 0.0),
+        predict=predict,
+    )
     if on_step is not None:
         model = _counting(model, sigmas, on_step)
     return getattr(K, spec.function)(model, x, sigmas, noise)

@@ -43,10 +43,21 @@ def params_from_png(path: str | Path, base: GenerationParams | None = None) -> G
         if "Size" in kv:
             p.width, p.height = (int(v) for v in kv["Size"].split("x"))
         p.clip_skip = int(kv.get("Clip skip", 1))
+        p.cfg_rescale = _cfg_rescale(kv)
     except ValueError as e:
         raise ConfigError(f"{path}: unreadable generation parameters ({e})") from None
     p.batch_size = 1  # redraw this one image: its own seed is in the chunk
     return p
+
+
+def _cfg_rescale(kv: dict[str, str]) -> float:
+    """CFG rescale phi from an infotext: Forge's "Rescale CFG", or reForge's RescaleCFG extension
+    (rescale_cfg_enabled / rescale_cfg_multiplier); 0 when there is none."""
+    if "Rescale CFG" in kv:
+        return float(kv["Rescale CFG"])
+    if kv.get("rescale_cfg_enabled", "").lower() == "true" and "rescale_cfg_multiplier" in kv:
+        return float(kv["rescale_cfg_multiplier"])
+    return 0.0
 
 
 def check_request(params: GenerationParams, lora_dir: str | Path) -> None:

@@ -134,10 +134,7 @@ def family_line(d) -> str:
     why = refusal(family)
     if why:
         return f"✗ **{why}** Pick an SD1.x or SDXL model to train."
-    line = f"Family: **{family.label}**"
-    if family.key == "sdxl":
-        line += " · samples while training are not drawn for SDXL yet: leave Sample prompts empty"
-    return line + "."
+    return f"Family: **{family.label}**."
 
 
 def changes_note(switch: Switch, d) -> str:
@@ -161,14 +158,10 @@ def changes_note(switch: Switch, d) -> str:
 
 
 def check_trainable(model_path: str, d, sample_prompts: str) -> None:
-    """Before a run starts from the GUI: a base of a family lorakit refuses, or sample prompts with an
-    SDXL base, stop here with the reason instead of failing in the job."""
+    """Before a run starts from the GUI: a base of a family lorakit refuses stops here with the reason
+    instead of failing in the job (sample prompts are drawn for every family it trains)."""
+    del sample_prompts
     family = d.family if d is not None else None
     why = refusal(family)
     if why:
         raise ConfigError(f"pretrained_model_name_or_path {model_path}: {why}")
-    if family is not None and family.key == "sdxl" and (sample_prompts or "").strip():
-        raise ConfigError(
-            "Sample prompts: drawing samples while training an SDXL LoRA is not supported yet; empty the "
-            "Sample prompts box (the LoRA file itself is complete)"
-        )

@@ -38,18 +38,20 @@ def draw_training_samples(
     from ..generate.pipeline import Generator
     from ..generate.sample_prompts import draw_samples
 
-    modes = (base.unet.training, base.text_encoder.training)
-    base.unet.eval()
-    base.text_encoder.eval()
-    gen = Generator(
-        base.unet, base.vae, base.text_encoder, base.tokenizer,
+    models = (base.unet, *base.text_encoders)
+    modes = [m.training for m in models]
+    for m in models:
+        m.eval()
+    # any family (SD1.x, SDXL); the schedule is the base's own (zero terminal SNR if it is marked so)
+    gen = Generator.from_base(
+        base,
         model_path=Path(cfg.model.pretrained_model_name_or_path),
         prediction_type="v_prediction" if cfg.model.v_parameterization else "epsilon",
-    )  # fmt: skip
+    )
     try:
         with torch.no_grad():
             folder = Path(cfg.output.output_dir) / "sample"
             return draw_samples(gen, prompts, folder, cfg.output.output_name, epoch=epoch, step=step)
     finally:
-        base.unet.train(modes[0])
-        base.text_encoder.train(modes[1])
+        for m, mode in zip(models, modes):
+            m.train(mode)

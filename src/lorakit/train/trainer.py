@@ -71,11 +71,6 @@ def check_family_options(cfg: TrainConfig, family) -> None:
             "clip_skip is not used for %s (kohya ignores it too): both encoders give their penultimate layer",
             family.name,
         )
-    if family.key != "sd1" and cfg.sample.sample_prompts:
-        raise ConfigError(
-            f"sample_prompts: drawing samples while training a {family.name} LoRA is not supported yet; remove "
-            "sample_prompts (the LoRA file itself is complete)"
-        )
 
 
 def _family_from_header(model_path: Path):

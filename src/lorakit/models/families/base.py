@@ -73,6 +73,13 @@ class ModelFamily:
     ) -> Conditioning:
         raise NotImplementedError
 
+    def encode_prompts(
+        self, base: BaseModel, prompt: str, negative: str, clip_skip: int | None
+    ) -> tuple[Conditioning, Conditioning]:
+        """(cond, uncond) for drawing, as A1111 encodes a prompt and a negative prompt for this family:
+        emphasis, BREAK, 75-token chunks (lorakit.generate.prompt); no <lora:> tags left in them."""
+        raise NotImplementedError
+
     def predict(
         self,
         base: BaseModel,

@@ -28,6 +28,12 @@ class SD1Family(ModelFamily):
         ids = tokenize(base.tokenizer, list(captions), max_token_length).to(te.device)
         return Conditioning(encode_tokens(te, ids, clip_skip))
 
+    def encode_prompts(self, base, prompt, negative, clip_skip):
+        from lorakit.generate.prompt import encode_pair
+
+        cond, uncond = encode_pair(base.tokenizer, base.text_encoder, prompt, negative, clip_skip)
+        return Conditioning(cond), Conditioning(uncond)
+
     def predict(self, base, noisy, t, cond, size_ids):
         return base.unet(noisy, t, cond.context).sample
 

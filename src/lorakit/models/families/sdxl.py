@@ -247,6 +247,12 @@ class SDXLFamily(ModelFamily):
         context, pooled = encode_sdxl_captions(base, captions, max_token_length, clip_skip)
         return Conditioning(context, pooled)
 
+    def encode_prompts(self, base, prompt, negative, clip_skip):
+        from lorakit.generate.sdxl_prompt import encode_sdxl_pair
+
+        del clip_skip  # A1111 keeps SDXL on its penultimate layers (sdxl_clip_l_skip off), as kohya
+        return encode_sdxl_pair(base, prompt, negative)
+
     def predict(self, base, noisy, t, cond, size_ids):
         from lorakit.models.families.sdxl_conditioning import predict_with_vector, sdxl_vector
 
