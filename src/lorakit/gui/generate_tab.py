@@ -83,6 +83,9 @@ def build(settings: Settings) -> dict:
             size_md = gr.Markdown(size_note(settings.model, what=SET_FROM), elem_id="gen-note")
             with gr.Row():
                 cfg = gr.Slider(1, 30, value=7, step=0.5, label="CFG scale", elem_id="gen-cfg")
+                rescale = gr.Slider(
+                    0, 1, value=0, step=0.05, label="CFG rescale (v-pred bases: 0.7)", elem_id="gen-rescale"
+                )
                 seed = gr.Number(value=-1, precision=0, label="Seed (-1 = random)", elem_id="gen-seed")
                 batch_count = gr.Number(value=1, precision=0, minimum=1, label="Batch count")
                 batch_size = gr.Number(value=1, precision=0, minimum=1, label="Batch size")
@@ -144,7 +147,7 @@ def build(settings: Settings) -> dict:
         slider.change(size_changed, [model, width, height], [size_md], show_progress="hidden")
 
     @user_errors
-    def do_generate(model_path, p, n, smp, st, w, h, c, sd, bc, bs, progress=gr.Progress()):
+    def do_generate(model_path, p, n, smp, st, w, h, c, rs, sd, bc, bs, progress=gr.Progress()):
         from ..generate.txt2img import check_request, run_txt2img
 
         if not p.strip():
@@ -154,7 +157,8 @@ def build(settings: Settings) -> dict:
         model_path = settings.model_path(model_path)
         params = GenerationParams(
             prompt=p, negative_prompt=n, sampler=smp, steps=int(st), width=int(w), height=int(h),
-            cfg_scale=float(c), seed=int(sd if sd is not None else -1), batch_count=int(bc or 1),
+            cfg_scale=float(c), cfg_rescale=float(rs or 0), seed=int(sd if sd is not None else -1),
+            batch_count=int(bc or 1),
             batch_size=int(bs or 1),
         )  # fmt: skip
         check_request(params, settings.lora_dir)
@@ -167,7 +171,7 @@ def build(settings: Settings) -> dict:
 
     go.click(
         do_generate,
-        [model, prompt, negative, sampler, steps, width, height, cfg, seed, batch_count, batch_size],
+        [model, prompt, negative, sampler, steps, width, height, cfg, rescale, seed, batch_count, batch_size],
         [images, info, infos],
         api_name="generate",
     )
