@@ -20,6 +20,15 @@ def ddim_timesteps(steps: int) -> list[int]:
     return [i * ratio + 1 for i in range(steps)][::-1]
 
 
+def ddim_step(x: torch.Tensor, eps: torch.Tensor, ts: Sequence[int], i: int) -> torch.Tensor:
+    """One DDIM step (eta 0) from ts[i] to ts[i + 1], the last one to alpha_bar(0)."""
+    acp = sd_alphas_cumprod()
+    a = acp[ts[i]]
+    a_prev = acp[ts[i + 1]] if i + 1 < len(ts) else acp[0]
+    x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+    return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+
+
 @torch.no_grad()
 def ddim_draw(
     base,
@@ -33,7 +42,6 @@ def ddim_draw(
     """[len(seeds), 3, size, size] pictures in [-1, 1] drawn for `prompt`, one per seed (noise from
     torch.Generator().manual_seed(seed), so a seed draws the same picture in any batch)."""
     spec = base.spec
-    acp = sd_alphas_cumprod()
     n = len(seeds)
     cond = spec.encode(base, [negative, prompt], None, None)  # row 0 unconditional, row 1 the prompt
     both = type(cond)(
@@ -49,10 +57,6 @@ def ddim_draw(
     ts = ddim_timesteps(steps)
     for i, t in enumerate(ts):
         eps_u, eps_c = spec.predict(base, torch.cat([x, x]), torch.full((2 * n,), t), both, size_ids).chunk(2)
-        eps = eps_u + cfg_scale * (eps_c - eps_u)
-        a = acp[t]
-        a_prev = acp[ts[i + 1]] if i + 1 < len(ts) else acp[0]
-        x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
-        x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+        x = ddim_step(x, eps_u + cfg_scale * (eps_c - eps_u), ts, i)
     vae = base.vae
     return vae.decode(x.to(vae.dtype) / vae.config.scaling_factor).sample.float().clamp(-1, 1)
