@@ -91,6 +91,7 @@ def sdxl_base(unet, vae, te1, te2, arch, source: Path):
 
 def train_diffusion(base, data, args, work: Path) -> None:
     """Train base.unet and both text encoders in place (cached / resumable in `work`)."""
+    from lorakit.atomic import atomic_path
     from lorakit.models.schedule import sd_alphas_cumprod
 
     out, partial = work / "diffusion.pt", work / "diffusion_partial.pt"
@@ -130,7 +131,8 @@ def train_diffusion(base, data, args, work: Path) -> None:
         state.update(
             opt=opt.state_dict(), rng=g.get_state(), step=step_done, elapsed=time.time() - t0, ema=ema
         )
-        torch.save(state, partial)
+        with atomic_path(partial) as tmp:  # a run killed while saving keeps the previous state
+            torch.save(state, tmp)
 
     step = start - 1
     for step in range(start, total):
