@@ -177,10 +177,21 @@ def encode_world(vae, tokenizer, args, work: Path):
         std.append(d.std)
     ids = tokenizer(caps, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     empty = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
-    data = {"mean": torch.cat(mean), "std": torch.cat(std), "ids": ids, "empty": empty}
+    data = {"mean": torch.cat(mean), "std": torch.cat(std), "ids": ids, "empty": empty, "captions": caps}
     torch.save(data, out)
     log(f"latents: {len(imgs)} images encoded in {time.time() - t0:.0f}s")
     return data
+
+
+def warmup_cosine(total: int, warm: int, budget_s: float, t0: float):
+    """LambdaLR factor: linear warmup, then a cosine (down to 5%) over `total` steps or the time budget
+    (seconds since `t0`), whichever ends first."""
+
+    def lr_at(s):
+        progress = min(1.0, max(s / total, (time.time() - t0) / budget_s))
+        return min(1.0, (s + 1) / warm) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    return lr_at
 
 
 def train_diffusion(arch, data, args, work: Path):
@@ -209,12 +220,7 @@ def train_diffusion(arch, data, args, work: Path):
 
     t0 = time.time()
     budget = args.diff_minutes * 60
-
-    def lr_at(s):  # warmup, then cosine over the steps or the time budget, whichever ends first
-        progress = min(1.0, max(s / total, (time.time() - t0) / budget))
-        return min(1.0, (s + 1) / warm) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-    lrs = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    lrs = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total, warm, budget, t0))
     g = torch.Generator().manual_seed(args.seed + 4)
     n = len(data["ids"])
     unet.train()

@@ -201,19 +201,32 @@ def load_sdxl(
 
 
 def save_sgm_checkpoint(
-    path: str | Path, unet, vae, text_encoder_1, text_encoder_2, arch: dict | None = None, markers=()
+    path: str | Path,
+    unet,
+    vae,
+    text_encoder_1,
+    text_encoder_2,
+    arch: dict | None = None,
+    markers=(),
+    dtype: torch.dtype | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> Path:
     """Write an SGM-layout .safetensors (loads in A1111/ComfyUI/kohya/diffusers), atomically.
-    `arch` is stored as metadata; `markers` adds ComfyUI's empty marker keys (`v_pred`, `ztsnr`)."""
+    `arch` is stored as metadata beside `metadata` (e.g. modelspec.resolution, see
+    lorakit.models.defaults); `markers` adds ComfyUI's empty marker keys (`v_pred`, `ztsnr`);
+    `dtype` casts the floating-point weights (fp16 for shipping)."""
     from safetensors.torch import save_file
 
     path = Path(path)
     sd = sgm_layout.to_sgm_state_dict(
         unet.state_dict(), vae.state_dict(), text_encoder_1.state_dict(), text_encoder_2.state_dict()
     )
-    sd = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+    sd = {
+        k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
+        for k, v in sd.items()
+    }
     sd.update({m: torch.tensor([]) for m in markers})
-    metadata = {"format": "pt"}
+    metadata = {"format": "pt", **(metadata or {})}
     if arch is not None:
         metadata[ARCH_METADATA_KEY] = json.dumps(arch)
     with atomic_path(path) as tmp:
