@@ -5,7 +5,7 @@ Trains the demo LoRA without and with base-drawn regularization bears (the workf
 draws each evaluation prompt with and without it on the same seeds, and prints the metric's mean
 instance score, the pixel drift from the base model's drawings, and the timings.
 
-    python tools/measure_demo_lora.py --seeds 24 --threads 1
+    python tools/measure_demo_lora.py --seeds 24 --threads 1          # --sdxl: the SDXL demo model
 """
 
 from __future__ import annotations
@@ -27,13 +27,15 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=24)
     p.add_argument("--first-seed", type=int, default=1000)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--sdxl", action="store_true", help="the SDXL-family demo model")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     from lorakit.demo import workflow as W
 
     work = Path(args.work)
-    gen = W.demo_generator(work / "Lora")
+    model = W.demo_model(args.sdxl)
+    gen = W.demo_generator(work / "Lora", model)
     (work / "Lora").mkdir(parents=True, exist_ok=True)
     t = time.time()
     base = {prompt: W.draw(gen, prompt, args.first_seed, args.seeds) for prompt in EVAL_PROMPTS}
@@ -41,7 +43,9 @@ def main(argv=None) -> int:
     results["base"] = {prompt: round(W.instance_rate(imgs), 3) for prompt, imgs in base.items()}
     for name, with_reg in (("noreg", False), ("reg", True)):
         t = time.time()
-        lora = W.train_demo_lora(work / name, with_reg=with_reg, gen=gen, max_train_steps=args.steps)
+        lora = W.train_demo_lora(
+            work / name, with_reg=with_reg, gen=gen, model=model, max_train_steps=args.steps
+        )
         results[f"{name}_train_s"] = round(time.time() - t, 1)
         (work / "Lora" / f"{name}.safetensors").write_bytes(lora.read_bytes())
         results[name] = {}
