@@ -444,6 +444,35 @@ def test_generate_with_the_new_lora_from_its_card(browser_page, work):
     shot(page, work, "generate")
 
 
+def test_the_sdxl_demo_is_picked_shows_only_sdxl_loras_and_draws(browser_page, work):
+    """As A1111: the LoRA cards follow the base model's family; the SDXL demo model is in the list."""
+    import torch
+    from safetensors.torch import save_file
+
+    from lorakit.demo import DEMO_SDXL_MODEL
+
+    name = "lora_te1_text_model_encoder_layers_0_mlp_fc1"
+    tensors = {f"{name}.lora_down.weight": torch.zeros(1, 24), f"{name}.lora_up.weight": torch.zeros(96, 1)}
+    meta = {"ss_base_model_version": "sdxl_base_v1-0"}
+    save_file(tensors, str(work["root"] / "loras" / "xl-only.safetensors"), metadata=meta)
+    page = browser_page
+    tab(page, "generate")
+    page.locator("#gen-lora-refresh").click()
+    expect(page.locator("#gen-loras")).to_contain_text("gui-lora")  # the SD1 base: SD1 LoRAs
+    expect(page.locator("#gen-loras")).not_to_contain_text("xl-only")
+    page.locator("#gen-model input").click()
+    page.get_by_role("option", name=str(DEMO_SDXL_MODEL)).click()  # listed without being typed
+    expect(page.locator("#gen-loras")).to_contain_text("xl-only")
+    expect(page.locator("#gen-loras")).not_to_contain_text("gui-lora")
+    fill(page, "gen-prompt", "a frog")
+    fill(page, "gen-steps", 4)
+    fill(page, "gen-seed", 3)
+    page.locator("#gen-go").click()
+    expect(page.locator("#gen-info textarea")).to_have_value(re.compile("Model: lorakit-demo-sdxl"))
+    assert "Size: 64x64" in page.locator("#gen-info textarea").input_value()  # the demo's native size
+    shot(page, work, "generate-sdxl")
+
+
 def test_lora_tab_shows_the_metadata(browser_page, work):
     page = browser_page
     tab(page, "lora")

@@ -42,6 +42,21 @@ class Settings:
             path, self.data_roots(), what, "start `lorakit gui --data_dir FOLDER` to allow another one"
         )
 
+    def model_choices(self) -> list[str]:
+        """Base models to pick from: the default, lorakit's two demo models (SD1.x and SDXL family) and
+        the .safetensors/.ckpt files and diffusers folders directly in the --model_dir folders."""
+        from ..demo import DEMO_MODEL, DEMO_SDXL_MODEL
+
+        found = [self.model, str(DEMO_MODEL), str(DEMO_SDXL_MODEL)]
+        for folder in self.model_dirs:
+            if Path(folder).is_dir():
+                for p in sorted(Path(folder).iterdir()):
+                    if (p.is_file() and p.suffix.lower() in MODEL_SUFFIXES) or (
+                        p / "model_index.json"
+                    ).is_file():
+                        found.append(str(p))
+        return list(dict.fromkeys(f for f in found if f))
+
     def model_roots(self) -> list[Path]:
         """Where the GUI may read base models and LoRA weights: --model_dir folders, the default
         model's folder, the shipped demo model's (lorakit's own assets, so that it can always be

@@ -62,7 +62,13 @@ def add_lora_tag(prompt: str, name: str) -> str:
 def build(settings: Settings) -> dict:
     with gr.Row(equal_height=False):
         with gr.Column(scale=3):
-            model = gr.Textbox(value=settings.model, label="Base model", elem_id="gen-model")
+            model = gr.Dropdown(
+                settings.model_choices(),
+                value=settings.model,
+                allow_custom_value=True,
+                label="Base model (pick one, or type a path)",
+                elem_id="gen-model",
+            )
             prompt = gr.Textbox(
                 label="Prompt",
                 lines=3,
@@ -140,7 +146,7 @@ def build(settings: Settings) -> dict:
     def size_changed(model, w, h):
         return size_note(settings.known_model(model), (int(w), int(h)) if w and h else None, SET_FROM)
 
-    for event in (model.blur, model.submit):  # left or Enter: typed, pasted or dropped alike
+    for event in (model.blur, model.select):  # picked, or typed/pasted and left
         event(pick_model, [model, applied], [width, height, size_md, applied], show_progress="hidden")
         event(do_refresh, [model, show_all], [cards, names], show_progress="hidden")
     for slider in (width, height):
