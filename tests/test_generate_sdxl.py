@@ -74,7 +74,8 @@ def test_an_image_depends_only_on_its_seed_not_on_the_batch(xl_gen):
     batch = xl_gen.generate(GenerationParams(prompt="bear", batch_size=2, **{**SMALL, "seed": 100}))
     alone = xl_gen.generate(GenerationParams(prompt="bear", **{**SMALL, "seed": 101}))[0]
     assert [i.seed for i in batch] == [100, 101]
-    assert np.array_equal(pixels(batch[1]), pixels(alone))
+    # the same noise; batched kernels may round differently (as on SD1: test_batches_use_consecutive_seeds)
+    assert np.abs(pixels(batch[1]) - pixels(alone)).max() <= 2
 
 
 # --- conditioning as diffusers' StableDiffusionXLPipeline builds it -------------------------------
