@@ -182,12 +182,12 @@ def test_text_encoder_cache_key_covers_caption_length_clip_skip_and_weights():
 
 
 def test_text_encoder_disk_cache_in_a_read_only_folder_says_what_to_do(sdxl_config, monkeypatch):
-    import lorakit.dataset.te_cache as te_cache
+    import lorakit.dataset.cache as cache
 
     def read_only(path):
         raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(te_cache, "atomic_file", read_only)
+    monkeypatch.setattr(cache, "atomic_file", read_only)  # both caches write through cache.write_npz
     with pytest.raises(
         DatasetError,
         match=r"text-encoder cache beside .*2_usu bear.*writable.*"

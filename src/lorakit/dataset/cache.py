@@ -76,14 +76,18 @@ def save_npz(
     }
     if cached.latents_flipped is not None:
         arrays["latents_flipped"] = cached.latents_flipped.float().numpy()
-    # Temp file + rename: an interrupted run never leaves a half-written cache behind.
+    write_npz(path, arrays, "latent cache", "cache_latents_to_disk")
+
+
+def write_npz(path: Path, arrays: dict, what: str, option: str) -> None:
+    """np.savez through a temp file + rename (an interrupted run never leaves a half-written cache
+    behind); a folder that cannot be written is a DatasetError naming `option`, the way out."""
     try:
         with atomic_file(path) as f:
             np.savez(f, **arrays)
     except OSError as e:
         raise DatasetError(
-            f"cannot write the latent cache beside {path.parent} ({e}); "
-            "make the folder writable or turn off cache_latents_to_disk"
+            f"cannot write the {what} beside {path.parent} ({e}); make the folder writable or turn off {option}"
         ) from e
 
 

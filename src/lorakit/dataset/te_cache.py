@@ -16,9 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..atomic import atomic_file
-from ..errors import DatasetError
 from ..models.families.base import Conditioning
+from .cache import write_npz
 
 EncodeOne = Callable[[str], Conditioning]  # one caption -> its Conditioning row (context [T, D])
 # part of every key: raise it when the encoding itself changes (layers taken, pooling), so files
@@ -68,14 +67,7 @@ def save_te_npz(path: Path, key: str, cond: Conditioning) -> None:
     arrays = {"context": cond.context.detach().float().cpu().numpy(), "key": np.array(key)}
     if cond.pooled is not None:  # SDXL's bigG projection; SD1 has none
         arrays["pooled"] = cond.pooled.detach().float().cpu().numpy()
-    try:  # temp file + rename: an interrupted run never leaves a half-written cache behind
-        with atomic_file(path) as f:
-            np.savez(f, **arrays)
-    except OSError as e:
-        raise DatasetError(
-            f"cannot write the text-encoder cache beside {path.parent} ({e}); "
-            "make the folder writable or turn off cache_text_encoder_outputs_to_disk"
-        ) from e
+    write_npz(path, arrays, "text-encoder cache", "cache_text_encoder_outputs_to_disk")
 
 
 def cache_text_encoder_outputs(
