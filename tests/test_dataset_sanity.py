@@ -126,3 +126,41 @@ def test_step_math(tmp_path, bucket):
         assert batches == 15  # ceil(60 / 4)
     assert f"{batches} batches per epoch" in text
     assert f"x 3 epochs (max_train_epochs) = {3 * batches} total steps" in text
+
+
+def test_dataset_tab_report_shows_the_warnings_and_the_step_math(tmp_path):
+    pytest.importorskip("gradio")
+    from lorakit.gui.dataset_tab import check_folders
+
+    train, reg = make_dataset(tmp_path, n_train=4, n_reg=4, repeats=5)
+    ok, text = check_folders(str(train), str(reg), ".caption", "stop", {"resolution": "64"})
+    assert ok and "⚠" not in text and "20 train samples" in text and "+ 20 reg samples" in text
+    options = {"resolution": "512,512", "train_batch_size": 2, "max_train_epochs": "10", "max_train_steps": 1600}
+    (train / "5_usu bear" / "usu_00.caption").write_text("a bear")
+    ok, text = check_folders(str(train), str(reg), ".caption", "stop", options)
+    assert ok and "upscaled more than 2x" in text and "trigger word" in text
+    assert "20 batches per epoch" in text and "x 10 epochs (max_train_epochs) = 200 total steps" in text
+    ok, text = check_folders(str(train / "5_usu bear"), "", ".caption", "stop")
+    assert not ok and "CONTAINS &#x27;5_usu bear&#x27;" in text
+
+
+def test_trainer_preflight_log_has_the_step_math_and_the_warnings(tmp_path, caplog):
+    import logging
+
+    from lorakit.dataset.loader import build_dataset
+    from lorakit.train.summary import log_dataset_summary
+
+    train, reg = make_dataset(tmp_path, n_train=3, n_reg=0)
+    shutil.copy(train / "5_usu bear" / "usu_00.png", train / "5_usu bear" / "dup.png")
+    cfg = TrainConfig()
+    cfg.dataset.train_data_dir, cfg.dataset.resolution = str(train), "256"
+    cfg.training.max_train_steps = 40
+    dataset = build_dataset(cfg.dataset, seed=0)
+    log = logging.getLogger("lorakit.test_sanity")
+    with caplog.at_level(logging.INFO, logger=log.name):
+        log_dataset_summary(cfg, dataset, log)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    infos = "\n".join(r.getMessage() for r in caplog.records if r.levelno == logging.INFO)
+    assert "20 batches per epoch" in infos and "max_train_steps = 40 total steps, that is 2 epoch(s)" in infos
+    assert any("byte-identical" in w and "dup.png" in w for w in warnings)
+    assert any("upscaled" in w for w in warnings)
