@@ -135,7 +135,12 @@ def test_dataset_tab_report_shows_the_warnings_and_the_step_math(tmp_path):
     train, reg = make_dataset(tmp_path, n_train=4, n_reg=4, repeats=5)
     ok, text = check_folders(str(train), str(reg), ".caption", "stop", {"resolution": "64"})
     assert ok and "⚠" not in text and "20 train samples" in text and "+ 20 reg samples" in text
-    options = {"resolution": "512,512", "train_batch_size": 2, "max_train_epochs": "10", "max_train_steps": 1600}
+    options = {
+        "resolution": "512,512",
+        "train_batch_size": 2,
+        "max_train_epochs": "10",
+        "max_train_steps": 1600,
+    }
     (train / "5_usu bear" / "usu_00.caption").write_text("a bear")
     ok, text = check_folders(str(train), str(reg), ".caption", "stop", options)
     assert ok and "upscaled more than 2x" in text and "trigger word" in text

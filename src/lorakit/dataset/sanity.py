@@ -138,11 +138,16 @@ def near_pairs(hashes: Sequence[int], max_bits: int = NEAR_DUPLICATE_BITS) -> li
 def duplicate_groups(images: Sequence[Path]) -> tuple[list[list[Path]], list[list[Path]]]:
     """(byte-identical groups, near-identical groups). A near group lists one file of each
     byte-identical group, so a plain copy is reported once, as identical."""
+    by_size: dict[int, list[Path]] = {}
+    for p in images:
+        by_size.setdefault(p.stat().st_size, []).append(p)
+    same_size = [p for g in by_size.values() if len(g) > 1 for p in g]  # only these can be copies
     by_sha: dict[str, list[Path]] = {}
-    for p, sha in zip(images, _parallel(file_sha256, list(images))):
+    for p, sha in zip(same_size, _parallel(file_sha256, same_size)):
         by_sha.setdefault(sha, []).append(p)
     identical = [g for g in by_sha.values() if len(g) > 1]
-    distinct = [g[0] for g in by_sha.values()]
+    copies = {p for g in identical for p in g[1:]}
+    distinct = [p for p in images if p not in copies]
     prints = _parallel(fingerprint, distinct)
     readable = [(p, f) for p, f in zip(distinct, prints) if f is not None]
     pairs = near_pairs([f[0] for _, f in readable])

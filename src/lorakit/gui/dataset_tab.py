@@ -7,6 +7,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from ..config import TrainConfig
 from ..dataset.folders import (
     CAPTION_EXTENSIONS,
     IMAGE_EXTENSIONS,
@@ -14,7 +15,6 @@ from ..dataset.folders import (
     read_caption,
     scan_dataset,
 )
-from ..config import TrainConfig
 from ..dataset.sanity import count_batches, sanity_warnings
 from ..errors import LoraKitError
 from .common import Settings, model_defaults_of, size_note, thumbnail, user_errors
@@ -147,8 +147,12 @@ def build(settings: Settings) -> dict:
                 "resolution": gr.Textbox(value="512,512", label="Resolution", elem_id="ds-resolution"),
                 "enable_bucket": gr.Checkbox(value=False, label="Buckets", elem_id="ds-enable_bucket"),
                 "train_batch_size": gr.Number(value=1, precision=0, label="Batch size", elem_id="ds-batch"),
-                "max_train_epochs": gr.Textbox(value="", label="Epochs (empty: use max steps)", elem_id="ds-epochs"),
-                "max_train_steps": gr.Number(value=1600, precision=0, label="Max train steps", elem_id="ds-max_train_steps"),
+                "max_train_epochs": gr.Textbox(
+                    value="", label="Epochs (empty: use max steps)", elem_id="ds-epochs"
+                ),
+                "max_train_steps": gr.Number(
+                    value=1600, precision=0, label="Max train steps", elem_id="ds-max_train_steps"
+                ),
             }
     scan = gr.Button("Check dataset", variant="primary", elem_id="ds-scan")
     problems = gr.HTML(elem_id="ds-problems")

@@ -48,11 +48,15 @@ def step_lines(cfg: TrainConfig, plan, batches_per_epoch: int) -> list[str]:
         + (" (batches are made inside each bucket)" if d.enable_bucket else "")
     )
     if t.gradient_accumulation_steps > 1:
-        lines.append(f"  / gradient accumulation {t.gradient_accumulation_steps} = {per_epoch} steps per epoch")
+        lines.append(
+            f"  / gradient accumulation {t.gradient_accumulation_steps} = {per_epoch} steps per epoch"
+        )
     if t.max_train_epochs:
         lines.append(f"  x {epochs} epochs (max_train_epochs) = {total} total steps")
     else:
-        lines.append(f"  max_train_steps = {total} total steps, that is {epochs} epoch(s) of {per_epoch} steps")
+        lines.append(
+            f"  max_train_steps = {total} total steps, that is {epochs} epoch(s) of {per_epoch} steps"
+        )
     return lines
 
 
