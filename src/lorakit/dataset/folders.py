@@ -116,6 +116,9 @@ def _list_folders(root: Path, option: str, is_reg: bool, warnings: list[str]) ->
     entries = sorted(root.iterdir())
     # Hidden folders (.ipynb_checkpoints, .git) are tool litter, not data.
     subdirs = [p for p in entries if p.is_dir() and not p.name.startswith(".")]
+    images = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+    if images and (parse_folder_name(root.name) is not None or not subdirs):
+        raise DatasetError(_pointed_at_images(root, option, example, len(images)))
     stray = [p.name for p in entries if p.is_file() and not p.name.startswith(".")]
     if stray:
         shown = ", ".join(stray[:5]) + (", ..." if len(stray) > 5 else "")
@@ -146,6 +149,20 @@ def _list_folders(root: Path, option: str, is_reg: bool, warnings: list[str]) ->
             )
         folders.append(_Folder(d, repeats, prompt, is_reg))
     return folders
+
+
+def _pointed_at_images(root: Path, option: str, example: str, n_images: int) -> str:
+    """The message for the commonest mistake: the option names the image folder, not its parent."""
+    if parse_folder_name(root.name) is not None:
+        return (
+            f"{option} {root} holds the images itself ({n_images} found): it must be their parent. "
+            f"Give the folder that CONTAINS '{root.name}', i.e. {option} = {root.parent}"
+        )
+    return (
+        f"{option} {root} holds the images itself ({n_images} found), with no '<repeats>_<prompt>' folder. "
+        f"Move the images into a folder named like '{example}' inside it (e.g. {root / example}) "
+        f"and give the folder that CONTAINS '{example}' ({root})"
+    )
 
 
 def _probe(path: Path) -> tuple[int, int] | str:

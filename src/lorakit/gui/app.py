@@ -71,6 +71,17 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
         ds["train_dir"].input(lambda v: v, ds["train_dir"], fields["train_data_dir"])
         ds["reg_dir"].change(lambda v: v, ds["reg_dir"], fields["reg_data_dir"])
         ds["caption_ext"].input(lambda v: v, ds["caption_ext"], fields["caption_extension"])
+        # The step math and the size check use the Train tab's resolution, batch size and epochs.
+        mirrored = [n for n in ds["step_inputs"] if n in fields]
+        for name in mirrored:
+            fields[name].change(lambda v: v, fields[name], ds["step_inputs"][name], show_progress="hidden")
+        if mirrored:  # and start from the Train tab's values, not the widgets' own defaults
+            demo.load(
+                lambda *v: v if len(v) > 1 else v[0],
+                [fields[n] for n in mirrored],
+                [ds["step_inputs"][n] for n in mirrored],
+                show_progress="hidden",
+            )
         gen_tab.select(*gen["refresh"])
         info_tab.select(*info["refresh"])
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from ..config import TrainConfig
 from ..dataset.folders import (
     CAPTION_EXTENSIONS,
     IMAGE_EXTENSIONS,
@@ -14,6 +15,7 @@ from ..dataset.folders import (
     read_caption,
     scan_dataset,
 )
+from ..dataset.sanity import count_batches, sanity_warnings
 from ..errors import LoraKitError
 from .common import Settings, model_defaults_of, size_note, thumbnail, user_errors
 
@@ -55,8 +57,50 @@ def list_folders(train_dir: str, reg_dir: str, caption_extension: str):
     return rows, items
 
 
-def check_folders(train_dir: str, reg_dir: str, caption_extension: str, bad_images: str) -> tuple[bool, str]:
-    """(ok, HTML) with what training would say: the error that stops it, or warnings and totals."""
+# The Train tab's options the step math and the size check need; the Dataset tab mirrors them.
+STEP_OPTIONS = ("resolution", "enable_bucket", "train_batch_size", "max_train_epochs", "max_train_steps")
+
+
+def _number(value, default: int | None) -> int | None:
+    """A Number box's value or an optional-number Textbox's text ('' = unset) as an int."""
+    if value is None or str(value).strip() == "":
+        return default
+    try:
+        return int(float(value))
+    except ValueError:
+        return default
+
+
+def step_config(options: dict) -> TrainConfig:
+    """A TrainConfig holding the Train tab's values of STEP_OPTIONS (missing or unset: the defaults)."""
+    cfg = TrainConfig()
+    d, t = cfg.dataset, cfg.training
+    d.resolution = str(options.get("resolution") or d.resolution).strip()
+    d.enable_bucket = bool(options.get("enable_bucket", d.enable_bucket))
+    d.train_batch_size = max(1, _number(options.get("train_batch_size"), d.train_batch_size) or 1)
+    t.max_train_epochs = _number(options.get("max_train_epochs"), t.max_train_epochs) or None
+    t.max_train_steps = max(1, _number(options.get("max_train_steps"), t.max_train_steps) or 1)
+    return cfg
+
+
+def _report_lines(plan, options: dict) -> tuple[list[str], list[str]]:
+    """(sanity warnings, step math) for the scanned plan under the Train tab's options."""
+    from ..train.summary import step_lines
+
+    cfg = step_config(options)
+    try:
+        warnings = sanity_warnings(plan, cfg.dataset.resolution, cfg.dataset.enable_bucket)
+        steps = step_lines(cfg, plan, count_batches(plan, cfg.dataset))
+    except LoraKitError as e:  # e.g. a resolution that is not 'W,H': the Train tab refuses it too
+        return [], [f"no step math: {e}"]
+    return warnings, steps
+
+
+def check_folders(
+    train_dir: str, reg_dir: str, caption_extension: str, bad_images: str, options: dict | None = None
+) -> tuple[bool, str]:
+    """(ok, HTML) with what training would say: the error that stops it, or warnings, totals and
+    the step math; `options` are the Train tab's STEP_OPTIONS (the defaults where missing)."""
     if not train_dir:
         return (
             False,
@@ -73,8 +117,11 @@ def check_folders(train_dir: str, reg_dir: str, caption_extension: str, bad_imag
         f"<h3>✓ Ready: {plan.num_train_images} training samples per epoch (images × repeats), "
         f"{plan.num_reg_images} regularization samples</h3>"
     ]
-    if plan.warnings:
-        out.append("<ul>" + "".join(f"<li>⚠ {html.escape(w)}</li>" for w in plan.warnings) + "</ul>")
+    sanity, steps = _report_lines(plan, options or {})
+    warnings = plan.warnings + sanity
+    if warnings:
+        out.append("<ul>" + "".join(f"<li>⚠ {html.escape(w)}</li>" for w in warnings) + "</ul>")
+    out.append(f"<pre class='lk-pre' id='ds-step-math'>{html.escape(chr(10).join(steps))}</pre>")
     return True, "".join(out)
 
 
@@ -94,6 +141,19 @@ def build(settings: Settings) -> dict:
         )
         caption_ext = gr.Textbox(value=".caption", label="Caption extension", scale=1, elem_id="ds-ext")
         bad_images = gr.Radio(["stop", "skip"], value="stop", label="Broken images", scale=1)
+    with gr.Accordion("Training settings for the step math (kept in step with the Train tab)", open=False):
+        with gr.Row():
+            step_inputs = {
+                "resolution": gr.Textbox(value="512,512", label="Resolution", elem_id="ds-resolution"),
+                "enable_bucket": gr.Checkbox(value=False, label="Buckets", elem_id="ds-enable_bucket"),
+                "train_batch_size": gr.Number(value=1, precision=0, label="Batch size", elem_id="ds-batch"),
+                "max_train_epochs": gr.Textbox(
+                    value="", label="Epochs (empty: use max steps)", elem_id="ds-epochs"
+                ),
+                "max_train_steps": gr.Number(
+                    value=1600, precision=0, label="Max train steps", elem_id="ds-max_train_steps"
+                ),
+            }
     scan = gr.Button("Check dataset", variant="primary", elem_id="ds-scan")
     problems = gr.HTML(elem_id="ds-problems")
     table = gr.Dataframe(headers=COLUMNS, interactive=False, label="Folders", elem_id="ds-table")
@@ -117,30 +177,31 @@ def build(settings: Settings) -> dict:
     selected = gr.State(None)
 
     @user_errors
-    def do_scan(train, reg, ext, bad):
+    def do_scan(train, reg, ext, bad, *option_values):
         train = str(settings.data_dir(train, "training image folder")) if train else ""
         reg = str(settings.data_dir(reg, "regularization folder")) if reg else ""
         rows, items = list_folders(train, reg, ext)
-        _, text = check_folders(train, reg, ext, bad)
+        options = dict(zip(STEP_OPTIONS, option_values))
+        _, text = check_folders(train, reg, ext, bad, options)
         shown, thumbs = [], []
         for p, c in items[:MAX_THUMBS]:
             im = thumbnail(p)  # a broken image has none; the problems above name it
             if im is not None:
                 shown.append(p)
                 thumbs.append((im, c or "(no caption)"))
-        folders = {"train": train, "reg": reg, "ext_text": ext, "bad": bad}
+        folders = {"train": train, "reg": reg, "ext_text": ext, "bad": bad, "options": list(option_values)}
         return text, rows, thumbs, {"images": shown, "ext": _ext(ext), "folders": folders}, None
 
     scan_outputs = [problems, table, gallery, scanned, selected]
 
-    def scan_and_clear(train, reg, ext, bad):
+    def scan_and_clear(train, reg, ext, bad, *option_values):
         # a new scan empties the caption editor: an image of the previous folders must not stay
         # on screen as if Save would write it (the server forgets it too: selected is None)
-        return *do_scan(train, reg, ext, bad), "", "", ""
+        return *do_scan(train, reg, ext, bad, *option_values), "", "", ""
 
     scan.click(
         scan_and_clear,
-        [train_dir, reg_dir, caption_ext, bad_images],
+        [train_dir, reg_dir, caption_ext, bad_images, *(step_inputs[n] for n in STEP_OPTIONS)],
         [*scan_outputs, image_path, caption, caption_status],
         api_name="scan_dataset",
     )
@@ -172,7 +233,7 @@ def build(settings: Settings) -> dict:
             raise gr.Error(f"{target} links to another folder; edit it outside the GUI.")
         target.write_text(text.strip() + "\n", encoding="utf-8")
         f = scan["folders"]  # the folders the gallery shows, not what the boxes say now
-        *shown, new_scan, _ = do_scan(f["train"], f["reg"], f["ext_text"], f["bad"])
+        *shown, new_scan, _ = do_scan(f["train"], f["reg"], f["ext_text"], f["bad"], *f.get("options", []))
         still = new_scan["images"].index(image) if image in new_scan["images"] else None
         return f"Saved {target}", *shown, new_scan, still
 
@@ -277,4 +338,10 @@ def build(settings: Settings) -> dict:
         [reg_status, reg_gallery, reg_dir],
         api_name="make_reg_images",
     )
-    return {"train_dir": train_dir, "reg_dir": reg_dir, "caption_ext": caption_ext, "scan": scan}
+    return {
+        "train_dir": train_dir,
+        "reg_dir": reg_dir,
+        "caption_ext": caption_ext,
+        "scan": scan,
+        "step_inputs": step_inputs,
+    }

@@ -30,9 +30,45 @@ def dataset_lines(cfg: TrainConfig, dataset) -> list[str]:
     return lines
 
 
+def step_lines(cfg: TrainConfig, plan, batches_per_epoch: int) -> list[str]:
+    """The step math: samples an epoch -> batches -> optimizer steps -> total, as the run will do it."""
+    from .optim import steps_and_epochs
+
+    d, t = cfg.dataset, cfg.training
+    per_epoch, total, epochs = steps_and_epochs(t, max(batches_per_epoch, 1))
+    reg_used = sum(s.is_reg for s in plan.samples)
+    lines = [f"steps: {plan.num_train_images} train samples an epoch (images x repeats)"]
+    if reg_used:
+        lines.append(
+            f"  + {reg_used} reg samples (kohya balances the reg images to the train samples, "
+            f"so they double the steps) = {plan.num_train_images + reg_used} samples"
+        )
+    lines.append(
+        f"  / batch size {d.train_batch_size} = {batches_per_epoch} batches per epoch"
+        + (" (batches are made inside each bucket)" if d.enable_bucket else "")
+    )
+    if t.gradient_accumulation_steps > 1:
+        lines.append(
+            f"  / gradient accumulation {t.gradient_accumulation_steps} = {per_epoch} steps per epoch"
+        )
+    if t.max_train_epochs:
+        lines.append(f"  x {epochs} epochs (max_train_epochs) = {total} total steps")
+    else:
+        lines.append(
+            f"  max_train_steps = {total} total steps, that is {epochs} epoch(s) of {per_epoch} steps"
+        )
+    return lines
+
+
 def log_dataset_summary(cfg: TrainConfig, dataset, log: logging.Logger) -> None:
+    from ..dataset.sanity import sanity_warnings
+
     for line in dataset_lines(cfg, dataset):
         log.info("%s", line)
+    for line in step_lines(cfg, dataset.plan, dataset.num_batches_per_rank(1)):
+        log.info("%s", line)
+    for warning in sanity_warnings(dataset.plan, cfg.dataset.resolution, cfg.dataset.enable_bucket):
+        log.warning("%s", warning)
     w, h = resolution_of(cfg.dataset.resolution)
     odd = not cfg.dataset.enable_bucket and (w % 64 or h % 64)
     for line in resolution_lines(cfg, dataset):
