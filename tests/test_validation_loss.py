@@ -60,7 +60,9 @@ def test_split_holds_out_train_images_by_seed(tmp_path):
 def test_validation_loss_is_repeatable_and_drops_with_training(train_config):
     from lorakit.train.trainer import build_trainer
 
-    cfg = train_config(validation_split=0.25, learning_rate=1e-2, max_train_steps=12, validate_every_n_steps=6)
+    cfg = train_config(
+        validation_split=0.25, learning_rate=1e-2, max_train_steps=12, validate_every_n_steps=6
+    )
     trainer = build_trainer(cfg)
     assert trainer.dataset.plan.num_train_images == 6  # 3 of 4 images x 2 repeats train
     before = trainer.validation_loss()
@@ -70,8 +72,8 @@ def test_validation_loss_is_repeatable_and_drops_with_training(train_config):
     after = trainer.validation_loss()
     assert trainer.validation_loss() == after
     assert after < before
-    values = [p.validation_loss for p in seen if p.validation_loss is not None]
-    assert values and values[-1] == after
+    assert [p.step for p in seen if p.validation_loss is not None] == [6, 10, 12]  # 10: a plain report
+    assert seen[-1].validation_loss == after and seen[-1].loss is not None
     meta = _metadata(path)
     assert float(meta["lorakit_validation_loss"]) == pytest.approx(after, rel=1e-5)
     assert meta["ss_num_validation_images"] == "1"
@@ -109,3 +111,67 @@ def test_validation_data_dir_sdxl(sdxl_config, tmp_path):
     assert meta["ss_num_train_images"] == "8"  # the train set is whole
     assert meta["ss_max_validation_steps"] == "1"
     assert float(meta["lorakit_validation_loss"]) > 0
+
+
+def test_validating_does_not_change_training(train_config, tmp_path):
+    """The validation noise comes from its own generators: validating every step trains the same LoRA."""
+    import torch
+    from safetensors.torch import load_file
+
+    from lorakit.train.trainer import train
+
+    often = train(train_config(validation_split=0.25, validate_every_n_steps=1, output_name="often"))
+    once = train(train_config(validation_split=0.25, validate_every_n_epochs=100, output_name="once"))
+    a, b = load_file(str(often)), load_file(str(once))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _metadata(often)["lorakit_validation_loss"] == _metadata(once)["lorakit_validation_loss"]
+
+
+def test_validation_with_cached_latents_and_text_encoder_outputs(train_config):
+    from lorakit.train.trainer import build_trainer
+
+    cfg = train_config(
+        validation_split=0.5,
+        cache_latents=True,
+        cache_text_encoder_outputs=True,
+        network_train_unet_only=True,
+        max_validation_steps=1,
+    )
+    trainer = build_trainer(cfg)
+    assert trainer.dataset.validation._latents is not None  # encoded once, like the train images
+    first = trainer.validation_loss()
+    assert trainer.validation_loss() == first
+
+
+def test_sdxl_split_is_repeatable(sdxl_config):
+    from lorakit.train.trainer import build_trainer
+
+    trainer = build_trainer(sdxl_config(validation_split=0.25))
+    assert trainer.dataset.plan.num_train_images == 6
+    assert trainer.validation_loss() == trainer.validation_loss()
+
+
+def test_validation_loss_in_tensorboard(train_config, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lorakit.train.trainer import train
+
+    logs = tmp_path / "logs"
+    train(train_config(validation_split=0.25, validate_every_n_steps=2, logging_dir=str(logs)))
+    steps = []
+    for events in logs.rglob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        if "loss/validation" in acc.Tags()["scalars"]:
+            steps += [e.step for e in acc.Scalars("loss/validation")]
+    assert sorted(steps) == [2, 4]
+
+
+def test_validation_every_epoch_by_default(train_config):
+    from lorakit.train.trainer import train
+
+    seen = []
+    # 3 train images x 2 repeats / batch 2 = 3 batches an epoch: epochs end at steps 3 and 6
+    train(train_config(validation_split=0.25, max_train_steps=7, progress_every_n_steps=100), seen.append)
+    assert [p.step for p in seen] == [3, 6, 7]  # each epoch's end, and the final LoRA
+    assert all(p.validation_loss is not None for p in seen)

@@ -158,7 +158,8 @@ class TrainingConfig:
         None, "compute the validation loss every N steps (with validation_split or validation_data_dir)"
     )
     validate_every_n_epochs: int | None = opt(
-        None, "compute the validation loss every N epochs (default: every epoch when there is a validation set)"
+        None,
+        "compute the validation loss every N epochs (default: every epoch when there is a validation set)",
     )
     max_validation_steps: int | None = opt(
         None, "use at most this many validation batches per validation (default: all)"

@@ -315,7 +315,9 @@ class Trainer:
         if d.cache_latents:
             self._park(list(self.text_encoders.values()), True)
             for dataset in self._datasets():
-                dataset.cache_latents(self._encode_pixels, self._vae_fingerprint(), d.cache_latents_to_disk, 1)
+                dataset.cache_latents(
+                    self._encode_pixels, self._vae_fingerprint(), d.cache_latents_to_disk, 1
+                )
             self._unpark(list(self.text_encoders.values()))
             if not self.sample_prompts:
                 self._park(self.base.vae, True)  # for good: the steps use the cached latents
@@ -331,7 +333,9 @@ class Trainer:
             with torch.no_grad():
                 image_captions = [pair for ds in self._datasets() for pair in ds.image_captions()]
                 self.te_cache = cache_text_encoder_outputs(
-                    list(dict.fromkeys(image_captions)), lambda c: self._encode_captions([c]).rows()[0], key_of
+                    list(dict.fromkeys(image_captions)),
+                    lambda c: self._encode_captions([c]).rows()[0],
+                    key_of,
                 )
         if self.te_cache and not self.train_te and not self.sample_prompts:
             self._park(list(self.text_encoders.values()), True)  # for good: SDXL's are 1.6 GB in bf16
@@ -446,8 +450,20 @@ class Trainer:
                 count += n
         return (total / max(count, 1)).item()
 
-    def _validate(self, bar, on_progress) -> None:
-        """Measure, show and log the validation loss (every rank measures; the main one reports)."""
+    def _validation_due(self, every_steps: int | None, every_epochs: int | None) -> bool:
+        """After an optimizer step: every N steps, at the end of every N-th epoch, and at the last step
+        (the final LoRA's own validation loss)."""
+        pos = self.pos
+        ends_epoch = pos.batch_in_epoch >= self.batches_per_epoch
+        return (
+            pos.step == self.total_steps
+            or bool(every_steps and pos.step % every_steps == 0)
+            or bool(every_epochs and ends_epoch and (pos.epoch + 1) % every_epochs == 0)
+        )
+
+    def _validate(self, bar) -> None:
+        """Measure, show and log the validation loss (every rank measures; the main one reports). The next
+        Progress carries it."""
         value = self.validation_loss()
         if value is None:
             return
@@ -459,10 +475,6 @@ class Trainer:
         self._postfix["val_loss"] = f"{value:.4f}"
         bar.set_postfix(**self._postfix)
         self.acc.log({"loss/validation": value}, step=pos.step)
-        if on_progress:
-            lr = self.lr_scheduler.get_last_lr()[0]
-            epoch = min(pos.epoch + 1, self.epochs)
-            on_progress(Progress(pos.step, self.total_steps, epoch, self.epochs, None, lr, 0.0, 0.0, value))
 
     def _sync_grads(self) -> None:
         """Average LoRA gradients over processes: one all-reduce of one flat buffer."""
@@ -557,9 +569,14 @@ class Trainer:
                         and pos.step % sc.sample_every_n_steps == 0
                     ):
                         self.sample(step=pos.step)
-                    if validating and every_steps and pos.step % every_steps == 0:
-                        self._validate(bar, on_progress)
-                    if pos.step % cfg.output.progress_every_n_steps == 0 or pos.step == self.total_steps:
+                    validated = validating and self._validation_due(every_steps, every_epochs)
+                    if validated:  # before the report, which carries the new value
+                        self._validate(bar)
+                    if (
+                        validated
+                        or pos.step % cfg.output.progress_every_n_steps == 0
+                        or pos.step == self.total_steps
+                    ):
                         self._report(loss_sum / max(loss_n, 1), bar, on_progress)
                         loss_sum.zero_()
                         loss_n = 0
@@ -574,9 +591,6 @@ class Trainer:
                         self.save(f"{cfg.output.output_name}-{pos.epoch:06d}")
                     if sc.sample_every_n_epochs and pos.epoch % sc.sample_every_n_epochs == 0:
                         self.sample(epoch=pos.epoch)
-                    if validating and every_epochs and pos.epoch % every_epochs == 0:
-                        if self._validated_at != pos.step:
-                            self._validate(bar, on_progress)
         except KeyboardInterrupt:
             if acc.is_main_process:
                 self._save_interrupted(boundary)
@@ -584,8 +598,6 @@ class Trainer:
         finally:
             bar.close()
         self._check_ranks_agree()
-        if validating and self._validated_at != pos.step:  # the final LoRA's own validation loss
-            self._validate(bar, on_progress)
         final = self.save(cfg.output.output_name)
         acc.end_training()
         return final
