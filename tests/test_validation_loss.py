@@ -175,3 +175,15 @@ def test_validation_every_epoch_by_default(train_config):
     train(train_config(validation_split=0.25, max_train_steps=7, progress_every_n_steps=100), seen.append)
     assert [p.step for p in seen] == [3, 6, 7]  # each epoch's end, and the final LoRA
     assert all(p.validation_loss is not None for p in seen)
+
+
+def test_split_of_a_single_image_and_a_missing_folder_are_explained(tmp_path):
+    from lorakit.errors import DatasetError
+
+    train, _ = make_dataset(tmp_path / "one", n_train=1, n_reg=0, repeats=1)
+    with pytest.raises(DatasetError, match="validation_split = 0.5 needs at least 2 train images"):
+        scan_dataset(train, validation_split=0.5)
+    train, _ = make_dataset(tmp_path / "two", n_train=2, n_reg=0, repeats=1)
+    assert len(scan_dataset(train, validation_split=0.9).samples) == 1  # never all: one image trains
+    with pytest.raises(DatasetError, match="validation_data_dir .*does not exist"):
+        scan_dataset(train, validation_data_dir=tmp_path / "nowhere")
