@@ -84,6 +84,19 @@ class DatasetConfig:
         "cache text-encoder outputs as .npz beside the images, read by later runs (implies "
         "cache_text_encoder_outputs)",
     )
+    validation_split: float = opt(
+        0.0,
+        "fraction (0 to below 1) of the train images held out for the validation loss, chosen by "
+        "validation_seed; regularization images are never held out",
+    )
+    validation_data_dir: str | None = opt(
+        None,
+        "a folder of '<repeats>_<prompt>' subfolders whose images measure the validation loss "
+        "(instead of validation_split; repeats are ignored)",
+    )
+    validation_seed: int | None = opt(
+        None, "seed of the validation split and of the validation noise (default: the training seed)"
+    )
     bad_images: Literal["stop", "skip"] = opt(
         "stop",
         "what to do with unreadable images found before training: stop with a list, or skip with a warning",
@@ -141,6 +154,16 @@ class TrainingConfig:
     seed: int | None = opt(None, "random seed; the same seed gives the same run")
     noise_offset: float | None = opt(None, "noise offset (e.g. 0.1) for darker/brighter images")
     min_snr_gamma: float | None = opt(None, "Min-SNR weighting gamma (5 is a common choice)")
+    validate_every_n_steps: int | None = opt(
+        None, "compute the validation loss every N steps (with validation_split or validation_data_dir)"
+    )
+    validate_every_n_epochs: int | None = opt(
+        None,
+        "compute the validation loss every N epochs (default: every epoch when there is a validation set)",
+    )
+    max_validation_steps: int | None = opt(
+        None, "use at most this many validation batches per validation (default: all)"
+    )
     scale_v_pred_loss_like_noise_pred: bool = opt(
         False, "v-prediction: weight the loss by SNR/(SNR+1), as an epsilon-prediction loss would be"
     )
@@ -315,6 +338,7 @@ class TrainConfig:
         if self.model.clip_skip is not None and self.model.clip_skip < 1:
             raise ConfigError("clip_skip must be 1 or more")
         self._validate_learning_rates()
+        self._validate_validation()
         if self.dataset.cache_text_encoder_outputs_to_disk:  # as kohya: the disk cache implies the cache
             self.dataset.cache_text_encoder_outputs = True
         if self.dataset.cache_text_encoder_outputs and self.trains_text_encoder:
@@ -341,6 +365,32 @@ class TrainConfig:
                 "nothing to train: unet_lr, text_encoder_lr and network_train_unet_only / "
                 "network_train_text_encoder_only leave neither the U-Net nor the text-encoder LoRA"
             )
+
+    def _validate_validation(self) -> None:
+        d, t = self.dataset, self.training
+        split = d.validation_split
+        if not (math.isfinite(split) and 0 <= split < 1):
+            raise ConfigError(
+                f"validation_split must be a fraction from 0 to below 1, e.g. 0.1 for a tenth of the train "
+                f"images (got {split})"
+            )
+        if split > 0 and d.validation_data_dir:
+            raise ConfigError(
+                "validation_split and validation_data_dir exclude each other: hold out part of the train "
+                "images, or give a separate validation folder"
+            )
+        seed = d.validation_seed
+        if seed is not None and not 0 <= seed <= MAX_SEED:
+            raise ConfigError(f"validation_seed = {seed}: a seed is a whole number from 0 to {MAX_SEED}")
+        for name in ("validate_every_n_steps", "validate_every_n_epochs", "max_validation_steps"):
+            value = getattr(t, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} must be at least 1, or unset (got {value})")
+
+    @property
+    def has_validation(self) -> bool:
+        """Whether the run measures a validation loss (a split of the train images or its own folder)."""
+        return self.dataset.validation_split > 0 or bool(self.dataset.validation_data_dir)
 
     @property
     def trains_text_encoder(self) -> bool:

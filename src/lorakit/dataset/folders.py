@@ -40,6 +40,8 @@ class DatasetPlan:
     dataset_dirs: dict[str, dict[str, int]] = field(default_factory=dict)
     reg_dataset_dirs: dict[str, dict[str, int]] = field(default_factory=dict)
     tag_frequency: dict[str, dict[str, int]] = field(default_factory=dict)
+    # the images that measure the validation loss (one sample each), or None without validation
+    validation: DatasetPlan | None = None
 
 
 @dataclass
@@ -58,8 +60,14 @@ def scan_dataset(
     reg_data_dir: str | os.PathLike | None = None,
     caption_extension: str = ".caption",
     bad_images: str = "stop",
+    validation_split: float = 0.0,
+    validation_seed: int = 0,
+    validation_data_dir: str | os.PathLike | None = None,
 ) -> DatasetPlan:
-    """Read the train (and reg) folders, check every image, and lay out one epoch of samples."""
+    """Read the train (and reg) folders, check every image, and lay out one epoch of samples.
+
+    validation_split holds out that fraction of the train images (a function of validation_seed);
+    validation_data_dir gives the validation images instead. Either lands in `plan.validation`."""
     if bad_images not in ("stop", "skip"):
         raise DatasetError(f"bad_images = {bad_images!r}: use 'stop' or 'skip'")
     if not caption_extension.startswith("."):
@@ -68,6 +76,12 @@ def scan_dataset(
     folders = _list_folders(Path(train_data_dir), "train_data_dir", False, warnings)
     if reg_data_dir:
         folders += _list_folders(Path(reg_data_dir), "reg_data_dir", True, warnings)
+    val_folders: list[_Folder] = []
+    if validation_data_dir:
+        val_folders = _list_folders(Path(validation_data_dir), "validation_data_dir", False, warnings)
+        for f in val_folders:
+            f.repeats = 1  # each validation image counts once
+    folders += val_folders
 
     for folder in folders:
         folder.images = sorted(
@@ -90,7 +104,47 @@ def scan_dataset(
                 "they train with an empty caption"
             )
     _warn_other_caption_extension(folders, caption_extension, warnings)
-    return _plan(folders, warnings)
+    folders = [f for f in folders if not any(f is v for v in val_folders)]
+    if validation_split > 0:
+        val_folders = _hold_out(folders, validation_split, validation_seed)
+    plan = _plan(folders, warnings)
+    if val_folders:
+        plan.validation = _plan(val_folders, [])
+    return plan
+
+
+def _hold_out(folders: list[_Folder], fraction: float, seed: int) -> list[_Folder]:
+    """Move round(fraction x train images) of the train images (at least one, never all) into
+    validation folders of their own; which ones is a function of `seed`. Reg images stay."""
+    import random
+
+    train = [(fi, i) for fi, f in enumerate(folders) if not f.is_reg for i in range(len(f.images))]
+    if len(train) < 2:
+        raise DatasetError(
+            f"validation_split = {fraction} needs at least 2 train images (found {len(train)}): add images "
+            "or give validation_data_dir instead"
+        )
+    count = min(max(1, round(fraction * len(train))), len(train) - 1)
+    held = set(random.Random(seed).sample(train, count))
+    val_folders = []
+    for fi, f in enumerate(folders):
+        if f.is_reg:
+            continue
+        keep = [i for i in range(len(f.images)) if (fi, i) not in held]
+        out = [i for i in range(len(f.images)) if (fi, i) in held]
+        if out:
+            val_folders.append(
+                _Folder(
+                    f.path, 1, f.prompt, False,
+                    [f.images[i] for i in out], [f.captions[i] for i in out], [f.sizes[i] for i in out],
+                )
+            )  # fmt: skip
+        f.images, f.captions, f.sizes = (
+            [f.images[i] for i in keep], [f.captions[i] for i in keep], [f.sizes[i] for i in keep]
+        )  # fmt: skip
+    # a train folder left with no image trains nothing: drop it (its images validate)
+    folders[:] = [f for f in folders if f.is_reg or f.images]
+    return val_folders
 
 
 def parse_folder_name(name: str) -> tuple[int, str] | None:

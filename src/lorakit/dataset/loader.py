@@ -8,6 +8,7 @@ function of (seed, epoch) and every random choice in a batch is a function of
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import random
@@ -89,6 +90,7 @@ class DreamBoothDataset:
         self.bucket_resos = sorted(by_bucket)
         self.buckets = [by_bucket[r] for r in self.bucket_resos]
         self._latents: dict[Path, CachedLatents] | None = None
+        self.validation: DreamBoothDataset | None = None  # set by build_dataset
 
     # --- sizes ------------------------------------------------------------
     @property
@@ -164,6 +166,15 @@ class DreamBoothDataset:
         for i in list(range(rank, usable, world_size))[skip:]:
             yield self.make_batch(epoch, i, order[i])
 
+    def fixed_batches(self) -> Iterator[Batch]:
+        """Every sample once, buckets in order and samples in plan order: the validation batches, the
+        same on every call (build the dataset with shuffle_caption and flip_aug off)."""
+        index = 0
+        for bucket in self.buckets:
+            for i in range(0, len(bucket), self.batch_size):
+                yield self.make_batch(0, index, bucket[i : i + self.batch_size])
+                index += 1
+
     def make_batch(self, epoch: int, index: int, sample_ids: list[int]) -> Batch:
         rng = random.Random(stable_seed(self.seed, epoch, index, 1))
         samples: list[Sample] = [self.plan.samples[j] for j in sample_ids]
@@ -214,9 +225,26 @@ class DreamBoothDataset:
 def build_dataset(
     cfg: DatasetConfig, seed: int, warn: Callable[[str], None] | None = None
 ) -> DreamBoothDataset:
-    """scan_dataset + DreamBoothDataset from the config, passing each warning to `warn`."""
-    plan = scan_dataset(cfg.train_data_dir, cfg.reg_data_dir, cfg.caption_extension, cfg.bad_images)
+    """scan_dataset + DreamBoothDataset from the config, passing each warning to `warn`. With
+    validation_split or validation_data_dir the held-out images are `dataset.validation`."""
+    plan = scan_dataset(
+        cfg.train_data_dir,
+        cfg.reg_data_dir,
+        cfg.caption_extension,
+        cfg.bad_images,
+        validation_split=cfg.validation_split,
+        validation_seed=seed if cfg.validation_seed is None else cfg.validation_seed,
+        validation_data_dir=cfg.validation_data_dir,
+    )
     if warn is not None:
         for w in plan.warnings:
             warn(w)
-    return DreamBoothDataset(plan, cfg, seed)
+    dataset = DreamBoothDataset(plan, cfg, seed)
+    if plan.validation is not None:
+        dataset.validation = validation_dataset(plan.validation, cfg, seed)
+    return dataset
+
+
+def validation_dataset(plan: DatasetPlan, cfg: DatasetConfig, seed: int) -> DreamBoothDataset:
+    """The validation images in the train buckets and captions, with no random caption shuffle or flip."""
+    return DreamBoothDataset(plan, dataclasses.replace(cfg, shuffle_caption=False, flip_aug=False), seed)

@@ -430,9 +430,10 @@ def _child_main(run_dir: Path) -> int:
         progress_file.write(json.dumps(row) + "\n")
         progress_file.flush()
         loss = f"{p.loss:.4f}" if p.loss is not None else "-"
+        val = f"  val_loss {p.validation_loss:.4f}" if p.validation_loss is not None else ""
         log.info(
-            "step %d/%d  epoch %d/%d  loss %s  lr %.2e  %.2f it/s  ETA %s",
-            p.step, p.total_steps, p.epoch, p.total_epochs, loss, p.lr, p.its, format_duration(p.eta_s),
+            "step %d/%d  epoch %d/%d  loss %s%s  lr %.2e  %.2f it/s  ETA %s",
+            p.step, p.total_steps, p.epoch, p.total_epochs, loss, val, p.lr, p.its, format_duration(p.eta_s),
         )  # fmt: skip
         set_status("running", f"step {p.step}/{p.total_steps}")
 

@@ -59,6 +59,8 @@ def training_metadata(
     world_size: int = 1,
     family=None,
     vae_hashes: tuple[str, str] | None = None,
+    num_validation_images: int = 0,
+    validation_seed: int | None = None,
 ) -> dict[str, str]:
     """Everything that stays the same through a run; `finish_metadata` adds step/epoch on each save.
     `family`: the base's family module (lorakit.models.families; default SD1.x)."""
@@ -84,7 +86,13 @@ def training_metadata(
         ),
         "ss_unet_lr": t.unet_lr,
         "ss_num_train_images": num_train_images,
+        "ss_num_validation_images": num_validation_images,
         "ss_num_reg_images": num_reg_images,
+        "ss_validation_seed": validation_seed,
+        "ss_validation_split": d.validation_split,
+        "ss_max_validation_steps": t.max_validation_steps,
+        "ss_validate_every_n_steps": t.validate_every_n_steps,
+        "ss_validate_every_n_epochs": t.validate_every_n_epochs,
         "ss_num_batches_per_epoch": num_batches_per_epoch,
         "ss_num_epochs": num_epochs,
         "ss_gradient_checkpointing": t.gradient_checkpointing,

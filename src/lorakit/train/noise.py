@@ -32,17 +32,25 @@ def step_generator(seed: int, step: int, rank: int, device: torch.device) -> tor
 
 
 def noisy_latents(
-    scheduler, latents: torch.Tensor, generator: torch.Generator, noise_offset: float | None = None
+    scheduler,
+    latents: torch.Tensor,
+    generator: torch.Generator,
+    noise_offset: float | None = None,
+    timestep: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(noisy latents, noise, timesteps): t uniform in 0..999 like kohya."""
+    """(noisy latents, noise, timesteps): t uniform in 0..999 like kohya, or `timestep` for every
+    sample (the validation loss: no timestep is drawn, so the noise stream is the same)."""
     b, c = latents.shape[:2]
     noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
     if noise_offset:
         offset = torch.randn((b, c, 1, 1), generator=generator, device=latents.device, dtype=latents.dtype)
         noise = noise + noise_offset * offset
-    t = torch.randint(
-        0, scheduler.config.num_train_timesteps, (b,), generator=generator, device=latents.device
-    ).long()
+    if timestep is not None:
+        t = torch.full((b,), int(timestep), dtype=torch.long, device=latents.device)
+    else:
+        t = torch.randint(
+            0, scheduler.config.num_train_timesteps, (b,), generator=generator, device=latents.device
+        ).long()
     return scheduler.add_noise(latents, noise, t), noise, t
 
 

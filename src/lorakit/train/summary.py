@@ -27,6 +27,14 @@ def dataset_lines(cfg: TrainConfig, dataset) -> list[str]:
             f"{plan.num_reg_images} reg images; {used} reg samples an epoch "
             "(kohya balances them to the train images)."
         )
+    if plan.validation is not None:
+        n = len(plan.validation.samples)
+        source = (
+            f"validation_data_dir {d.validation_data_dir}"
+            if d.validation_data_dir
+            else f"held out of the train images by validation_split = {d.validation_split}, not trained on"
+        )
+        lines.append(f"{n} validation images ({source}).")
     return lines
 
 

@@ -50,6 +50,11 @@ class Progress:
     lr: float
     its: float  # optimizer steps per second
     eta_s: float
+    validation_loss: float | None = None  # the latest validation loss (validation_split / _data_dir)
+
+
+# The validation loss's timesteps: a spread over the schedule, each image noised at every one
+VALIDATION_TIMESTEPS = (50, 250, 500, 750, 950)
 
 
 def _seed(cfg: TrainConfig) -> int:
@@ -280,6 +285,8 @@ class Trainer:
 
         self._first_bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
         self.last_good: Path | None = None  # the last LoRA this run saved (all its weights finite)
+        self.last_validation_loss: float | None = None
+        self._validated_at = -1  # the step of the last validation
 
         self._prepare_caches()
         self.metadata = self._metadata()
@@ -307,9 +314,10 @@ class Trainer:
         self._park(self.base.unet, d.cache_latents or d.cache_text_encoder_outputs)
         if d.cache_latents:
             self._park(list(self.text_encoders.values()), True)
-            self.dataset.cache_latents(
-                self._encode_pixels, self._vae_fingerprint(), d.cache_latents_to_disk, 1
-            )
+            for dataset in self._datasets():
+                dataset.cache_latents(
+                    self._encode_pixels, self._vae_fingerprint(), d.cache_latents_to_disk, 1
+                )
             self._unpark(list(self.text_encoders.values()))
             if not self.sample_prompts:
                 self._park(self.base.vae, True)  # for good: the steps use the cached latents
@@ -323,12 +331,20 @@ class Trainer:
                 fingerprint = text_encoders_fingerprint(self.text_encoders.values())
                 key_of = lambda caption: te_cache_key(caption, m.max_token_length, m.clip_skip, fingerprint)  # noqa: E731
             with torch.no_grad():
+                image_captions = [pair for ds in self._datasets() for pair in ds.image_captions()]
                 self.te_cache = cache_text_encoder_outputs(
-                    self.dataset.image_captions(), lambda c: self._encode_captions([c]).rows()[0], key_of
+                    list(dict.fromkeys(image_captions)),
+                    lambda c: self._encode_captions([c]).rows()[0],
+                    key_of,
                 )
         if self.te_cache and not self.train_te and not self.sample_prompts:
             self._park(list(self.text_encoders.values()), True)  # for good: SDXL's are 1.6 GB in bf16
         self._unpark([self.base.unet])
+
+    def _datasets(self) -> list:
+        """The train dataset and, with validation_split / validation_data_dir, the validation one."""
+        val = getattr(self.dataset, "validation", None)
+        return [self.dataset] if val is None else [self.dataset, val]
 
     def _park(self, models, when: bool) -> None:
         """Move `models` off the GPU (to the CPU, dtype kept); nothing on a CPU run."""
@@ -376,15 +392,19 @@ class Trainer:
         return self._encode_captions(captions)
 
     # --- the step -----------------------------------------------------------------
-    def loss_of(self, batch, step: int) -> torch.Tensor:
+    def loss_of(
+        self, batch, step: int, generator: torch.Generator | None = None, timestep: int | None = None
+    ) -> torch.Tensor:
+        """The batch's mean loss; noise (and timesteps) from the step's generator, or from `generator`
+        at one fixed `timestep` (the validation loss)."""
         cfg = self.cfg
-        g = N.step_generator(self.seed, step, self.acc.process_index, self.device)
+        g = generator or N.step_generator(self.seed, step, self.acc.process_index, self.device)
         if batch.latents is not None:
             latents = batch.latents.to(self.device)
         else:
             latents = self._encode_pixels(batch.pixels, g)
         cond = self._conditioning(batch.captions).to(self.device, self.weight_dtype)
-        noisy, noise, t = N.noisy_latents(self.scheduler, latents, g, cfg.training.noise_offset)
+        noisy, noise, t = N.noisy_latents(self.scheduler, latents, g, cfg.training.noise_offset, timestep)
         with self.acc.autocast():
             pred = self.family.predict(self.base, noisy.to(self.weight_dtype), t, cond, batch.size_ids)
         v_pred = cfg.model.v_parameterization
@@ -401,6 +421,60 @@ class Trainer:
         """Mean loss over one epoch's batches with fixed noise: a before/after measure of learning."""
         losses = [self.loss_of(b, 10**9 + i) for i, b in enumerate(self.dataset.batches(epoch))]
         return torch.stack(losses).mean().item()
+
+    @property
+    def validation_seed(self) -> int:
+        seed = self.cfg.dataset.validation_seed
+        return self.seed if seed is None else seed
+
+    @torch.no_grad()
+    def validation_loss(self) -> float | None:
+        """Mean loss of the validation images over VALIDATION_TIMESTEPS, with noise fixed by
+        validation_seed and the LoRA as it is now: the same weights always give the same number.
+        None without a validation set."""
+        from ..dataset.loader import stable_seed
+
+        val = getattr(self.dataset, "validation", None)
+        if val is None:
+            return None
+        cap = self.cfg.training.max_validation_steps
+        total, count = torch.zeros((), dtype=torch.float64, device=self.device), 0
+        for i, batch in enumerate(val.fixed_batches()):
+            if cap is not None and i >= cap:
+                break
+            n = len(batch.paths)
+            for t in VALIDATION_TIMESTEPS:
+                g = torch.Generator(device=self.device)
+                g.manual_seed(stable_seed(self.validation_seed, i, t) % (2**63))
+                total += self.loss_of(batch, 0, generator=g, timestep=t).double() * n
+                count += n
+        return (total / max(count, 1)).item()
+
+    def _validation_due(self, every_steps: int | None, every_epochs: int | None) -> bool:
+        """After an optimizer step: every N steps, at the end of every N-th epoch, and at the last step
+        (the final LoRA's own validation loss)."""
+        pos = self.pos
+        ends_epoch = pos.batch_in_epoch >= self.batches_per_epoch
+        return (
+            pos.step == self.total_steps
+            or bool(every_steps and pos.step % every_steps == 0)
+            or bool(every_epochs and ends_epoch and (pos.epoch + 1) % every_epochs == 0)
+        )
+
+    def _validate(self, bar) -> None:
+        """Measure, show and log the validation loss (every rank measures; the main one reports). The next
+        Progress carries it."""
+        value = self.validation_loss()
+        if value is None:
+            return
+        self.last_validation_loss, self._validated_at = value, self.pos.step
+        pos = self.pos
+        if not self.acc.is_main_process:
+            return
+        log.info("validation loss at step %d (epoch %d): %.4f", pos.step, pos.epoch, value)
+        self._postfix["val_loss"] = f"{value:.4f}"
+        bar.set_postfix(**self._postfix)
+        self.acc.log({"loss/validation": value}, step=pos.step)
 
     def _sync_grads(self) -> None:
         """Average LoRA gradients over processes: one all-reduce of one flat buffer."""
@@ -455,6 +529,10 @@ class Trainer:
             )  # fmt: skip
             log.info("%s", "\n".join(lines))
         bar = tqdm(total=self.total_steps, initial=pos.step, disable=not acc.is_main_process, desc="steps")
+        self._postfix: dict[str, str] = {}
+        validating = self._datasets()[1:] != []
+        every_steps, every_epochs = cfg.training.validate_every_n_steps, cfg.training.validate_every_n_epochs
+        every_epochs = every_epochs or (None if every_steps else 1)  # kohya: every epoch unless told
         loss_sum, loss_n = torch.zeros((), device=self.device), 0
         self._clock = (time.time(), pos.step)
         # where a resume can start: an optimizer-step boundary, with no accumulated gradients pending
@@ -491,7 +569,14 @@ class Trainer:
                         and pos.step % sc.sample_every_n_steps == 0
                     ):
                         self.sample(step=pos.step)
-                    if pos.step % cfg.output.progress_every_n_steps == 0 or pos.step == self.total_steps:
+                    validated = validating and self._validation_due(every_steps, every_epochs)
+                    if validated:  # before the report, which carries the new value
+                        self._validate(bar)
+                    if (
+                        validated
+                        or pos.step % cfg.output.progress_every_n_steps == 0
+                        or pos.step == self.total_steps
+                    ):
                         self._report(loss_sum / max(loss_n, 1), bar, on_progress)
                         loss_sum.zero_()
                         loss_n = 0
@@ -599,11 +684,17 @@ class Trainer:
         its = (pos.step - step_last) / max(now - t_last, 1e-9)
         self._clock = (now, pos.step)
         lr = self.lr_scheduler.get_last_lr()[0]
-        bar.set_postfix(epoch=f"{pos.epoch + 1}/{self.epochs}", loss=f"{mean:.4f}", lr=f"{lr:.2e}")
+        self._postfix.update(epoch=f"{pos.epoch + 1}/{self.epochs}", loss=f"{mean:.4f}", lr=f"{lr:.2e}")
+        bar.set_postfix(**self._postfix)
         self.acc.log({"loss/average": mean, "lr/unet": lr}, step=pos.step)
         if on_progress:
             eta = (self.total_steps - pos.step) / max(its, 1e-9)
-            on_progress(Progress(pos.step, self.total_steps, pos.epoch + 1, self.epochs, mean, lr, its, eta))
+            on_progress(
+                Progress(
+                    pos.step, self.total_steps, pos.epoch + 1, self.epochs, mean, lr, its, eta,
+                    self.last_validation_loss,
+                )
+            )  # fmt: skip
 
     # --- saving -------------------------------------------------------------------
     def _state_dir(self, suffix: str) -> Path:
@@ -638,6 +729,9 @@ class Trainer:
             epoch=kohya_epoch(pos.epoch, pos.batch_in_epoch),
             no_metadata=o.no_metadata,
         )
+        if self.last_validation_loss is not None and not o.no_metadata:
+            meta["lorakit_validation_loss"] = f"{self.last_validation_loss:.6g}"
+            meta["lorakit_validation_loss_step"] = str(self._validated_at)
         if extra and not o.no_metadata:
             meta.update(extra)
         save_lora_file(path, self.network.kohya_state_dict(), meta, o.save_precision)
@@ -670,4 +764,6 @@ class Trainer:
             vae_hashes=file_hashes(self.cfg.model.vae) if self.cfg.model.vae else None,
             world_size=self.acc.num_processes,
             family=self.family,
+            num_validation_images=(p.validation.num_train_images if p.validation is not None else 0),
+            validation_seed=self.validation_seed,
         )
