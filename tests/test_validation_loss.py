@@ -187,3 +187,36 @@ def test_split_of_a_single_image_and_a_missing_folder_are_explained(tmp_path):
     assert len(scan_dataset(train, validation_split=0.9).samples) == 1  # never all: one image trains
     with pytest.raises(DatasetError, match="validation_data_dir .*does not exist"):
         scan_dataset(train, validation_data_dir=tmp_path / "nowhere")
+
+
+def test_the_gui_plots_validation_beside_training_loss_and_shows_it(tmp_path):
+    """The Train tab's curve (long form: one series per loss) and status line, from a job's progress."""
+    import json
+
+    from lorakit.gui.train_tab import loss_frame, status_html
+    from lorakit.train.job import Job
+
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [
+        {"step": 10, "loss": 0.30, "validation_loss": None},
+        {"step": 20, "loss": 0.25, "validation_loss": 0.28},
+        {"step": 30, "loss": 0.22, "validation_loss": 0.28},  # carried over, not measured again
+        {"step": 40, "loss": 0.20, "validation_loss": 0.24},
+    ]
+    common = {
+        "total_steps": 40,
+        "epoch": 1,
+        "total_epochs": 1,
+        "lr": 1e-4,
+        "its": 2.0,
+        "eta_s": 0.0,
+        "time": 0,
+    }
+    (run / "progress.jsonl").write_text("".join(json.dumps({**common, **r}) + "\n" for r in rows))
+    (run / "status.json").write_text(json.dumps({"state": "done", "message": "", "pid": None}))
+    frame = loss_frame(Job(run))
+    assert frame[frame.series == "training"].step.tolist() == [10, 20, 30, 40]
+    val = frame[frame.series == "validation"]
+    assert val.step.tolist() == [20, 40] and val.loss.tolist() == [0.28, 0.24]
+    assert "validation loss <b class='lk-val'>0.2400</b>" in status_html(Job(run))

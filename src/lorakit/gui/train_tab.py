@@ -239,10 +239,12 @@ def status_html(job: Job | None) -> str:
     parts = [f"<span class='lk-state lk-{state}'>{state}</span> <b>{html.escape(job.name)}</b>"]
     if last:
         loss = f"{last['loss']:.4f}" if last.get("loss") is not None else "–"
+        val = last.get("validation_loss")
+        val = f" · validation loss <b class='lk-val'>{val:.4f}</b>" if val is not None else ""
         parts.append(
             f"<div class='lk-nums'>step <b class='lk-step'>{last['step']}/{last['total_steps']}</b> · "
             f"epoch {last['epoch']}/{last['total_epochs']} · {last['its']:.2f} it/s · "
-            f"ETA {_duration(last['eta_s']) if state == 'running' else '–'} · loss {loss} · "
+            f"ETA {_duration(last['eta_s']) if state == 'running' else '–'} · loss {loss}{val} · "
             f"lr {last['lr']:.2e}</div>"
         )
     parts.append(f"<div class='lk-bar'><div style='width:{pct:.1f}%'></div></div>")
@@ -253,14 +255,24 @@ def status_html(job: Job | None) -> str:
 
 
 def loss_frame(job: Job | None):
+    """The run's loss curve in long form (step, loss, series = "training" | "validation"): the
+    training loss of every report, and each new validation loss at the step it was measured (later
+    reports carry the last one again)."""
     import pandas as pd
 
     rows = job.progress(with_previous=True) if job else []
-    pts = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None]
+    pts = [(r["step"], r["loss"], "training") for r in rows if r.get("loss") is not None]
+    last_val = None
+    for r in rows:
+        val = r.get("validation_loss")
+        if val is not None and val != last_val:
+            pts.append((r["step"], val, "validation"))
+        last_val = val
     return pd.DataFrame(
         {
             "step": pd.Series([p[0] for p in pts], dtype="int64"),
             "loss": pd.Series([p[1] for p in pts], dtype="float64"),
+            "series": pd.Series([p[2] for p in pts], dtype="object"),
         }
     )
 
@@ -412,8 +424,9 @@ def build(settings: Settings, notice: gr.components.Component | None = None) -> 
             action_msg = gr.Markdown(elem_id="train-action")
             status = gr.HTML(status_html(None), elem_id="train-status")
             loss_plot = gr.LinePlot(
-                x="step", y="loss", title="Loss", height=220, elem_id="train-loss", label="Loss"
-            )
+                x="step", y="loss", color="series", title="Loss (training and validation)", height=220,
+                elem_id="train-loss", label="Loss",
+            )  # fmt: skip
             samples = gr.Gallery(
                 label="Latest samples",
                 columns=2,
