@@ -700,15 +700,16 @@ def test_a_family_lorakit_refuses_is_named_before_training_starts(bases):
     check_trainable("missing.safetensors", None, "a prompt")  # unread: the trainer says what is wrong
 
 
-@pytest.mark.parametrize("name", ["SDXL, 12 GB", "SDXL, 24 GB"])
+@pytest.mark.parametrize("name", ["sdxl-12gb-character", "sdxl-24gb-character"])
 def test_sdxl_presets_fill_the_fields_with_a_config_that_validates(name):
-    from lorakit.gui.train_tab import PRESET_NOTES, PRESETS, config_from_widgets, widget_value
+    from lorakit.gui.train_tab import config_from_widgets, preset_note_of, widget_value
+    from lorakit.presets import load_preset
 
     cfg = TrainConfig.from_dict(
         {"pretrained_model_name_or_path": "sdxl.safetensors", "train_data_dir": "data"}
     )
-    cfg.update(PRESETS["Low VRAM (6-8 GB)"])  # what another preset left in the fields
-    cfg.update(PRESETS[name], source=f"preset {name!r}")
+    cfg.update(load_preset("sd15-8gb-character"))  # what another preset left in the fields
+    cfg.update(load_preset(name), source=f"preset {name!r}")
     flat = cfg.flat()  # through the widgets and back, as Apply preset and Train do
     again = config_from_widgets(list(flat), [widget_value(n, v) for n, v in flat.items()])
     again.validate()
@@ -721,13 +722,14 @@ def test_sdxl_presets_fill_the_fields_with_a_config_that_validates(name):
     )
     assert t.mixed_precision == "bf16" and again.model.no_half_vae is False and t.gradient_checkpointing
     assert d.bucket_reso_steps % 32 == 0  # SDXL's bucket step
-    if name == "SDXL, 12 GB":
+    if name == "sdxl-12gb-character":
         assert d.train_batch_size == 1 and d.cache_text_encoder_outputs and not again.trains_text_encoder
         assert t.optimizer_type == "AdamW8bit" and 16 <= again.network.network_dim <= 32
     else:
         assert d.train_batch_size >= 2 and not d.cache_text_encoder_outputs and again.trains_text_encoder
         assert t.optimizer_type in ("AdamW", "AdamW8bit") and again.network.network_dim == 32
-    assert name.split(", ")[1] in PRESET_NOTES[name]  # the note says the VRAM it is for
+    vram = name.split("-")[1].replace("gb", " GB")  # "12 GB"
+    assert vram in preset_note_of(name)  # the note says the VRAM it is for
 
 
 def test_train_tab_shows_the_sdxl_options_where_kohya_ss_has_them():

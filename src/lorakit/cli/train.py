@@ -7,7 +7,7 @@ import dataclasses
 import os
 import typing
 
-from ..config import SECTIONS, TrainConfig, base_type, field_index
+from ..config import SECTIONS, TrainConfig, base_type, field_index, load_toml_flat
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -44,13 +44,34 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    cfg = TrainConfig.from_toml(args.config) if args.config else TrainConfig()
+    """The preset first, then --config, then flags: each later one wins."""
+    from ..presets import load_preset
+
+    cfg = TrainConfig()
+    if getattr(args, "preset", None):  # its values count as given: model defaults leave them alone
+        cfg.update(load_preset(args.preset), source=f"preset {args.preset!r}")
+    if args.config:
+        cfg.update(load_toml_flat(args.config), source=str(args.config))
     given = {k: v for k, v in vars(args).items() if k in field_index() and v is not None}
     cfg.update(given, source="command line")
     return cfg
 
 
+def print_presets() -> None:
+    import textwrap
+
+    from ..presets import list_presets
+
+    for name, description in list_presets().items():
+        print(name)
+        print(textwrap.indent(textwrap.fill(description, 96), "    "))
+    print("\nUse one with `lorakit train --preset NAME ...`; --config and flags given with it win.")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.list_presets:
+        print_presets()
+        return 0
     from ..models.defaults import apply_model_defaults
     from ..train.trainer import train
 
@@ -77,8 +98,16 @@ def add_parsers(sub) -> None:
         "train",
         allow_abbrev=False,
         help="train a LoRA",
-        description="Train a LoRA. Options come from --config (TOML, kohya option names) and flags; flags win.",
+        description="Train a LoRA. Options come from --preset, then --config (TOML, kohya option names), "
+        "then flags; each later one wins.",
     )
+    p.add_argument(
+        "--preset",
+        metavar="NAME",
+        help="start from a shipped preset (base family x card memory x goal, e.g. sdxl-12gb-character); "
+        "--list_presets shows them",
+    )
+    p.add_argument("--list_presets", action="store_true", help="print the shipped presets and what they are for")
     p.add_argument("--config", metavar="FILE.toml", help="TOML file with any of the options below")
     p.add_argument("--dump_config", action="store_true", help="print the resulting config as TOML and exit")
     add_config_flags(p)

@@ -13,6 +13,7 @@ import gradio as gr
 
 from ..config import TrainConfig, base_type, field_index, resolution_of
 from ..errors import ConfigError, LoraKitError
+from ..presets import list_presets, load_preset
 from ..train.job import Job, latest_job, start_job
 from .base_model import (
     AUTO_FIELDS,
@@ -88,66 +89,11 @@ CHOICES = {
 # the sample prompts are the text box, network_args is folded into conv_dim/conv_alpha.
 HIDDEN = {"save_state", "resume", "sample_prompts", "network_args", "save_model_as"}
 
-PRESETS: dict[str, dict] = {
-    "SD1.5 character (kohya-style defaults)": {
-        "resolution": "512,512", "train_batch_size": 2, "max_train_epochs": 10, "max_train_steps": 1600,
-        "network_dim": 32, "network_alpha": 16, "learning_rate": 1e-4, "unet_lr": 1e-4,
-        "text_encoder_lr": 5e-5, "optimizer_type": "AdamW", "lr_scheduler": "cosine",
-        "mixed_precision": "fp16", "cache_latents": True, "save_every_n_epochs": 2,
-        "sample_every_n_epochs": 1,
-    },
-    "SD1.5 style (lower text-encoder rate)": {
-        "resolution": "512,512", "train_batch_size": 2, "max_train_epochs": 10, "network_dim": 64,
-        "network_alpha": 32, "learning_rate": 1e-4, "unet_lr": 1e-4, "text_encoder_lr": 2e-5,
-        "optimizer_type": "AdamW", "lr_scheduler": "cosine_with_restarts", "mixed_precision": "fp16",
-        "cache_latents": True, "shuffle_caption": True, "keep_tokens": 1,
-    },
-    "Low VRAM (6-8 GB)": {
-        "train_batch_size": 1, "mixed_precision": "fp16", "gradient_checkpointing": True,
-        "cache_latents": True, "network_train_unet_only": True, "cache_text_encoder_outputs": True,
-        "shuffle_caption": False, "optimizer_type": "AdamW8bit",
-    },
-    "SDXL, 12 GB": {
-        "resolution": "1024,1024", "enable_bucket": True, "min_bucket_reso": 256, "max_bucket_reso": 2048,
-        "bucket_reso_steps": 64, "train_batch_size": 1, "max_train_epochs": 10, "network_dim": 16,
-        "network_alpha": 8, "learning_rate": 1e-4, "unet_lr": 1e-4, "text_encoder_lr": None,
-        "text_encoder_lr2": None, "optimizer_type": "AdamW8bit", "lr_scheduler": "cosine",
-        "mixed_precision": "bf16", "no_half_vae": False, "gradient_checkpointing": True,
-        "cache_latents": True, "cache_text_encoder_outputs": True, "network_train_unet_only": True,
-        "shuffle_caption": False, "save_every_n_epochs": 2, "sample_every_n_epochs": None,
-        "sample_every_n_steps": None, "sample_at_first": False,
-    },
-    "SDXL, 24 GB": {
-        "resolution": "1024,1024", "enable_bucket": True, "min_bucket_reso": 256, "max_bucket_reso": 2048,
-        "bucket_reso_steps": 64, "train_batch_size": 2, "max_train_epochs": 10, "network_dim": 32,
-        "network_alpha": 16, "learning_rate": 1e-4, "unet_lr": 1e-4, "text_encoder_lr": 1e-5,
-        "text_encoder_lr2": None, "optimizer_type": "AdamW", "lr_scheduler": "cosine",
-        "mixed_precision": "bf16", "no_half_vae": False, "gradient_checkpointing": True,
-        "cache_latents": True, "cache_text_encoder_outputs": False, "network_train_unet_only": False,
-        "save_every_n_epochs": 2, "sample_every_n_epochs": None, "sample_every_n_steps": None,
-        "sample_at_first": False,
-    },
-    "Quick test (tiny model, 64 px, CPU)": {
-        "resolution": "64", "train_batch_size": 2, "max_train_epochs": None, "max_train_steps": 40,
-        "network_dim": 4, "network_alpha": 4, "learning_rate": 1e-3, "unet_lr": None,
-        "text_encoder_lr": None, "mixed_precision": "no", "progress_every_n_steps": 2,
-        "sample_every_n_epochs": None, "sample_every_n_steps": 20, "sample_at_first": False,
-    },
-}  # fmt: skip
-# What a preset is for, shown under the preset menu once one is picked.
-PRESET_NOTES = {
-    "SDXL, 12 GB": (
-        "For an SDXL base on a **12 GB** card (RTX 3060 12 GB / 4070): 1024 px, batch 1, U-Net only "
-        "with cached latents and text-encoder outputs, gradient checkpointing, AdamW8bit (bitsandbytes), "
-        "bf16 (an RTX 20xx has no bf16: use fp16, which turns on No half VAE), rank 16."
-    ),
-    "SDXL, 24 GB": (
-        "For an SDXL base on a **24 GB** card (RTX 3090 / 4090): 1024 px, batch 2, both text encoders "
-        "trained (1e-5), AdamW, bf16, rank 32, cached latents; gradient checkpointing on to leave room for "
-        "bucketed 2048 px sides (turn it off for speed if memory allows)."
-    ),
-    "Low VRAM (6-8 GB)": "SD1.x on a 6-8 GB card: batch 1, U-Net only, cached latents, AdamW8bit.",
-}
+# Presets are TOML files shipped in lorakit/presets (the same `lorakit train --preset NAME` reads):
+# the menu lists their names, the note under it their description.
+def preset_note_of(name: str | None) -> str:
+    """The note under the preset menu: the preset's own description."""
+    return f"**{name}**: {list_presets()[name]}" if name in list_presets() else ""
 
 
 def make_field(name: str, f, value):
@@ -369,7 +315,12 @@ def build(settings: Settings, notice: gr.components.Component | None = None) -> 
         with gr.Column(scale=3):
             with gr.Row():
                 preset = gr.Dropdown(
-                    list(PRESETS), label="Preset", value=None, scale=3, elem_id="train-preset"
+                    list(list_presets()),
+                    label="Preset (base family, card memory, goal)",
+                    info="the files `lorakit train --list_presets` shows; picking one shows what it is for",
+                    value=None,
+                    scale=3,
+                    elem_id="train-preset",
                 )
                 apply_preset = gr.Button("Apply preset", scale=1)
             preset_note = gr.Markdown(elem_id="train-preset-note")
@@ -495,14 +446,14 @@ def build(settings: Settings, notice: gr.components.Component | None = None) -> 
         if not name:
             raise gr.Error("Pick a preset first.")
         cfg = config_from_widgets(names, list(values[:-1]))
-        cfg.update(PRESETS[name], source=f"preset {name!r}")
+        cfg.update(load_preset(name), source=f"preset {name!r}")
         return fill_from(cfg, values[-1])
 
     apply_preset.click(do_preset, [preset, *widgets, sample_text], [*widgets, sample_text]).then(
         *record_model
     )
     preset.change(
-        lambda name: PRESET_NOTES.get(name or "", ""), [preset], [preset_note], show_progress="hidden"
+        preset_note_of, [preset], [preset_note], show_progress="hidden"
     )
 
     # Only <config_dir>/<name>.toml (and its .sample_prompts.txt): the client names a config, not a path.
