@@ -51,7 +51,9 @@ def test_every_preset_trains_the_tiny_model_for_two_steps(name, request):
         "save_every_n_epochs": None, "sample_every_n_epochs": None, "sample_every_n_steps": None,
     }  # fmt: skip
     if flat.get("optimizer_type") == "AdamW8bit" and not HAS_BNB:
-        small["optimizer_type"] = "AdamW"  # bitsandbytes is not installed here: the rest of the preset still runs
+        small["optimizer_type"] = (
+            "AdamW"  # bitsandbytes is not installed here: the rest of the preset still runs
+        )
     cfg = make(**{**flat, **small})
     cfg.validate()
     assert cfg.network.network_dim == flat["network_dim"]  # the preset's own rank is trained

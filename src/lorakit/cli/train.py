@@ -107,7 +107,9 @@ def add_parsers(sub) -> None:
         help="start from a shipped preset (base family x card memory x goal, e.g. sdxl-12gb-character); "
         "--list_presets shows them",
     )
-    p.add_argument("--list_presets", action="store_true", help="print the shipped presets and what they are for")
+    p.add_argument(
+        "--list_presets", action="store_true", help="print the shipped presets and what they are for"
+    )
     p.add_argument("--config", metavar="FILE.toml", help="TOML file with any of the options below")
     p.add_argument("--dump_config", action="store_true", help="print the resulting config as TOML and exit")
     add_config_flags(p)

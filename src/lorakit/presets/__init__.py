@@ -7,9 +7,10 @@ preset, in the GUI, leaves nothing of that one behind).
 
 from __future__ import annotations
 
-import tomllib
 from importlib import resources
 from typing import Any
+
+import tomllib
 
 from ..errors import ConfigError
 
@@ -18,9 +19,7 @@ SUFFIX = ".toml"
 
 def _files() -> dict[str, Any]:
     folder = resources.files(__name__)
-    return {
-        p.name[: -len(SUFFIX)]: p for p in folder.iterdir() if p.is_file() and p.name.endswith(SUFFIX)
-    }
+    return {p.name[: -len(SUFFIX)]: p for p in folder.iterdir() if p.is_file() and p.name.endswith(SUFFIX)}
 
 
 def list_presets() -> dict[str, str]:
@@ -33,7 +32,9 @@ def load_preset(name: str) -> dict[str, Any]:
     files = _files()
     if name not in files:
         known = ", ".join(sorted(files))
-        raise ConfigError(f"unknown preset {name!r}; the shipped presets are: {known} (`lorakit train --list_presets`)")
+        raise ConfigError(
+            f"unknown preset {name!r}; the shipped presets are: {known} (`lorakit train --list_presets`)"
+        )
     return _read(name, files[name])[1]
 
 
