@@ -89,6 +89,7 @@ CHOICES = {
 # the sample prompts are the text box, network_args is folded into conv_dim/conv_alpha.
 HIDDEN = {"save_state", "resume", "sample_prompts", "network_args", "save_model_as"}
 
+
 # Presets are TOML files shipped in lorakit/presets (the same `lorakit train --preset NAME` reads):
 # the menu lists their names, the note under it their description.
 def preset_note_of(name: str | None) -> str:
@@ -452,9 +453,7 @@ def build(settings: Settings, notice: gr.components.Component | None = None) -> 
     apply_preset.click(do_preset, [preset, *widgets, sample_text], [*widgets, sample_text]).then(
         *record_model
     )
-    preset.change(
-        preset_note_of, [preset], [preset_note], show_progress="hidden"
-    )
+    preset.change(preset_note_of, [preset], [preset_note], show_progress="hidden")
 
     # Only <config_dir>/<name>.toml (and its .sample_prompts.txt): the client names a config, not a path.
     @user_errors
