@@ -518,3 +518,18 @@ def _plot_points(page) -> int:
         "() => { const p = document.querySelector('#train-loss .mark-line path'); return p ? p.getAttribute('d') : ''; }"
     )
     return len(re.findall(r"[ML]", d or ""))
+
+
+def test_a_preset_explains_itself_and_fills_the_fields(browser_page):
+    """The preset list is the shipped TOML files; picking one says what it is for, applying it fills the
+    fields (the last test in the file: the run settings above are its own)."""
+    page = browser_page
+    tab(page, "train")
+    page.locator("#train-preset input").click()
+    page.get_by_role("option", name="sdxl-12gb-character").click()
+    expect(page.locator("#train-preset-note")).to_contain_text("12 GB")
+    page.get_by_role("button", name="Apply preset").click()
+    expect(page.locator("#cfg-network_dim input").first).to_have_value("16")
+    expect(page.locator("#cfg-resolution textarea, #cfg-resolution input").first).to_have_value("1024,1024")
+    expect(page.locator("#cfg-gradient_checkpointing input")).to_be_checked()
+    expect(page.locator("#cfg-network_train_unet_only input")).to_be_checked()
