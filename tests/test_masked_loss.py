@@ -172,4 +172,8 @@ def test_trainer_weighs_the_loss_by_the_mask(family, train_config, sdxl_config, 
     assert torch.isfinite(lm) and not torch.isclose(lm, lp)
     torch.testing.assert_close(lo, lp)
     assert lz.item() == 0.0
-    masked.run()  # trains end to end
+    path = masked.run()  # trains end to end
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata()["ss_masked_loss"] == "True"
