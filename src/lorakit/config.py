@@ -70,6 +70,11 @@ class DatasetConfig:
     shuffle_caption: bool = opt(False, "shuffle comma-separated caption tags each step")
     keep_tokens: int = opt(0, "keep the first N caption tags in place when shuffling")
     flip_aug: bool = opt(False, "random horizontal flip")
+    alpha_mask: bool = opt(
+        False,
+        "use each PNG's alpha channel as its loss mask (with masked_loss); images without alpha get a "
+        "mask of ones",
+    )
     train_batch_size: int = opt(1, "batch size per device")
     prior_loss_weight: float = opt(1.0, "loss weight of regularization images")
     cache_latents: bool = opt(False, "encode every image with the VAE once, before training")
@@ -138,6 +143,11 @@ class TrainingConfig:
         None, "SDXL's second text encoder (bigG) learning rate (default: text_encoder_lr; 0 = not trained)"
     )
     optimizer_type: str = opt("AdamW", "AdamW, AdamW8bit, Adafactor, Lion or Prodigy")
+    masked_loss: bool = opt(
+        False,
+        "weigh the loss per pixel by the mask (needs alpha_mask; grey = partial weight); unlike kohya, "
+        "normalised by the mask's area (sum(mask*err)/sum(mask)), not averaged over all pixels",
+    )
     optimizer_args: list[str] = opt([], "optimizer arguments as key=value, e.g. weight_decay=0.1")
     lr_scheduler: str = opt(
         "constant", "constant, linear, cosine, cosine_with_restarts, polynomial or constant_with_warmup"
@@ -339,6 +349,11 @@ class TrainConfig:
             raise ConfigError("clip_skip must be 1 or more")
         self._validate_learning_rates()
         self._validate_validation()
+        if self.training.masked_loss and not self.dataset.alpha_mask:
+            raise ConfigError(
+                "masked_loss needs a mask source: set alpha_mask = true to use each image's alpha channel "
+                "(kohya's conditioning_data_dir masks are not supported)"
+            )
         if self.dataset.cache_text_encoder_outputs_to_disk:  # as kohya: the disk cache implies the cache
             self.dataset.cache_text_encoder_outputs = True
         if self.dataset.cache_text_encoder_outputs and self.trains_text_encoder:

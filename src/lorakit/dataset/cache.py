@@ -1,8 +1,8 @@
 """Latent cache: each unique image encoded once, kept in memory and optionally as .npz beside it.
 
 Unlike kohya (whose disk cache is valid if its keys exist), a cache file here records a key
-over the image bytes, bucket, resize, crop, flip setting and VAE, and is recomputed when any
-of them change.
+over the image bytes, bucket, resize, crop, flip setting, VAE and alpha_mask, and is recomputed
+when any of them change. With alpha_mask the latent-size mask is stored beside the latents.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from ..atomic import atomic_file
 from ..errors import DatasetError
 from ..hashing import file_sha256
 from .buckets import Placement
-from .images import load_image, to_tensor
+from .images import load_image_and_alpha, mask_tensor, to_tensor
 
 Encode = Callable[[torch.Tensor], torch.Tensor]
 Progress = Callable[[int, int], None]  # (images done, images to encode)
@@ -30,6 +30,7 @@ Progress = Callable[[int, int], None]  # (images done, images to encode)
 class CachedLatents:
     latents: torch.Tensor  # [4, h, w] float32
     latents_flipped: torch.Tensor | None = None
+    mask: torch.Tensor | None = None  # [1, h, w] in [0, 1] with alpha_mask (unflipped; flip it to match)
 
 
 def cache_path(image: Path, bucket: tuple[int, int]) -> Path:
@@ -37,8 +38,10 @@ def cache_path(image: Path, bucket: tuple[int, int]) -> Path:
     return image.with_name(f"{image.stem}_{bucket[0]:04d}x{bucket[1]:04d}_lorakit.npz")
 
 
-def cache_key(image_sha256: str, placement: Placement, vae_fingerprint: str, flip_aug: bool) -> str:
-    parts = [
+def cache_key(
+    image_sha256: str, placement: Placement, vae_fingerprint: str, flip_aug: bool, alpha_mask: bool = False
+) -> str:
+    parts: list = [
         image_sha256,
         list(placement.bucket),
         list(placement.resized),
@@ -46,10 +49,14 @@ def cache_key(image_sha256: str, placement: Placement, vae_fingerprint: str, fli
         vae_fingerprint,
         bool(flip_aug),
     ]
+    if alpha_mask:  # appended only when on, so caches made before the option existed stay valid
+        parts.append("alpha_mask")
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 
-def load_npz(path: Path, key: str, placement: Placement, flip_aug: bool) -> CachedLatents | None:
+def load_npz(
+    path: Path, key: str, placement: Placement, flip_aug: bool, alpha_mask: bool = False
+) -> CachedLatents | None:
     """The cached latents if the file is there, readable and made for exactly this input."""
     try:
         with np.load(path, allow_pickle=False) as z:
@@ -57,12 +64,15 @@ def load_npz(path: Path, key: str, placement: Placement, flip_aug: bool) -> Cach
                 return None
             latents = torch.from_numpy(np.array(z["latents"], dtype=np.float32))
             flipped = torch.from_numpy(np.array(z["latents_flipped"], dtype=np.float32)) if flip_aug else None
+            mask = torch.from_numpy(np.array(z["alpha_mask"], dtype=np.float32)) if alpha_mask else None
     except (OSError, ValueError, KeyError, EOFError):  # missing, truncated, foreign or old file
         return None
     w, h = placement.bucket
     if latents.shape[1:] != (h // 8, w // 8):
         return None
-    return CachedLatents(latents, flipped)
+    if mask is not None and mask.shape != (1, h // 8, w // 8):
+        return None
+    return CachedLatents(latents, flipped, mask)
 
 
 def save_npz(
@@ -76,6 +86,8 @@ def save_npz(
     }
     if cached.latents_flipped is not None:
         arrays["latents_flipped"] = cached.latents_flipped.float().numpy()
+    if cached.mask is not None:
+        arrays["alpha_mask"] = cached.mask.float().numpy()
     write_npz(path, arrays, "latent cache", "cache_latents_to_disk")
 
 
@@ -99,11 +111,13 @@ def cache_latents(
     batch_size: int = 1,
     flip_aug: bool = False,
     progress: Progress | None = None,
+    alpha_mask: bool = False,
 ) -> dict[Path, CachedLatents]:
     """Latents for every unique image in `samples` (repeats are encoded once).
 
     `encode` maps pixels [B, 3, H, W] in [-1, 1] to latents [B, 4, H/8, W/8]; the trainer
-    owns the VAE, its device and dtype, and whether it samples the posterior.
+    owns the VAE, its device and dtype, and whether it samples the posterior. With `alpha_mask`
+    each entry also holds the image's alpha as a latent-size mask (ones where there is no alpha).
     """
     unique: dict[Path, Placement] = {}
     for path, placement in samples:
@@ -114,8 +128,8 @@ def cache_latents(
     for path, placement in unique.items():
         key = ""
         if to_disk:
-            key = cache_key(file_sha256(path), placement, vae_fingerprint, flip_aug)
-            hit = load_npz(cache_path(path, placement.bucket), key, placement, flip_aug)
+            key = cache_key(file_sha256(path), placement, vae_fingerprint, flip_aug, alpha_mask)
+            hit = load_npz(cache_path(path, placement.bucket), key, placement, flip_aug, alpha_mask)
             if hit is not None:
                 out[path] = hit
                 continue
@@ -132,7 +146,8 @@ def cache_latents(
 
     done = 0
     for group in groups:
-        images = [load_image(p) for p, _, _ in group]
+        loaded = [load_image_and_alpha(p) for p, _, _ in group]
+        images = [rgb for rgb, _ in loaded]
         pixels = torch.stack(
             [to_tensor(im, pl.bucket, pl.resized, pl.crop_ltrb) for im, (_, pl, _) in zip(images, group)]
         )
@@ -141,6 +156,9 @@ def cache_latents(
             flipped = encode(torch.flip(pixels, dims=[3])).float().cpu() if flip_aug else None
         for i, ((path, placement, key), image) in enumerate(zip(group, images)):
             cached = CachedLatents(latents[i].clone(), None if flipped is None else flipped[i].clone())
+            if alpha_mask:
+                pl = placement
+                cached.mask = mask_tensor(loaded[i][1], pl.bucket, pl.resized, pl.crop_ltrb)
             out[path] = cached
             if to_disk:
                 save_npz(cache_path(path, placement.bucket), key, placement, image.size, cached)

@@ -24,7 +24,7 @@ from .buckets import BucketManager, Placement
 from .cache import CachedLatents, Encode, Progress, cache_latents
 from .captions import process_caption
 from .folders import DatasetPlan, Sample, scan_dataset
-from .images import load_image, to_tensor
+from .images import has_alpha, load_image, load_image_and_alpha, mask_tensor, to_tensor
 
 
 @dataclass
@@ -41,6 +41,9 @@ class Batch:
     # [B, 6] SDXL's size conditioning, as kohya fills it: original (h, w) = the file's size, crop
     # (top, left) by kohya's rule (mirrored when flipped), target (h, w) = the bucket
     size_ids: torch.Tensor | None = None
+    # [B, 1, H/8, W/8] in [0, 1] with alpha_mask: each image's alpha resized, cropped and flipped as its
+    # pixels were, area-averaged to latent size (ones for an image without alpha); None otherwise
+    masks: torch.Tensor | None = None
 
 
 def size_numbers(image_size: tuple[int, int], bucket: tuple[int, int], flipped: bool) -> list[float]:
@@ -139,6 +142,7 @@ class DreamBoothDataset:
             batch_size=batch_size,
             flip_aug=self.cfg.flip_aug,
             progress=progress,
+            alpha_mask=self.cfg.alpha_mask,
         )
 
     # --- epochs -----------------------------------------------------------
@@ -185,15 +189,24 @@ class DreamBoothDataset:
             flips.append(flip and self.cfg.flip_aug)
             captions.append(process_caption(s.caption, self.cfg.shuffle_caption, self.cfg.keep_tokens, rng))
         bucket = self.placements[samples[0].image].bucket
-        pixels = latents = None
+        pixels = latents = masks = None
+        alpha_mask = self.cfg.alpha_mask
         if self._latents is not None:
             latents = torch.stack([self._pick_latents(s.image, f) for s, f in zip(samples, flips)])
+            if alpha_mask:
+                masks = torch.stack([self._pick_mask(s.image, f) for s, f in zip(samples, flips)])
         else:
-            tensors = []
+            tensors, mask_list = [], []
             for s, f in zip(samples, flips):
                 p = self.placements[s.image]
-                tensors.append(to_tensor(load_image(s.image), p.bucket, p.resized, p.crop_ltrb, f))
+                if alpha_mask:
+                    rgb, alpha = load_image_and_alpha(s.image)
+                    mask_list.append(mask_tensor(alpha, p.bucket, p.resized, p.crop_ltrb, f))
+                else:
+                    rgb = load_image(s.image)
+                tensors.append(to_tensor(rgb, p.bucket, p.resized, p.crop_ltrb, f))
             pixels = torch.stack(tensors)
+            masks = torch.stack(mask_list) if alpha_mask else None
         is_reg = torch.tensor([s.is_reg for s in samples], dtype=torch.bool)
         weights = torch.tensor(
             [self.cfg.prior_loss_weight if s.is_reg else 1.0 for s in samples], dtype=torch.float32
@@ -210,6 +223,7 @@ class DreamBoothDataset:
             bucket,
             index,
             size_ids,
+            masks,
         )
 
     def _pick_latents(self, image: Path, flipped: bool) -> torch.Tensor:
@@ -220,6 +234,22 @@ class DreamBoothDataset:
                 raise RuntimeError("flip_aug is on but the latents were cached without flipped copies")
             return cached.latents_flipped
         return cached.latents
+
+    def _pick_mask(self, image: Path, flipped: bool) -> torch.Tensor:
+        assert self._latents is not None
+        mask = self._latents[image].mask
+        if mask is None:
+            raise RuntimeError("alpha_mask is on but the latents were cached without masks")
+        # the area average over 8x8 blocks commutes with the flip: the flipped mask is the mask flipped
+        return torch.flip(mask, dims=[2]) if flipped else mask
+
+
+def images_without_alpha(plan: DatasetPlan) -> list[Path]:
+    """The train/validation images that have no alpha channel (alpha_mask gives them a mask of ones)."""
+    images = [s.image for s in plan.samples]
+    if plan.validation is not None:
+        images += [s.image for s in plan.validation.samples]
+    return [p for p in dict.fromkeys(images) if not has_alpha(p)]
 
 
 def build_dataset(
@@ -239,6 +269,14 @@ def build_dataset(
     if warn is not None:
         for w in plan.warnings:
             warn(w)
+    if cfg.alpha_mask and warn is not None:
+        missing = images_without_alpha(plan)
+        if missing:
+            shown = ", ".join(str(p) for p in missing[:3]) + (" ..." if len(missing) > 3 else "")
+            warn(
+                f"alpha_mask: {len(missing)} image(s) have no alpha channel and are trained on whole "
+                f"(a mask of ones): {shown}"
+            )
     dataset = DreamBoothDataset(plan, cfg, seed)
     if plan.validation is not None:
         dataset.validation = validation_dataset(plan.validation, cfg, seed)

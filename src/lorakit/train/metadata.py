@@ -116,6 +116,7 @@ def training_metadata(
         "ss_noise_offset": t.noise_offset,
         "ss_zero_terminal_snr": m.zero_terminal_snr,
         "ss_min_snr_gamma": t.min_snr_gamma,
+        "ss_masked_loss": t.masked_loss,
         "ss_training_comment": o.training_comment,
         "ss_sd_scripts_commit_hash": f"lorakit-{__version__}",
         "ss_optimizer": optimizer_repr,

@@ -84,6 +84,19 @@ def v_pred_like_noise_pred_weights(snr: torch.Tensor, t: torch.Tensor) -> torch.
     return s / (s + 1)
 
 
-def per_sample_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """MSE over C,H,W in fp32, one value per sample."""
-    return torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+def per_sample_loss(
+    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """MSE over C,H,W in fp32, one value per sample. With `mask` [B, 1, h, w] in [0, 1] (area-resized
+    to the loss's size if it differs, as kohya's apply_masked_loss does) the per-pixel error is
+    weighed by it and normalised by the mask's area: sum(mask * err) / sum(mask). kohya instead
+    averages mask * err over all pixels, so a small mask there also means a small loss. An empty
+    mask gives a loss of 0."""
+    err = torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="none")
+    if mask is None:
+        return err.mean(dim=(1, 2, 3))
+    from ..dataset.images import mask_to_latent_size
+
+    m = mask_to_latent_size(mask.to(err.device, torch.float32), tuple(err.shape[2:]))
+    area = m.sum(dim=(1, 2, 3)) * err.shape[1]  # the mask covers every channel
+    return (err * m).sum(dim=(1, 2, 3)) / area.clamp(min=torch.finfo(torch.float32).tiny)

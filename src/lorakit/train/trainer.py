@@ -409,7 +409,11 @@ class Trainer:
             pred = self.family.predict(self.base, noisy.to(self.weight_dtype), t, cond, batch.size_ids)
         v_pred = cfg.model.v_parameterization
         target = N.target_of(self.scheduler, latents, noise, t, v_pred)
-        loss = N.per_sample_loss(pred, target) * batch.loss_weights.to(self.device)
+        if cfg.training.masked_loss and batch.masks is not None:
+            per_sample = N.per_sample_loss(pred, target, batch.masks)
+        else:
+            per_sample = N.per_sample_loss(pred, target)
+        loss = per_sample * batch.loss_weights.to(self.device)
         if cfg.training.min_snr_gamma:
             loss = loss * N.min_snr_weights(self.snr, t, cfg.training.min_snr_gamma, v_pred)
         if v_pred and cfg.training.scale_v_pred_loss_like_noise_pred:
