@@ -116,7 +116,9 @@ def test_cached_masks_equal_uncached_and_survive_the_disk_cache(tmp_path):
 
 def test_images_without_alpha_get_ones_and_one_warning(tiny_data):
     warnings: list[str] = []
-    cfg = DatasetConfig(train_data_dir=str(tiny_data[0]), resolution="64", alpha_mask=True, train_batch_size=2)
+    cfg = DatasetConfig(
+        train_data_dir=str(tiny_data[0]), resolution="64", alpha_mask=True, train_batch_size=2
+    )
     ds = build_dataset(cfg, seed=1, warn=warnings.append)
     mask_warnings = [w for w in warnings if "alpha_mask" in w]
     assert len(mask_warnings) == 1 and "4 image(s)" in mask_warnings[0]
@@ -138,7 +140,9 @@ def test_masked_loss_ignores_the_masked_out_area_and_is_normalised():
     right = ((pred - target) ** 2)[:, :, :, 4:].mean(dim=(1, 2, 3))
     torch.testing.assert_close(a, right)
     # grey weighs partially: a uniform grey mask is the plain mean; an empty mask gives 0, not nan
-    torch.testing.assert_close(N.per_sample_loss(pred, target, torch.full_like(mask, 0.3)), N.per_sample_loss(pred, target))
+    torch.testing.assert_close(
+        N.per_sample_loss(pred, target, torch.full_like(mask, 0.3)), N.per_sample_loss(pred, target)
+    )
     assert torch.equal(N.per_sample_loss(pred, target, torch.zeros_like(mask)), torch.zeros(2))
     # a pixel-size mask is area-averaged to the loss's size (kohya's apply_masked_loss)
     big = torch.nn.functional.interpolate(mask, scale_factor=8, mode="nearest")

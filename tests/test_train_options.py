@@ -36,8 +36,8 @@ def steps(monkeypatch):
     }
     real_noisy, real_per_sample, real_loss_of = N.noisy_latents, N.per_sample_loss, Trainer.loss_of
 
-    def noisy_latents(scheduler, latents, generator, noise_offset=None):
-        out = real_noisy(scheduler, latents, generator, noise_offset)
+    def noisy_latents(scheduler, latents, generator, noise_offset=None, timestep=None):
+        out = real_noisy(scheduler, latents, generator, noise_offset, timestep)
         rec["latents"].append(latents.detach().clone())
         rec["noise"].append(out[1].detach().clone())
         rec["t"].append(out[2].clone())
