@@ -77,17 +77,17 @@ def _learning_rate(meta: dict[str, str]) -> float | None:
     return lr if 0 < lr < 1 else None
 
 
-def detect_base_family(path: str | Path):
-    """The Family of a base model from a .safetensors header, a .ckpt's keys or a diffusers folder's
-    JSON; None when it cannot be read (a missing or broken file is reported when it loads)."""
+def detect_base_family(path: str | Path, read_pickles: bool = True):
+    """The Family of a base model from a .safetensors header, a diffusers folder's JSON or (with
+    read_pickles) a .ckpt's keys, which means reading the whole pickle; None when it cannot be read
+    (a missing or broken file is reported when it loads)."""
     from lorakit.errors import ModelError
     from lorakit.models.loader import base_family, model_kind
 
     path = Path(path)
     try:
-        kind = model_kind(path)
-        family = base_family(path, kind)
-        if family is None:
+        family = base_family(path, model_kind(path))
+        if family is None and read_pickles:
             from lorakit.models.families.detect import detect_file_family
 
             family = detect_file_family(path)

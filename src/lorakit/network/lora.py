@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import ModelError
-from .targets import Target, te_targets, unet_targets
+from .targets import Target, sd1_targets
 
 ADAPTER = "lorakit"
 
@@ -34,11 +34,14 @@ class LoRANetwork:
         train_text_encoder: bool = True,
     ):
         """An SD1.x network (one text encoder); any family: LoRANetwork.from_targets."""
-        targets: list[Target] = []
-        if train_unet:
-            targets += unet_targets(unet, dim, alpha, conv_dim, conv_alpha)
-        if train_text_encoder:
-            targets += te_targets(text_encoder, dim, alpha)
+        targets = sd1_targets(
+            unet if train_unet else None,
+            text_encoder if train_text_encoder else None,
+            dim,
+            alpha,
+            conv_dim,
+            conv_alpha,
+        )
         self._setup({"unet": unet, "te": text_encoder}, targets)
 
     @classmethod

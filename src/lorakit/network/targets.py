@@ -95,6 +95,19 @@ def te_targets(text_encoder: nn.Module, dim: int, alpha: float) -> list[Target]:
     return out
 
 
+def sd1_targets(
+    unet: nn.Module | None,
+    text_encoder: nn.Module | None,
+    dim: int,
+    alpha: float,
+    conv_dim: int | None = None,
+    conv_alpha: float | None = None,
+) -> list[Target]:
+    """kohya's SD1.x network: the UNet's targets (when `unet` is given), then the text encoder's."""
+    out = unet_targets(unet, dim, alpha, conv_dim, conv_alpha) if unet is not None else []
+    return out + (te_targets(text_encoder, dim, alpha) if text_encoder is not None else [])
+
+
 def kohya_module_map(unet: nn.Module | None, text_encoder: nn.Module | None) -> dict[str, nn.Module]:
     """kohya name -> Linear/Conv2d for every module a LoRA file may adapt: all of the UNet's (LyCORIS
     presets reach conv_in, time_embedding, ...) and the text encoder's TE_CHILDREN."""

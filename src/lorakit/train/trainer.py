@@ -79,15 +79,17 @@ def check_family_options(cfg: TrainConfig, family) -> None:
 
 
 def _family_from_header(model_path: Path):
-    """The base's family module from a .safetensors header or a diffusers folder's JSON, without loading
-    weights; None for a pickle checkpoint or an unreadable file (both are handled when the model loads)."""
+    """The base's family module without loading weights (never a pickle: that is read once, when the
+    model loads); None when the header does not say."""
+    from ..models.defaults import detect_base_family
     from ..models.families.base import family_spec
-    from ..models.loader import base_family, model_kind
 
+    family = detect_base_family(model_path, read_pickles=False)
+    if family is None:
+        return None
     try:
-        family = base_family(model_path, model_kind(model_path))
-        return None if family is None else family_spec(family.key)
-    except (ModelError, OSError, ValueError, KeyError):
+        return family_spec(family.key)
+    except KeyError:  # a family lorakit does not train: refused by name when the model loads
         return None
 
 

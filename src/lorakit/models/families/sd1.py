@@ -38,14 +38,12 @@ class SD1Family(ModelFamily):
         return base.unet(noisy, t, cond.context).sample
 
     def lora_targets(self, base, dim, alpha, conv_dim, conv_alpha, parts):
-        from lorakit.network.targets import te_targets, unet_targets
+        from lorakit.network.targets import sd1_targets
 
-        out = []
-        if "unet" in parts:
-            out += unet_targets(base.unet, dim, alpha, conv_dim, conv_alpha)
-        if "te" in parts:
-            out += te_targets(base.text_encoder, dim, alpha)
-        return out
+        unet = base.unet if "unet" in parts else None
+        return sd1_targets(
+            unet, base.text_encoder if "te" in parts else None, dim, alpha, conv_dim, conv_alpha
+        )
 
     def version_string(self, v_parameterization: bool) -> str:
         return "sd_v1_v" if v_parameterization else "sd_v1"
