@@ -152,9 +152,11 @@ def check_folders(cfg: TrainConfig, settings: Settings) -> None:
     """The dataset folders lie in the data roots and the outputs in the output roots (see Settings)."""
     d, o = cfg.dataset, cfg.output
     settings.model_path(cfg.model.pretrained_model_name_or_path, "pretrained_model_name_or_path")
-    if cfg.network.network_weights:
-        settings.model_path(cfg.network.network_weights, "network_weights")
-    for what, value in (("train_data_dir", d.train_data_dir), ("reg_data_dir", d.reg_data_dir)):
+    for what, value in (("network_weights", cfg.network.network_weights), ("vae", cfg.model.vae)):
+        if value:  # loaded as weights only, but still never a file outside the model roots
+            settings.model_path(value, what)
+    data_dirs = (("train_data_dir", d.train_data_dir), ("reg_data_dir", d.reg_data_dir))
+    for what, value in (*data_dirs, ("validation_data_dir", d.validation_data_dir)):
         if value:
             settings.data_dir(value, what)
     hint = "start `lorakit gui --data_dir FOLDER` to allow another one, or use the LoRA folder"
