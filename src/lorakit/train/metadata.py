@@ -13,7 +13,7 @@ from typing import Any
 
 from .. import __version__
 from ..config import TrainConfig, resolution_of
-from ..hashing import file_sha256, legacy_hash
+from ..hashing import cached_file_sha256, legacy_hash
 
 # What kohya keeps with --no_metadata (SS_METADATA_MINIMUM_KEYS).
 MINIMUM_KEYS = (
@@ -31,7 +31,7 @@ def file_hashes(path: str | Path) -> tuple[str, str]:
     path = Path(path)
     if not path.is_file():
         return "IsADirectory", ""  # what kohya writes for diffusers folders
-    return legacy_hash(path), file_sha256(path)
+    return legacy_hash(path), cached_file_sha256(path)
 
 
 def _s(v: Any) -> str:
