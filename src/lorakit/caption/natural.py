@@ -77,7 +77,7 @@ class TextCaptioner:
             ids = self.model.generate(
                 **inputs,
                 max_length=self.opts.max_length,
-                min_length=self.opts.min_length,
+                min_length=min(self.opts.min_length, self.opts.max_length),
                 num_beams=self.opts.num_beams,
                 do_sample=False,
             )

@@ -103,13 +103,17 @@ def select_tags(probs: np.ndarray, tags: list[Tag], opts: TagOptions) -> list[st
                 character.append((p, tag.name))
         elif p >= opts.general_threshold:  # general (0) and any other category
             general.append((p, tag.name))
+
+    def by_confidence(pairs):  # a stable sort: equal scores keep the CSV's order
+        return sorted(pairs, key=lambda pair: -pair[0])
+
     if opts.character_tags_first:
-        chosen = sorted(character, reverse=True) + sorted(general, reverse=True)
+        chosen = by_confidence(character) + by_confidence(general)
     else:
-        chosen = sorted(general + character, reverse=True)
+        chosen = by_confidence(general + character)
     names = [name for _, name in chosen]
     if opts.use_rating_tags and rating:
-        names.insert(0, max(rating)[1])
+        names.insert(0, by_confidence(rating)[0][1])
     return names
 
 
