@@ -101,14 +101,16 @@ def caption_folder(
     recursive: bool = False,
     batch_size: int = 1,
     on_progress: Callable[[int, int], None] | None = None,
+    images: Sequence[Path] | None = None,
 ) -> CaptionReport:
     """Caption every image of `folder` with `captioner` (images -> the parts of each caption).
 
     always_first_tags (a trigger word) start every caption, so that keep_tokens can hold them in
-    place; unlike kohya's tagger they are added even when the model did not find them."""
+    place; unlike kohya's tagger they are added even when the model did not find them. `images`:
+    these (found in `folder` and checked by the caller) instead of all that find_images lists."""
     ext = caption_extension_of(caption_extension)
     report = CaptionReport(kind=getattr(captioner, "kind", "tags"))
-    images = find_images(folder, recursive, report.notes)
+    images = list(images) if images is not None else find_images(folder, recursive, report.notes)
     if not images:
         raise DatasetError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder}")
     first = [t.strip() for t in always_first_tags if t.strip()]
