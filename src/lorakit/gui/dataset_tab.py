@@ -419,7 +419,7 @@ def build_captioning(settings: Settings, folder_inputs, rescan, rescan_inputs, r
         model_dir = settings.model_folder(model_text, "tagger or captioning model folder")
         notes: list[str] = []
         images = []
-        for p in find_images(folder, notes=notes):
+        for p in find_images(folder):  # a kohya folder's <repeats>_<prompt> subfolders, or the folder itself
             try:  # a link out of the data folders is not followed: nothing is written there
                 images.append(settings.data_dir(p, "image"))
             except LoraKitError:
