@@ -169,6 +169,11 @@ def test_remove_underscore_keeps_short_tags(tagger):
     opts = TagOptions(general_threshold=0.6, character_tags_first=True)
     t = WD14Tagger(tagger, opts)
     assert t([Image.new("RGB", (16, 16), RED)]) == [["usu_bear_(series)", "solo", "long_hair"]]
+    # an undesired tag is left out in either spelling, renamed or not
+    for remove, undesired in ((True, "long_hair"), (False, "long hair")):
+        t = WD14Tagger(tagger, TagOptions(remove_underscore=remove, undesired_tags=frozenset({undesired})))
+        tags = t([Image.new("RGB", (16, 16), RED)])[0]
+        assert "solo" in tags and not {"long hair", "long_hair"} & set(tags)
 
 
 # --- a transformers image-to-text model (BLIP) ------------------------------------------------

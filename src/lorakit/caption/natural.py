@@ -55,6 +55,11 @@ class TextCaptioner:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         try:
             self.processor = transformers.AutoProcessor.from_pretrained(folder, local_files_only=True)
+            if getattr(self.processor, "image_processor", None) is None:  # before loading the weights
+                raise ModelError(
+                    f"captioning model folder {folder}: its processor takes no images (a text-only model?); "
+                    "give an image-to-text model such as BLIP or GIT"
+                )
             self.model = _load_model(folder)
         except (OSError, ValueError, KeyError) as e:
             raise ModelError(

@@ -90,11 +90,18 @@ def preprocess(image: Image.Image, size: int) -> np.ndarray:
     return np.asarray(square, dtype=np.float32)[:, :, ::-1].copy()  # RGB -> BGR
 
 
+def _undesired(name: str, undesired: frozenset[str]) -> bool:
+    # 'long_hair' and 'long hair' are one tag, whether or not --remove_underscore renamed it
+    return bool(undesired) and (
+        name in undesired or name.replace("_", " ") in undesired or name.replace(" ", "_") in undesired
+    )
+
+
 def select_tags(probs: np.ndarray, tags: list[Tag], opts: TagOptions) -> list[str]:
     """The tags of one image, most confident first (character tags first if asked)."""
     general, character, rating = [], [], []
     for p, tag in zip(probs.tolist(), tags):
-        if tag.name in opts.undesired_tags:
+        if _undesired(tag.name, opts.undesired_tags):
             continue
         if tag.category == RATING:
             rating.append((p, tag.name))
