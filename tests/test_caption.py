@@ -251,3 +251,33 @@ def test_a_model_folder_without_its_processor_is_named(tiny_blip, tmp_path):
         ModelError, match="cannot load it as an image-to-text model.*preprocessor_config.json"
     ):
         load_captioner(folder)
+
+
+def test_a_git_model_folder_captions_too(tmp_path):
+    """GIT (GitForCausalLM, a decoder-only captioner) through the same path, picked from config.json."""
+    import torch
+    from transformers import BertTokenizer, CLIPImageProcessor, GitConfig, GitForCausalLM, GitProcessor
+
+    folder = tmp_path / "tiny-git"
+    folder.mkdir()
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "bear", "sits"]
+    (folder / "vocab.txt").write_text("\n".join(words) + "\n", encoding="utf-8")
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    small = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    config = GitConfig(
+        vision_config=dict(small, image_size=32, patch_size=16), vocab_size=len(words), max_position_embeddings=32,
+        bos_token_id=2, eos_token_id=3, pad_token_id=0, **small,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = GitForCausalLM(config)
+    with torch.no_grad():
+        model.output.bias[words.index("bear")] = 50.0
+    model.save_pretrained(folder)
+    GitProcessor(images, BertTokenizer(str(folder / "vocab.txt"))).save_pretrained(folder)
+    square(tmp_path / "img" / "a.png", RED)
+    from lorakit.caption.natural import TextOptions
+
+    captioner = load_captioner(folder, text_options=TextOptions(max_length=4), device="cpu")
+    report = caption_folder(tmp_path / "img", captioner, always_first_tags=["usu bear"])
+    assert type(captioner.model).__name__ == "GitForCausalLM" and report.written
+    assert caption(tmp_path / "img" / "a.txt") == "usu bear, bear bear bear\n"
