@@ -128,7 +128,7 @@ def _concat(per_file, ratios, labels, name, shape) -> dict[str, torch.Tensor]:
     return {"lora_up.weight": up, "lora_down.weight": down, "alpha": torch.tensor(float(down.shape[0]))}
 
 
-def _svd(per_file, ratios, name, shape, new_rank, new_conv_rank) -> dict[str, torch.Tensor]:
+def _svd(per_file, ratios, name, shape, new_rank, new_conv_rank, clamp_quantile) -> dict[str, torch.Tensor]:
     """Σ ratio_i·ΔW_i factorised at the new rank (kohya's svd_merge_lora)."""
     entries = [(modules[name], ratio) for modules, ratio in zip(per_file, ratios) if name in modules]
     factors = [plain_factors(m, shape) for m, _ in entries]
@@ -140,7 +140,7 @@ def _svd(per_file, ratios, name, shape, new_rank, new_conv_rank) -> dict[str, to
         spectrum = matrix_spectrum(total.reshape(shape[0], -1))
     rank = new_conv_rank if is_spatial_conv(shape) else new_rank
     rank = min(rank, shape[0], shape[1])  # kohya: a LoRA's rank cannot exceed the weight's dims
-    up, down = clamp_factors(*truncate(spectrum, rank), CLAMP_QUANTILE)
+    up, down = clamp_factors(*truncate(spectrum, rank), clamp_quantile)
     up, down = shape_factors(up, down, shape)
     return {"lora_up.weight": up, "lora_down.weight": down, "alpha": torch.tensor(float(rank))}
 
@@ -154,12 +154,14 @@ def merge_loras(
     *,
     titles: list[str] | None = None,
     title: str | None = None,
+    clamp_quantile: float | None = CLAMP_QUANTILE,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """One LoRA (float32 tensors, kohya's minimum metadata + modelspec) from `loras` at `ratios`.
 
     new_rank: merge by SVD (new_conv_rank for 3x3 convs, default new_rank); else concat (exact) or
     kohya's sum (equal ranks). titles: the inputs' names for modelspec.merged_from (default: their
-    modelspec.title / ss_output_name); title: the result's modelspec.title (the CLI: the file's stem)."""
+    modelspec.title / ss_output_name); title: the result's modelspec.title (the CLI: the file's stem);
+    clamp_quantile: the SVD merge's clamp of the factors (kohya's 0.99; None: none, exact at full rank)."""
     if not loras:
         raise ModelError("merge: no LoRAs given")
     if len(ratios) != len(loras):
@@ -182,7 +184,9 @@ def merge_loras(
         for name in names:
             shape = next(module_weight_shape(mods[name]) for mods in per_file if name in mods)
             if new_rank is not None:
-                merged = _svd(per_file, ratios, name, shape, new_rank, new_conv_rank or new_rank)
+                merged = _svd(
+                    per_file, ratios, name, shape, new_rank, new_conv_rank or new_rank, clamp_quantile
+                )
             elif concat:
                 merged = _concat(per_file, ratios, labels, name, shape)
             else:
