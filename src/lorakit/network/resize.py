@@ -146,8 +146,11 @@ def resized_metadata(
 
 
 def _to_device(m, device):
+    """The module with its tensors on `device` (a module type that is not a dataclass stays put)."""
     import dataclasses
 
+    if not dataclasses.is_dataclass(m):
+        return m
     moved = {
         f.name: getattr(m, f.name).to(device)
         for f in dataclasses.fields(m)
