@@ -74,6 +74,15 @@ def test_product_svd_equals_the_full_svd():
     assert torch.allclose((fast.U * fast.S) @ fast.Vh, up @ down, atol=1e-4)
 
 
+def test_quantile_matches_torch_quantile():
+    from lorakit.network.svd import quantile
+
+    for n in (1, 2, 7, 1001):
+        x = torch.randn(n, generator=torch.Generator().manual_seed(n))
+        for q in (0.0, 0.5, 0.99, 1.0):
+            assert torch.allclose(quantile(x, q), torch.quantile(x, q)), (n, q)
+
+
 def spectrum_of(values):
     S = torch.tensor(values, dtype=torch.float32)
     return Spectrum(torch.eye(len(S)), S, torch.eye(len(S)), len(S))
@@ -366,6 +375,24 @@ def test_extract_sdxl(tiny_sdxl_base, tmp_path):
     meta = extract_metadata(org, 4, None, "x")
     assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
     assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+
+
+def test_extract_refuses_two_families(tiny_base, tiny_sdxl_base, tmp_path, capsys):
+    out = tmp_path / "x.safetensors"
+    argv = [
+        "extract",
+        "--model_org",
+        str(tiny_base),
+        "--model_tuned",
+        str(tiny_sdxl_base),
+        "--save_to",
+        str(out),
+    ]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "one family" in err and "SDXL" in err and not out.exists()
+    argv[2] = str(tmp_path / "nowhere.safetensors")
+    assert main(argv) == 2 and "--model_org" in capsys.readouterr().err
 
 
 # --- resize CLI -------------------------------------------------------------------------------------
