@@ -92,7 +92,7 @@ def _refusal(source: str, name: str, params: set[str]) -> str:
     if unsupported:
         why = f"a LyCORIS {'/'.join(unsupported)} module, which lorakit does not apply"
     elif (like := ly.closest_algo(params)) is not None:
-        why = f"not a complete {like.label} module (nor any other type lorakit applies)"
+        why = f"not exactly the params of one type lorakit applies (it looks most like {like.label})"
     else:
         why = "no type lorakit applies"
     types = "; ".join(f"{a.label}: {', '.join(sorted(a.params - set(ly.SCALED)))}" for a in ly.ALGOS.values())
