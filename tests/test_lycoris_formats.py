@@ -378,14 +378,14 @@ def test_norm_modules_are_found_under_ldm_names_too(tiny):
     unet, te = tiny
     ldm = "lora_unet_input_blocks_1_0_in_layers_0"  # = GN, the first ResNet's first GroupNorm
     merger = LoraMerger(unet, te)
-    assert merger.aliases[ldm] == GN and isinstance(merger.modules[GN], nn.GroupNorm)
-    assert isinstance(merger.modules[TE_LN], nn.LayerNorm)
-    assert isinstance(merger.modules["lora_te_text_model_final_layer_norm"], nn.LayerNorm)
-    before = merger.modules[GN].weight.detach().clone()
+    assert merger.aliases[ldm] == GN and isinstance(merger.norms[GN], nn.GroupNorm)
+    assert isinstance(merger.norms[TE_LN], nn.LayerNorm) and GN not in merger.modules
+    assert isinstance(merger.norms["lora_te_text_model_final_layer_norm"], nn.LayerNorm)
+    before = merger.norms[GN].weight.detach().clone()
     merger.apply([("f", {f"{ldm}.w_norm": torch.ones(32)}, 1.0, 0.5)])
-    torch.testing.assert_close(merger.modules[GN].weight, before + 0.5)
+    torch.testing.assert_close(merger.norms[GN].weight, before + 0.5)
     merger.restore()
-    assert torch.equal(merger.modules[GN].weight, before)
+    assert torch.equal(merger.norms[GN].weight, before)
 
 
 def test_sdxl_norm_layers_have_sgm_names():

@@ -38,11 +38,9 @@ class LoraMerger:
 
     def _bind(self, family, unet: nn.Module | None, text_encoders: tuple) -> None:
         self.family = family
-        # norm layers too: LyCORIS `train_norm` files adapt them (w_norm / b_norm)
-        self.modules = {
-            **family.norm_module_map(unet, text_encoders),
-            **family.module_map(unet, text_encoders),
-        }
+        self.modules = family.module_map(unet, text_encoders)
+        # GroupNorm / LayerNorm, kept apart from the Linear/Conv2d map: LyCORIS `train_norm` files adapt them
+        self.norms = family.norm_module_map(unet, text_encoders)
         self.aliases = family.name_aliases(unet) if unet is not None else {}
         self.backup: dict[str, torch.Tensor] = {}  # module name -> its weight as loaded
         self.bias_backup: dict[str, torch.Tensor] = {}  # module name -> its bias (full diff_b, norm b_norm)
@@ -51,17 +49,23 @@ class LoraMerger:
     def restore(self) -> None:
         with torch.no_grad():
             for name, weight in self.backup.items():
-                self.modules[name].weight.copy_(weight)
+                self.layer(name).weight.copy_(weight)
             for name, bias in self.bias_backup.items():
-                self.modules[name].bias.copy_(bias)
+                self.layer(name).bias.copy_(bias)
         self.backup.clear()
         self.bias_backup.clear()
         self.applied = []
 
+    def layer(self, name: str) -> nn.Module:
+        """The Linear/Conv2d or norm layer a (resolved) kohya name names."""
+        return self.modules[name] if name in self.modules else self.norms[name]
+
     def resolve(self, label: str, tensors: dict[str, torch.Tensor]) -> dict[str, ModuleDelta]:
         """The file's modules under our kohya names, each checked against the model's weight."""
         found = lora_modules(tensors, label)
-        unknown = sorted(n for n in found if n not in self.modules and n not in self.aliases)
+        unknown = sorted(
+            n for n in found if n not in self.modules and n not in self.norms and n not in self.aliases
+        )
         if unknown:
             raise ModelError(
                 f"LoRA {label!r}: {len(unknown)} of {len(found)} modules do not exist in this base model "
@@ -73,8 +77,8 @@ class LoraMerger:
             ours = self.aliases.get(name, name)
             if ours in out:
                 raise ModelError(f"LoRA {label!r}: {name} and {out[ours].name} name the same module {ours}")
-            check_fits(m, self.modules[ours].weight.shape, repr(label))
-            if m.bias_delta is not None and getattr(self.modules[ours], "bias", None) is None:
+            check_fits(m, self.layer(ours).weight.shape, repr(label))
+            if m.bias_delta is not None and getattr(self.layer(ours), "bias", None) is None:
                 raise ModelError(
                     f"LoRA {label!r}: module {name} changes a bias, but this base model's {ours} has none: "
                     "the file was made for another base model and was not applied"
@@ -88,14 +92,14 @@ class LoraMerger:
             mult = te_mult if is_te_module(name) else unet_mult
             if mult == 0:
                 continue
-            weight = self.modules[name].weight
+            weight = self.layer(name).weight
             if name not in self.backup:
                 self.backup[name] = weight.detach().clone()
             update = module_update(m, self.backup[name], mult)  # each LoRA works against the base
             bias_change = bias_update(m, mult)
             weight.copy_((weight.float() + update).to(weight.dtype))
             if bias_change is not None:
-                bias = self.modules[name].bias
+                bias = self.layer(name).bias
                 if name not in self.bias_backup:
                     self.bias_backup[name] = bias.detach().clone()
                 bias.copy_((bias.float() + bias_change.to(bias.device)).to(bias.dtype))
