@@ -229,6 +229,7 @@ def format_table(info: dict) -> str:
     if info["per_module"]:
         lines += ["", "  per module (type or dim/alpha vary)"]
         for n, v in info["per_module"].items():
-            label = ALGOS[v.get("algo", "lora")].label
-            row(n, f"{label} {v['dim']} / {v['alpha']:g}" if v["dim"] is not None else label)
+            algo = v.get("algo", "lora")
+            label = ALGOS[algo].label + (" (two full matrices, scale 1)" if algo == "lokr" else "")
+            row(n, f"{ALGOS[algo].label} {v['dim']} / {v['alpha']:g}" if v["dim"] is not None else label)
     return "\n".join(lines)
