@@ -12,6 +12,7 @@ import torch
 from ..atomic import atomic_file
 from ..errors import ModelError
 from ..hashing import legacy_hash
+from .lycoris_delta import TELLING_PARAMS, UNSUPPORTED
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32}
 
@@ -82,9 +83,17 @@ def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
         metadata = json.loads(data[8 : 8 + n]).get("__metadata__", {}) or {}
     except (SafetensorError, struct.error, ValueError) as e:
         raise ModelError(f"{path}: not a readable .safetensors file ({e})") from None
-    if not any(k.endswith(".lora_down.weight") for k in tensors):
-        params = {k.partition(".")[2] for k in tensors}
-        lycoris = any(p.startswith(("hada_", "lokr_")) or p in ("diff", "oft_blocks") for p in params)
-        kind = "a LyCORIS LoHa/LoKr/OFT/full file" if lycoris else "no kohya LoRA keys (`*.lora_down.weight`)"
-        raise ModelError(f"{path}: {kind}; lorakit applies kohya LoRA and LyCORIS LoCon (incl. DoRA) files")
+    params = {k.partition(".")[2] for k in tensors}
+    if not params & set(TELLING_PARAMS):
+        unsupported = sorted({label for p, label in UNSUPPORTED.items() if p in params})
+        kind = (
+            f"a LyCORIS {'/'.join(unsupported)} file, which lorakit does not apply"
+            if unsupported
+            else "no kohya LoRA keys (`*.lora_down.weight`) nor LyCORIS ones (`*.hada_w1_a`, `*.lokr_w1`, "
+            "`*.diff`, `*.w_norm`, `*.on_input`)"
+        )
+        raise ModelError(
+            f"{path}: {kind}; lorakit applies kohya LoRA / LoCon and LyCORIS LoHa, LoKr, (IA)³, full and "
+            "norm files (incl. DoRA)"
+        )
     return tensors, metadata

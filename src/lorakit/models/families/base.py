@@ -115,6 +115,13 @@ class ModelFamily:
         than lora_targets: LyCORIS presets reach more). A part given as None is left out."""
         raise NotImplementedError
 
+    def norm_module_map(
+        self, unet: torch.nn.Module | None, text_encoders: Sequence[torch.nn.Module | None]
+    ) -> dict[str, torch.nn.Module]:
+        """kohya name -> GroupNorm/LayerNorm, where LyCORIS norm modules (`w_norm`, `b_norm`) apply;
+        none by default (a file with norm modules is then refused as naming unknown modules)."""
+        return {}
+
     def name_aliases(self, unet: torch.nn.Module) -> dict[str, str]:
         """Other tools' names for the UNet's modules -> module_map's names (resolved on merging)."""
         return {}

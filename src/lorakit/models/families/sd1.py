@@ -53,6 +53,11 @@ class SD1Family(ModelFamily):
 
         return kohya_module_map(unet, text_encoders[0] if text_encoders else None)
 
+    def norm_module_map(self, unet, text_encoders):
+        from lorakit.network.targets import kohya_norm_map
+
+        return kohya_norm_map(unet, text_encoders[0] if text_encoders else None)
+
     def name_aliases(self, unet):
         from lorakit.network.targets import ldm_unet_aliases
 

@@ -288,6 +288,11 @@ class SDXLFamily(ModelFamily):
 
         return sdxl_module_map(unet, text_encoders)
 
+    def norm_module_map(self, unet, text_encoders):
+        from lorakit.network.targets import sdxl_norm_map
+
+        return sdxl_norm_map(unet, text_encoders)
+
     def name_aliases(self, unet):
         from lorakit.network.targets import sdxl_diffusers_aliases
 
