@@ -12,6 +12,7 @@ import torch
 from ..atomic import atomic_file
 from ..errors import ModelError
 from ..hashing import legacy_hash
+from .naming import needs_conversion, to_kohya
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32}
 
@@ -55,6 +56,15 @@ def save_lora_file(
 PICKLE_SUFFIXES = (".pt", ".ckpt", ".bin", ".pth")
 
 
+def _to_kohya(
+    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
+) -> dict[str, torch.Tensor]:
+    try:
+        return to_kohya(tensors, metadata)
+    except ModelError as e:
+        raise ModelError(f"{path}: {e}") from None
+
+
 def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """A LoRA's tensors and metadata: the one reader for drawing, inspecting and network_weights.
 
@@ -82,6 +92,8 @@ def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
         metadata = json.loads(data[8 : 8 + n]).get("__metadata__", {}) or {}
     except (SafetensorError, struct.error, ValueError) as e:
         raise ModelError(f"{path}: not a readable .safetensors file ({e})") from None
+    if needs_conversion(tensors):  # diffusers/PEFT, ComfyUI, ai-toolkit names -> kohya's
+        tensors = _to_kohya(path, tensors, metadata)
     if not any(k.endswith(".lora_down.weight") for k in tensors):
         params = {k.partition(".")[2] for k in tensors}
         lycoris = any(p.startswith(("hada_", "lokr_")) or p in ("diff", "oft_blocks") for p in params)
