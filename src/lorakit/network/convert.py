@@ -157,12 +157,11 @@ def _to_peft(modules, table, family) -> tuple[dict[str, torch.Tensor], dict[str,
         if name.startswith("lora_unet_"):
             ours = _unet_name(name, table, family)
             component, path, pattern = "unet", table.paths[ours], table.paths[ours]
-            weight = table.shapes[ours]
+            kernel = table.shapes[ours][2:]  # the sizes come from the tensors: any width of this layout
         else:
             part, path = _te_parts(name, family)
-            component, pattern = PEFT_PREFIX[part], path.removeprefix("text_model.")
-            weight = (up.shape[0], down.shape[1])
-        kernel = tuple(weight[2:])
+            component, pattern, kernel = PEFT_PREFIX[part], path.removeprefix("text_model."), ()
+        weight = (up.shape[0], down.shape[1], *kernel)
         out[f"{component}.{path}.lora_A.weight"] = _fit(down, (rank, weight[1], *kernel))
         out[f"{component}.{path}.lora_B.weight"] = _fit(up, (weight[0], rank, *(1,) * len(kernel)))
         if "dora_scale" in params:
