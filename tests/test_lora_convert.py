@@ -401,3 +401,68 @@ def test_cli_convert_writes_atomically_keeps_metadata_and_refuses_to_overwrite(k
         for k, v in raw.items()
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.safetensors", "k.safetensors"]  # no temp left
+
+
+@pytest.mark.filterwarnings("ignore:The following alpha_pattern keys did not match")  # the bug shown below
+def test_kohya_fix_gives_diffusers_one_alpha(tiny_base, tmp_path, caplog, capfd):
+    """diffusers misplaces the alpha of an attention module that differs from the file's common alpha;
+    `--to kohya` moves alpha/common into lora_up so every module has the common alpha."""
+    from lorakit.models.loader import load_base_model
+    from lorakit.network.merge import merge_lora
+
+    plain = load_base_model(tiny_base)
+    kohya = sd1_kohya(plain.unet, plain.text_encoder)
+    odd = "lora_unet_up_blocks_1_attentions_0_transformer_blocks_0_attn2_to_v"
+    kohya[f"{odd}.alpha"] = torch.tensor(3.0)
+    src = save_lora_file(tmp_path / "odd.safetensors", kohya, META, "float")
+    merged = load_base_model(tiny_base)
+    merge_lora(merged.unet, merged.text_encoder, kohya)
+    expected = _outputs(merged)[1]
+
+    as_is, _, _ = _load_in_diffusers(src, tiny_base, caplog, capfd)
+    assert (_outputs(as_is)[1] - expected).abs().max() > 1e-4  # the upstream bug; fixed? drop with_one_alpha
+
+    fixed, _ = read_lora_file(convert_file(src, tmp_path / "fixed.safetensors", "kohya"))
+    assert {float(v) for k, v in fixed.items() if k.endswith(".alpha")} == {2.0}
+    torch.testing.assert_close(fixed[f"{odd}.lora_up.weight"], kohya[f"{odd}.lora_up.weight"] * 1.5)
+    via_diffusers, _, _ = _load_in_diffusers(tmp_path / "fixed.safetensors", tiny_base, caplog, capfd)
+    torch.testing.assert_close(_outputs(via_diffusers)[1], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_sdxl_peft_file_loads_in_diffusers_like_lorakits_merge(tiny_sdxl_base, tmp_path, caplog, capfd):
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from peft.tuners.lora import LoraLayer
+
+    from lorakit.models.loader import load_base_model
+    from lorakit.network.merge import LoraMerger
+
+    plain = load_base_model(tiny_sdxl_base)
+    kohya = _randomise(sdxl_network(plain.unet, *plain.text_encoders))
+    src = save_lora_file(
+        tmp_path / "xl.safetensors", kohya, {"ss_base_model_version": "sdxl_base_v1-0"}, "float"
+    )
+    out = convert_file(src, tmp_path / "xl-peft.safetensors", "peft", unet_config=tiny_sdxl_arch()["unet"])
+
+    b = load_base_model(tiny_sdxl_base)
+    pipe = StableDiffusionXLPipeline(
+        vae=b.vae, text_encoder=b.text_encoders[0], text_encoder_2=b.text_encoders[1], tokenizer=b.tokenizers[0],
+        tokenizer_2=b.tokenizers[1], unet=b.unet, scheduler=EulerDiscreteScheduler(),
+    )  # fmt: skip
+    capfd.readouterr()
+    with caplog.at_level(logging.WARNING):
+        pipe.load_lora_weights(str(out), adapter_name="xl")
+    said = [r.getMessage() for r in caplog.records] + capfd.readouterr().err.splitlines()
+    assert not [s for s in said if re.search(r"unexpected|missing|not loaded|No LoRA keys", s, re.I)], said
+    models = {"unet": pipe.unet, "te1": pipe.text_encoder, "te2": pipe.text_encoder_2}
+    loaded = {p: sum(isinstance(m, LoraLayer) for m in model.modules()) for p, model in models.items()}
+    names = {k.split(".")[0] for k in kohya}
+    assert loaded == {p: sum(n.startswith(f"lora_{p}_") for n in names) for p in models}
+    pipe.fuse_lora(lora_scale=1.0)
+    pipe.unload_lora_weights()
+
+    ours = load_base_model(tiny_sdxl_base)
+    LoraMerger.for_base(ours).apply([("xl", read_lora_file(src)[0], 1.0, 1.0)])
+    for d, o in zip(models.values(), (ours.unet, *ours.text_encoders)):
+        o_sd = o.state_dict()
+        for k, v in d.state_dict().items():
+            torch.testing.assert_close(v, o_sd[k], rtol=1e-5, atol=1e-6, msg=k)

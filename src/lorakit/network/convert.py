@@ -20,7 +20,11 @@ kohya (fixed): diffusers 0.42.1 tells a text encoder's kohya keys apart by its `
 (`to_out_lora` after its renaming, state_dict_utils.convert_state_dict_to_diffusers): an encoder with
 q/k/v modules but no out_proj raises "Could not automatically infer state dict type" (no MLP modules)
 or leaves the q/k/v modules unloaded (with MLP modules). `--to kohya` adds a zero out_proj module (its
-update is exactly 0) to such an encoder, so the file loads and means the same everywhere.
+update is exactly 0) to such an encoder, so the file loads and means the same everywhere. diffusers
+also misnames the alphas of attention modules (`_get_alpha_name` keeps `to_q_lora.down.weight` in the
+name) and of text-encoder modules under transformers >= 5.6 (`text_model.` patterns), so a module whose
+alpha differs from the file's most common one gets the common one there; `--to kohya` gives every module
+the common alpha and scales its lora_up by alpha/common instead (the same ΔW, one rounding of lora_up).
 """
 
 from __future__ import annotations
@@ -63,7 +67,8 @@ def detect_family(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, st
     family = lora_family(sorted(_modules(tensors)), dict(metadata))
     if family is None:
         raise ModelError(
-            "cannot tell which model family this LoRA is for (no lora_unet_/lora_te_ modules of SD1.x or SDXL)"
+            "cannot tell which model family this LoRA is for: lorakit converts SD1.x and SDXL LoRAs "
+            "(kohya lora_unet_/lora_te_ modules); SD2.x and other architectures are not converted"
         )
     return family
 
@@ -84,7 +89,7 @@ def from_kohya(
     family = family_of(family) if family is not None else detect_family(tensors, metadata)
     metadata = {k: v for k, v in metadata.items() if k != ADAPTER_METADATA_KEY}
     if to == "kohya":
-        return with_te_out_proj(tensors), metadata
+        return with_te_out_proj(with_one_alpha(tensors)), metadata
     modules = _modules(tensors)
     table = unet_names(family, unet_config) if any(n.startswith("lora_unet_") for n in modules) else None
     if to == "comfy":
@@ -226,6 +231,29 @@ def with_te_out_proj(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
         if "alpha" in source:
             added[f"{name}.alpha"] = source["alpha"].clone()
     return {**tensors, **added} if added else tensors
+
+
+def with_one_alpha(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`tensors` with one alpha for every LoRA module (the most common; no alpha counts as the rank):
+    a module with alpha a != A gets alpha A and lora_up * a/A, so alpha/rank·up·down is unchanged. The
+    same dict when the alphas already agree."""
+    modules = _modules(tensors)
+    alphas = {
+        n: float(p["alpha"]) if "alpha" in p else float(p["lora_down.weight"].shape[0])
+        for n, p in modules.items()
+        if "lora_down.weight" in p and "lora_up.weight" in p
+    }
+    if len(set(alphas.values())) <= 1 and all("alpha" in modules[n] for n in alphas):
+        return tensors
+    common = Counter(alphas.values()).most_common(1)[0][0]
+    out = dict(tensors)
+    for name, alpha in alphas.items():
+        up = modules[name]["lora_up.weight"]
+        dtype = modules[name]["alpha"].dtype if "alpha" in modules[name] else up.dtype
+        out[f"{name}.alpha"] = torch.tensor(common, dtype=dtype)
+        if alpha != common:
+            out[f"{name}.lora_up.weight"] = (up.double() * (alpha / common)).to(up.dtype)
+    return out
 
 
 def save_dtype_name(tensors: Mapping[str, torch.Tensor]) -> str:
