@@ -31,6 +31,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -120,9 +121,12 @@ def family_of(family) -> object:
 
 def real_unet_config(family_key: str) -> dict:
     """The UNet config lorakit ships for the family: SD1.5's or SDXL base 1.0's."""
-    from ..models.families.sdxl import CONFIG_DIR
-
-    folder = CONFIG_DIR.parent / ("sdxl" if family_key == "sdxl" else "sd15")
+    folder = (
+        Path(__file__).resolve().parents[1]
+        / "models"
+        / "configs"
+        / ("sdxl" if family_key == "sdxl" else "sd15")
+    )
     return json.loads((folder / "unet.json").read_text())
 
 
