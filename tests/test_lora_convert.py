@@ -314,28 +314,55 @@ def test_old_diffusers_comfy_and_ai_toolkit_spellings(kohya_files):
     assert to_kohya(tensors, {}) is tensors
 
 
-def test_dora_round_trip_and_what_peft_cannot_hold(kohya_files):
-    tensors, unet_config = kohya_files["sd1"]
-    linear = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_q"
-    conv = "lora_unet_down_blocks_0_resnets_0_conv1"
-    out_l, out_c = tensors[f"{linear}.lora_up.weight"].shape[0], tensors[f"{conv}.lora_up.weight"].shape[0]
-    dora = {
-        **tensors,
-        f"{linear}.dora_scale": torch.rand(out_l, 1),
-        f"{conv}.dora_scale": torch.rand(out_c, 1, 1, 1),
-    }
-    peft, meta = from_kohya(dora, {}, "peft", "sd1", unet_config)
-    assert peft[
-        f"unet.{'down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_q'}.lora_magnitude_vector"
-    ].shape == (out_l,)
+def _with_dora(tensors, unet, parts=("lora_unet_",)) -> dict[str, torch.Tensor]:
+    """`tensors` with an output-axis dora_scale (LyCORIS >= 3.2) on every module of `parts`: 1.3 x the
+    row norms of the base weight, so DoRA visibly changes the result."""
+    from lorakit.network.naming import unet_names
+
+    paths = unet_names("sd1", tiny_arch()["unet"]).paths
+    out = dict(tensors)
+    for name in {k.split(".")[0] for k in tensors if k.startswith(parts)}:
+        w = unet.get_submodule(paths[name]).weight.detach().float()
+        out[f"{name}.dora_scale"] = (
+            torch.linalg.vector_norm(w, dim=list(range(1, w.dim())), keepdim=True) * 1.3
+        )
+    return out
+
+
+def test_dora_to_peft_round_trip_and_loads_in_diffusers(tiny_base, tmp_path, caplog, capfd):
+    from lorakit.models.loader import load_base_model
+    from lorakit.network.merge import merge_lora
+
+    plain = load_base_model(tiny_base)
+    unet_config = tiny_arch()["unet"]
+    dora = _with_dora(sd1_kohya(plain.unet, plain.text_encoder), plain.unet)
+    peft, meta = from_kohya(dora, META, "peft", "sd1", unet_config)
+    linear = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_q"
+    assert peft[f"{linear}.lora_magnitude_vector"].shape == (32,)
     assert peft["unet.down_blocks.0.resnets.0.conv1.lora_magnitude_vector"].shape == (
         1,
-        out_c,
+        32,
         1,
         1,
     )  # PEFT's conv
-    assert json.loads(meta["lora_adapter_metadata"])["unet.use_dora"] is True
+    config = json.loads(meta["lora_adapter_metadata"])
+    assert config["unet.use_dora"] is True and config["text_encoder.use_dora"] is False
     _assert_same(to_kohya(peft, meta, unet_config=unet_config), dora)
+
+    path = save_lora_file(tmp_path / "dora.safetensors", peft, meta, "float")
+    via_diffusers, _, _ = _load_in_diffusers(path, tiny_base, caplog, capfd)
+    merged = load_base_model(tiny_base)
+    merge_lora(merged.unet, merged.text_encoder, dora)
+    torch.testing.assert_close(_outputs(via_diffusers)[1], _outputs(merged)[1], rtol=1e-4, atol=1e-5)
+
+
+def test_what_peft_cannot_hold_is_refused(kohya_files):
+    tensors, unet_config = kohya_files["sd1"]
+    linear = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_q"
+    conv = "lora_unet_down_blocks_0_resnets_0_conv1"
+    out_l = tensors[f"{linear}.lora_up.weight"].shape[0]
+    with pytest.raises(ModelError, match="1 of the .* unet modules are DoRA"):  # use_dora: one flag per model
+        from_kohya({**tensors, f"{linear}.dora_scale": torch.rand(out_l, 1)}, {}, "peft", "sd1", unet_config)
     in_features = tensors[f"{linear}.lora_down.weight"].shape[1]
     with pytest.raises(ModelError, match="per input column"):
         from_kohya(

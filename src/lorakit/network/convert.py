@@ -148,7 +148,7 @@ def _fit(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
 def _to_peft(modules, table, family) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
     out: dict[str, torch.Tensor] = {}
     per_component: dict[str, dict[str, tuple[int, float]]] = {}
-    dora: set[str] = set()
+    dora: Counter[str] = Counter()
     for name, params in modules.items():
         extra = sorted(set(params) - {"lora_down.weight", "lora_up.weight", "alpha", "dora_scale"})
         if extra or "lora_down.weight" not in params or "lora_up.weight" not in params:
@@ -173,9 +173,16 @@ def _to_peft(modules, table, family) -> tuple[dict[str, torch.Tensor], dict[str,
             out[f"{component}.{path}.lora_magnitude_vector"] = _peft_magnitude(
                 name, params["dora_scale"], weight
             )
-            dora.add(component)
+            dora[component] += 1
         alpha = float(params["alpha"]) if "alpha" in params else float(rank)
         per_component.setdefault(component, {})[pattern] = (rank, alpha)
+    for component, n in dora.items():
+        if n != len(per_component[component]):  # LoraConfig.use_dora is one flag for the whole model
+            raise ModelError(
+                f"{n} of the {len(per_component[component])} {component} modules are DoRA (dora_scale): a PEFT "
+                "LoRA is DoRA in every module of a model or in none, so this file has no PEFT form; keep the "
+                "kohya file (ComfyUI and Forge read it)"
+            )
     return out, {c: _lora_config(m, c in dora) for c, m in per_component.items()}
 
 
