@@ -229,7 +229,7 @@ def test_peft_file_loads_in_diffusers_like_lorakits_merge(tiny_base, tmp_path, c
     plain = load_base_model(tiny_base)
     kohya = sd1_kohya(plain.unet, plain.text_encoder)
     kohya_path = save_lora_file(tmp_path / "k.safetensors", kohya, META, "float")
-    peft_path = convert_file(kohya_path, tmp_path / "p.safetensors", "peft")  # the real SD1.5 table
+    peft_path = convert_file(kohya_path, tmp_path / "p.safetensors", "peft", unet_config=tiny_arch()["unet"])
 
     via_diffusers, pipe, layers = _load_in_diffusers(peft_path, tiny_base, caplog, capfd)
     assert layers == len({k.split(".")[0] for k in kohya})
@@ -401,10 +401,34 @@ def test_unknown_keys_are_refused_with_examples(kohya_files, tmp_path):
 # --------------------------------------------------------------------------- CLI
 
 
-def test_cli_convert_writes_atomically_keeps_metadata_and_refuses_to_overwrite(kohya_files, tmp_path, capsys):
+def _real_sd1_lora(real_networks, n=12) -> dict[str, torch.Tensor]:
+    """A small SD1.5 LoRA (n UNet modules incl. convs, n text-encoder modules, rank 2), random weights."""
+    g = torch.Generator().manual_seed(1)
+    names = sorted({k.split(".")[0] for k in real_networks["sd1"]})
+    unet = [m for m in names if m.startswith("lora_unet_")]
+    picked = (
+        unet[:n]
+        + [m for m in unet if "resnets" in m][:2]
+        + [m for m in names if m.startswith("lora_te_")][:n]
+    )
+    out = {}
+    for name in picked:
+        down, up = (
+            real_networks["sd1"][f"{name}.lora_down.weight"],
+            real_networks["sd1"][f"{name}.lora_up.weight"],
+        )
+        out[f"{name}.lora_down.weight"] = torch.randn(2, *down.shape[1:], generator=g)
+        out[f"{name}.lora_up.weight"] = torch.randn(up.shape[0], 2, *up.shape[2:], generator=g)
+        out[f"{name}.alpha"] = torch.tensor(1.0)
+    return out
+
+
+def test_cli_convert_writes_atomically_keeps_metadata_and_refuses_to_overwrite(
+    real_networks, kohya_files, tmp_path, capsys
+):
     from lorakit.cli import main
 
-    tensors, _ = kohya_files["sd1"]
+    tensors = _real_sd1_lora(real_networks)
     src = save_lora_file(tmp_path / "k.safetensors", tensors, META, "fp16")
     out = tmp_path / "c.safetensors"
     assert main(["convert", "--model", str(src), "--save_to", str(out), "--to", "peft"]) == 0
@@ -427,7 +451,16 @@ def test_cli_convert_writes_atomically_keeps_metadata_and_refuses_to_overwrite(k
         k.startswith(("diffusion_model.", "text_encoders.")) and v.dtype == torch.float32
         for k, v in raw.items()
     )
+    assert "diffusion_model.input_blocks.1.0.in_layers.2.alpha" in raw  # the SD1.5 LDM layout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.safetensors", "k.safetensors"]  # no temp left
+
+    # a LoRA of another UNet layout (the tiny test model) would get wrong LDM numbers: refused
+    tiny = save_lora_file(tmp_path / "tiny.safetensors", kohya_files["sd1"][0], META, "float")
+    assert (
+        main(["convert", "--model", str(tiny), "--save_to", str(tmp_path / "t.safetensors"), "--to", "comfy"])
+        == 2
+    )
+    assert "another UNet layout" in capsys.readouterr().err and not (tmp_path / "t.safetensors").exists()
 
 
 @pytest.mark.filterwarnings("ignore:The following alpha_pattern keys did not match")  # the bug shown below

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 HELP_TO = (
-    "kohya: A1111/Forge/kohya names (input of any dialect; text-encoder keys fixed so diffusers loads them); "
+    "kohya: A1111/Forge/kohya names (input of any dialect), with one alpha and an out_proj in each text "
+    "encoder, as diffusers needs to load the file; "
     "peft: diffusers' load_lora_weights format, alpha kept in lora_adapter_metadata; "
     "comfy: the names ComfyUI's own LoRA save node writes"
 )
@@ -27,7 +28,8 @@ def add_parsers(sub) -> None:
         allow_abbrev=False,
         help="rename a LoRA's keys: kohya <-> diffusers/PEFT <-> ComfyUI (SD1.x, SDXL)",
         description="Read a LoRA (kohya, diffusers/PEFT, ComfyUI or ai-toolkit names) and write it with "
-        "another tool's key names. The weights are not changed; metadata is kept.",
+        "another tool's key names. What the LoRA does is not changed; metadata is kept. For SD1.x and SDXL "
+        "LoRAs made on the standard base architectures.",
     )
     p.add_argument("--model", required=True, help="the LoRA .safetensors to read")
     p.add_argument("--save_to", required=True, help="the .safetensors to write")

@@ -101,12 +101,21 @@ def from_kohya(
     return out, metadata
 
 
-def _unet_name(name: str, table, family) -> str:
+def _unet_name(name: str, params: Mapping[str, torch.Tensor], table, family) -> str:
+    """Our name for UNet module `name`, checked against the architecture's layer: LDM/SGM block numbers
+    depend on it, so a LoRA of another UNet layout would get wrong names, not an error, without this."""
     ours = table.aliases.get(name, name)
     if ours not in table.paths:
         raise ModelError(
             f"LoRA module {name} is not a module of the {family.name} UNet this conversion uses; a LoRA for "
             "another architecture cannot be renamed"
+        )
+    down, up = params.get("lora_down.weight"), params.get("lora_up.weight")
+    if down is not None and up is not None and (up.shape[0], down.shape[1]) != table.shapes[ours][:2]:
+        raise ModelError(
+            f"LoRA module {name} maps {down.shape[1]} -> {up.shape[0]} features, but that layer of the "
+            f"{family.name} base architecture maps {table.shapes[ours][1]} -> {table.shapes[ours][0]}: the LoRA "
+            "was made for a base of another UNet layout, whose module names lorakit cannot work out"
         )
     return ours
 
@@ -128,7 +137,7 @@ def _to_comfy(modules, table, family) -> dict[str, torch.Tensor]:
     out = {}
     for name, params in modules.items():
         if name.startswith("lora_unet_"):
-            ours = _unet_name(name, table, family)
+            ours = _unet_name(name, params, table, family)
             ldm = table.ldm_paths[ours]
             if ldm is None:
                 raise ModelError(f"LoRA module {name} has no LDM path, which ComfyUI's names need")
@@ -160,7 +169,7 @@ def _to_peft(modules, table, family) -> tuple[dict[str, torch.Tensor], dict[str,
         down, up = params["lora_down.weight"], params["lora_up.weight"]
         rank = down.shape[0]
         if name.startswith("lora_unet_"):
-            ours = _unet_name(name, table, family)
+            ours = _unet_name(name, params, table, family)
             component, path, pattern = "unet", table.paths[ours], table.paths[ours]
             kernel = table.shapes[ours][2:]  # the sizes come from the tensors: any width of this layout
         else:
