@@ -439,13 +439,20 @@ def test_cli_convert_writes_atomically_keeps_metadata_and_refuses_to_overwrite(
         meta["ss_network_dim"] == "4" and meta["modelspec.title"] == "usu" and "lora_adapter_metadata" in meta
     )
     assert meta["sshs_model_hash"] == addnet_hash(out) != kmeta["sshs_model_hash"]
+    from lorakit.network.inspect import inspect_lora
+
+    assert inspect_lora(out)["modules"] == inspect_lora(src)["modules"]  # inspect reads the PEFT file too
+    again = tmp_path / "again.safetensors"
+    assert main(["convert", "--model", str(out), "--save_to", str(again), "--to", "kohya"]) == 0
+    from safetensors.torch import load_file
+
+    _assert_same(load_file(again), load_file(src))  # PEFT -> kohya: the same names and bits
+    again.unlink()
     before = out.read_bytes()
     assert main(["convert", "--model", str(src), "--save_to", str(out), "--to", "comfy"]) == 2
     assert "--overwrite" in capsys.readouterr().err and out.read_bytes() == before
     args = ["convert", "--model", str(src), "--save_to", str(out), "--to", "comfy", "--overwrite"]
     assert main([*args, "--save_precision", "float"]) == 0
-    from safetensors.torch import load_file
-
     raw = load_file(out)
     assert all(
         k.startswith(("diffusion_model.", "text_encoders.")) and v.dtype == torch.float32
