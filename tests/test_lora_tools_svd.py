@@ -433,3 +433,44 @@ def test_resize_cli(tmp_path, capsys):
         == 2
     )
     assert "missing.safetensors" in capsys.readouterr().err
+
+
+def lycoris_lora(seed=0):
+    """A LoHa on a real SD1.5 3x3 conv (factors stored flat, as LyCORIS does without Tucker) and a
+    LoKr (w1 full, w2 factored) on a real SD1.5 attention Linear."""
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g) * 0.1
+
+    conv, lin = "lora_unet_down_blocks_0_resnets_0_conv1", "lora_unet_down_blocks_0_attentions_0_proj_in"
+    return {
+        f"{conv}.hada_w1_a": r(320, 4),
+        f"{conv}.hada_w1_b": r(4, 320 * 9),
+        f"{conv}.hada_w2_a": r(320, 4),
+        f"{conv}.hada_w2_b": r(4, 320 * 9),
+        f"{conv}.alpha": torch.tensor(2.0),
+        f"{lin}.lokr_w1": r(16, 16),
+        f"{lin}.lokr_w2_a": r(20, 4),
+        f"{lin}.lokr_w2_b": r(4, 20),
+        f"{lin}.alpha": torch.tensor(4.0),
+    }
+
+
+def test_lycoris_modules_resize_and_svd_merge_into_plain_locon():
+    """LoHa / LoKr become LoRA/LoCon modules by SVD: at full rank ΔW is kept, the flat LoHa conv gets
+    its 3x3 kernel from the real SD1.5 UNet."""
+    tensors = lycoris_lora()
+    want = deltas(tensors)
+    conv = "lora_unet_down_blocks_0_resnets_0_conv1"
+    assert want[conv].shape == (320, 320, 3, 3)
+    out, meta, stats = resize_lora(tensors, {}, new_rank=320)
+    assert out[f"{conv}.lora_down.weight"].shape[1:] == (320, 3, 3)
+    got = deltas(out)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-4)
+    merged, _ = merge_loras(
+        [(tensors, {}), (small_lora(), {})], [1.0, 0.5], new_rank=320, clamp_quantile=None
+    )
+    got = deltas(merged)
+    torch.testing.assert_close(got[conv], want[conv], atol=1e-5, rtol=1e-4)

@@ -81,7 +81,7 @@ def resize_lora(
     modules = lora_modules(tensors, source)
     if not modules:
         raise ModelError(f"LoRA {source}: no modules to resize")
-    old_dim = max(m.rank for m in modules.values())
+    old_dim = max(m.rank or 0 for m in modules.values())  # (IA)³ / full / full-LoKr modules have no rank
     if not dynamic_method and max(new_rank, conv_rank) > old_dim:
         log.warning(
             "new rank %d is above the LoRA's rank %d: the extra rank holds nothing (resize only shrinks)",

@@ -175,6 +175,18 @@ def module_weight_shape(m) -> torch.Size:
     shape = getattr(m, "weight_shape", None)  # a format whose factors do not show it may carry it
     if shape is not None:
         return torch.Size(shape)
+    kind = getattr(m, "kind", "lora")
+    if kind != "lora":
+        from . import lycoris_delta as ly
+
+        natural = ly.natural_shape(kind, m.tensors)
+        if len(natural) == 2 and m.name.startswith("lora_unet_"):
+            # a LoHa / LoKr conv may store its factors flat, (out, in·kh·kw): the kernel comes from the
+            # real SD1.5 / SDXL UNet that has a module of this name
+            real = real_unet_shape(m.name)
+            if real is not None and ly.fits_weight(natural, real):
+                return torch.Size(real)
+        return torch.Size(natural)
     out, inp = m.up.shape[0], m.down.shape[1]
     if m.mid is not None:
         return torch.Size((out, inp, *m.mid.shape[2:]))
@@ -183,10 +195,23 @@ def module_weight_shape(m) -> torch.Size:
     return torch.Size((out, inp))
 
 
+def real_unet_shape(name: str) -> tuple[int, ...] | None:
+    """The weight shape of the UNet module kohya-named `name` in the real SD1.5 or SDXL UNet (names
+    differ between the two families), or None."""
+    from .naming import unet_names
+
+    for family in ("sd1", "sdxl"):
+        table = unet_names(family)
+        ours = table.aliases.get(name, name)
+        if ours in table.shapes:
+            return table.shapes[ours]
+    return None
+
+
 def plain_factors(m, weight_shape) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(up (out, r), down (r, in·kh·kw)) with up·down = ΔW / scale, for a LoRA / LoCon module (a
     Tucker mid folded into down, exactly); None for a module of another kind (LoHa, LoKr, ...)."""
-    if getattr(m, "algo", "lora") not in ("lora", "locon"):
+    if getattr(m, "kind", "lora") != "lora":
         return None
     up, down = getattr(m, "up", None), getattr(m, "down", None)
     if not isinstance(up, torch.Tensor) or not isinstance(down, torch.Tensor):
