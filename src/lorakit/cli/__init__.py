@@ -12,7 +12,7 @@ import sys
 
 from ..errors import LoraKitError, explain_memory_error
 from ..threads import apply_threads
-from . import caption, convert, draw, gui, tools, train
+from . import caption, convert, draw, gui, merge, tools, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     caption.add_parsers(sub)
     tools.add_parsers(sub)
     convert.add_parsers(sub)
+    merge.add_parsers(sub)
     for command in sub.choices.values():
         command.add_argument(
             "--threads",
