@@ -141,6 +141,24 @@ def test_save_precision_casts_every_float_and_ckpt_input(sd1, tiny_base, tmp_pat
     assert untouched and all(torch.equal(h[k], tensors[k].half()) for k in untouched)
 
 
+def test_old_style_te_keys_are_kept(sd1, tiny_base, tmp_path):
+    """Old SD1 files name TE weights without `text_model.`; the output keeps the file's own names."""
+    tensors, md = header(tiny_base)
+    inner = "cond_stage_model.transformer.text_model."
+    old = {k.replace(inner, "cond_stage_model.transformer."): v for k, v in tensors.items()}
+    base = tmp_path / "old.safetensors"
+    save_file(old, str(base), metadata=md)
+    lora_tensors = random_lora(sd1, 11, every=3)
+    assert any(k.startswith("lora_te_") for k in lora_tensors)
+    lora = save_lora(tmp_path / "a.safetensors", lora_tensors)
+    out = bake_loras(base, [lora], [1.0], tmp_path / "out.safetensors").path
+    changed = assert_untouched_bytes_identical(base, out)
+    assert any(k.startswith("cond_stage_model.transformer.encoder.") for k in changed)
+    expected = load_base_model(base)
+    LoraMerger.for_base(expected).apply([("a", lora_tensors, 1.0, 1.0)])
+    assert_same_weights(expected, load_base_model(out))
+
+
 def test_refusals_leave_no_output(sd1, tiny_base, tmp_path, tiny_sdxl_bases):
     lora = save_lora(tmp_path / "a.safetensors", random_lora(sd1, 5, every=7))
     out = tmp_path / "out.safetensors"
@@ -190,6 +208,8 @@ def test_bake_diffusers_folder(sd1, tmp_path):
     for name, model in (("unet", sd1.unet), ("vae", sd1.vae), ("text_encoder", sd1.text_encoder)):
         model.save_pretrained(folder / name)
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    stale = folder / "unet" / "diffusion_pytorch_model.bin"
+    stale.write_bytes(b"old pickle")  # would keep unbaked weights beside the baked ones
     (folder / "tokenizer").mkdir()
     (folder / "tokenizer" / "vocab.json").write_text("{}")
     lora_tensors = random_lora(sd1, 8, every=2)
@@ -197,6 +217,7 @@ def test_bake_diffusers_folder(sd1, tmp_path):
     out = tmp_path / "merged"
     bake_loras(folder, [lora], [0.9], out)
     assert (out / "tokenizer" / "vocab.json").read_text() == "{}"
+    assert not (out / "unet" / "diffusion_pytorch_model.bin").exists()
     assert (out / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == (
         folder / "vae" / "diffusion_pytorch_model.safetensors"
     ).read_bytes()

@@ -60,6 +60,7 @@ class SafetensorsSource:
                 k: (v["dtype"], tuple(v["shape"]), tuple(v["data_offsets"])) for k, v in header.items()
             }
             self._file = safe_open(str(self.path), framework="pt", device="cpu")
+            self._raw = open(self.path, "rb")  # noqa: SIM115 - closed by close(), after the last tensor
         except (SafetensorError, OSError, ValueError, KeyError, TypeError, struct.error) as e:
             raise ModelError(
                 f"{self.path}: not a readable .safetensors file ({e}). Is it truncated or corrupt?"
@@ -77,18 +78,18 @@ class SafetensorsSource:
 
     def copy_raw(self, key: str, out: BinaryIO) -> None:
         start, end = self.entries[key][2]
-        with open(self.path, "rb") as f:
-            f.seek(self.data_start + start)
-            left = end - start
-            while left:
-                piece = f.read(min(left, _CHUNK))
-                if not piece:
-                    raise ModelError(f"{self.path}: the file ends inside tensor {key!r}; is it truncated?")
-                out.write(piece)
-                left -= len(piece)
+        self._raw.seek(self.data_start + start)
+        left = end - start
+        while left:
+            piece = self._raw.read(min(left, _CHUNK))
+            if not piece:
+                raise ModelError(f"{self.path}: the file ends inside tensor {key!r}; is it truncated?")
+            out.write(piece)
+            left -= len(piece)
 
     def close(self) -> None:
-        self._file = None
+        self._file = None  # drops the memory map
+        self._raw.close()
 
 
 class TensorSource:
@@ -130,11 +131,12 @@ def write_streamed(
     metadata: dict[str, str],
     change: dict[str, Callable[[torch.Tensor], torch.Tensor]],
     cast_floats: torch.dtype | None = None,
-    on_tensor: Callable[[str], None] | None = None,
+    on_tensor: Callable[[int, int], None] | None = None,
 ) -> int:
     """Write every tensor of `source` to `path` under its own key: `change[key](tensor)` for the keys
     in `change` (the result keeps the input's dtype unless `cast_floats`), a raw byte copy for the
-    rest (cast when `cast_floats` names another float type). Returns the bytes written."""
+    rest (cast when `cast_floats` names another float type). `on_tensor(bytes done, bytes in all)`
+    after each tensor. Returns the bytes written."""
     keys = source.keys()
     layout: list[tuple[str, str, tuple[int, ...], int]] = []
     offset = 0
@@ -149,6 +151,7 @@ def write_streamed(
         layout.append((key, dtype, shape, nbytes))
         offset += nbytes
     header = _header(layout, metadata)
+    total = 8 + len(header) + offset
     with open(path, "wb") as out:
         out.write(struct.pack("<Q", len(header)))
         out.write(header)
@@ -163,7 +166,7 @@ def write_streamed(
             if out.tell() - start != nbytes:  # a wrong size would corrupt every later tensor
                 raise ModelError(f"tensor {key!r}: wrote {out.tell() - start} bytes where {nbytes} were due")
             if on_tensor is not None:
-                on_tensor(key)
+                on_tensor(out.tell(), total)
         out.flush()
         os.fsync(out.fileno())
         return out.tell()

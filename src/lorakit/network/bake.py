@@ -104,7 +104,7 @@ def _open_single_file(path: Path) -> _Base:
         source = SafetensorsSource(path)
         shapes = {k: source.info(k)[1] for k in source.keys()}
     else:  # a pickle is unpickled whole (weights only, restricted), so it is in memory from here on
-        source = TensorSource(*read_state_dict(path))
+        source = TensorSource(*read_state_dict(path, mmap=True))
         shapes = {k: tuple(v.shape) for k, v in source.tensors.items()}
     keys = source.keys()
     family = detect_family(keys, {k: s for k, s in shapes.items() if k in SHAPE_KEYS})
@@ -388,7 +388,20 @@ def _write_single_file(base: _Base, save_to: Path, patches, merge_dtype, cast, m
 
     change = {key: _changer(p, merge_dtype) for (_, key), p in patches.items()}
     with atomic_path(save_to) as tmp:  # a failure or Ctrl-C leaves no output behind
-        return write_streamed(tmp, base.source, metadata, change, cast)
+        return write_streamed(tmp, base.source, metadata, change, cast, _Progress(save_to.name))
+
+
+class _Progress:
+    """Logs how far a long write is, at most every few seconds (an SDXL checkpoint takes a minute)."""
+
+    def __init__(self, name: str, every_s: float = 5.0):
+        self.name, self.every_s = name, every_s
+        self.next = time.monotonic() + every_s
+
+    def __call__(self, done: int, total: int) -> None:
+        if time.monotonic() >= self.next and done < total:
+            log.info("  %s: %.2f of %.2f GB written", self.name, done / 1e9, total / 1e9)
+            self.next = time.monotonic() + self.every_s
 
 
 def _changer(patch: _Patch, merge_dtype: torch.dtype):
@@ -399,12 +412,13 @@ def _changer(patch: _Patch, merge_dtype: torch.dtype):
 
 
 _PARTS = ("unet", "text_encoder", "text_encoder_2")
+_PICKLES = (".bin", ".pt", ".pth", ".ckpt")
 
 
 def _weight_files(root: Path, folder: str) -> list[Path]:
     files = sorted((root / folder).glob("*.safetensors"))
     if not files:
-        found = sorted(p.name for p in (root / folder).glob("*") if p.suffix in (".bin", ".pt", ".ckpt"))
+        found = sorted(p.name for p in (root / folder).glob("*") if p.suffix in _PICKLES)
         what = f" only {', '.join(found)} (pickles, which lorakit does not load)" if found else " no weights"
         raise ModelError(
             f"{root}: {folder}/ has{what}; lorakit bakes into .safetensors weights. Convert the folder "
@@ -440,6 +454,10 @@ def _write_diffusers(base: _Base, save_to: Path, patches, merge_dtype, cast) -> 
                 dst.mkdir(parents=True, exist_ok=True)
                 continue
             part = rel.parts[0] if len(rel.parts) > 1 else ""
+            if src.suffix in _PICKLES and any(p == part for p, _ in patches):
+                # the same weights as pickles would keep the base's values beside the baked .safetensors
+                log.warning("  left out %s: pickle weights beside the baked .safetensors ones", rel)
+                continue
             weights = src.suffix == ".safetensors" and (part in _PARTS or cast is not None)
             if not weights:
                 shutil.copy2(src, dst)
@@ -453,7 +471,7 @@ def _write_diffusers(base: _Base, save_to: Path, patches, merge_dtype, cast) -> 
                     if p_part == part and key in source.entries
                 }
                 done.update((part, key) for key in change)
-                size += write_streamed(dst, source, source.metadata, change, cast)
+                size += write_streamed(dst, source, source.metadata, change, cast, _Progress(str(rel)))
             finally:
                 source.close()
         missing = sorted(set(patches) - done)
