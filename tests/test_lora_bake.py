@@ -232,6 +232,54 @@ def test_bake_diffusers_folder(sd1, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".merged")]  # no temp folders left
 
 
+def test_lora_plus_lora_calls_merge_loras_and_saves_like_kohya(sd1, tmp_path, monkeypatch):
+    """The CLI's side of LoRA+LoRA, with a stand-in for network/combine.py (tested on its own)."""
+    import sys
+    import types
+
+    calls = []
+
+    def merge_loras(loras, ratios, concat, new_rank, new_conv_rank):
+        calls.append((len(loras), ratios, concat, new_rank, new_conv_rank))
+        tensors, _ = loras[0]
+        return {k: v * 2 for k, v in tensors.items()}, {
+            "ss_network_module": "networks.lora",
+            "modelspec.x": "1",
+        }
+
+    monkeypatch.setitem(
+        sys.modules, "lorakit.network.combine", types.SimpleNamespace(merge_loras=merge_loras)
+    )
+    a_tensors = random_lora(sd1, 9, every=4)
+    a = save_lora(tmp_path / "a.safetensors", a_tensors, {"modelspec.title": "A"})
+    b = save_lora(tmp_path / "b.safetensors", random_lora(sd1, 10, every=4))
+    out = tmp_path / "ab.safetensors"
+    argv = [
+        "merge",
+        "--models",
+        str(a),
+        str(b),
+        "--ratios",
+        "0.5",
+        "0.25",
+        "--new_rank",
+        "8",
+        "--save_to",
+        str(out),
+    ]
+    assert main(argv) == 0
+    assert calls == [(2, [0.5, 0.25], False, 8, None)]
+    tensors, md = header(out)
+    assert all(torch.equal(tensors[k], a_tensors[k] * 2) for k in a_tensors)  # float by default, as kohya
+    assert md["modelspec.title"] == "ab" and md["modelspec.merged_from"] == "A, b"
+    assert md["sshs_model_hash"] and md["sshs_legacy_hash"] and md["ss_network_module"] == "networks.lora"
+    assert main(argv) == 2  # exists, no --overwrite
+    assert main([*argv, "--overwrite", "--no_metadata", "--save_precision", "fp16"]) == 0
+    tensors, md = header(out)
+    assert not any(k.startswith("modelspec.") for k in md) and md["ss_network_module"] == "networks.lora"
+    assert {t.dtype for t in tensors.values()} == {torch.float16}
+
+
 def test_lora_plus_lora_goes_to_combine(sd1, tmp_path):
     pytest.importorskip("lorakit.network.combine")
     a = save_lora(tmp_path / "a.safetensors", random_lora(sd1, 9, every=4), {"modelspec.title": "A"})

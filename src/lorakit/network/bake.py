@@ -171,6 +171,8 @@ def _single_file_slot(base: _Base, part: str, path: str, module, keys, unet_ldm:
 
     inner = path.removeprefix("text_model.")  # transformers >= 5.6 has no text_model wrapper
     if part == "unet":
+        if path not in unet_ldm:
+            raise ModelError(f"UNet module {path!r} has no name in the single-file (LDM/SGM) layout")
         return Slot(f"{ldm_layout.UNET_PREFIX}{unet_ldm[path]}.weight")
     if base.family.key == "sd1":  # old files lack `text_model.` in their TE keys (kohya adds it)
         prefix = ldm_layout.TE_PREFIX
