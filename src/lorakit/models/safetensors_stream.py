@@ -34,7 +34,7 @@ DTYPES = {
 }
 NAMES = {v: k for k, v in DTYPES.items()}
 FLOATS = ("F64", "F32", "F16", "BF16")
-_CHUNK = 64 << 20  # raw copies in 64 MiB pieces: memory stays flat whatever the tensor size
+_CHUNK = 16 << 20  # raw copies in 16 MiB pieces: memory stays flat whatever the tensor size
 
 
 def _itemsize(dtype: str) -> int:
@@ -61,6 +61,7 @@ class SafetensorsSource:
             }
             self._file = safe_open(str(self.path), framework="pt", device="cpu")
             self._raw = open(self.path, "rb")  # noqa: SIM115 - closed by close(), after the last tensor
+            self._buffer = memoryview(bytearray(_CHUNK))
         except (SafetensorError, OSError, ValueError, KeyError, TypeError, struct.error) as e:
             raise ModelError(
                 f"{self.path}: not a readable .safetensors file ({e}). Is it truncated or corrupt?"
@@ -80,12 +81,12 @@ class SafetensorsSource:
         start, end = self.entries[key][2]
         self._raw.seek(self.data_start + start)
         left = end - start
-        while left:
-            piece = self._raw.read(min(left, _CHUNK))
-            if not piece:
+        while left:  # through one reused buffer: no fresh allocation per piece for the allocator to keep
+            n = self._raw.readinto(self._buffer[: min(left, _CHUNK)])
+            if not n:
                 raise ModelError(f"{self.path}: the file ends inside tensor {key!r}; is it truncated?")
-            out.write(piece)
-            left -= len(piece)
+            out.write(self._buffer[:n])
+            left -= n
 
     def close(self) -> None:
         self._file = None  # drops the memory map
