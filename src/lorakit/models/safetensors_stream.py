@@ -44,28 +44,28 @@ def _itemsize(dtype: str) -> int:
 
 
 class SafetensorsSource:
-    """A .safetensors file read lazily: its header here, each tensor on request (memory-mapped)."""
+    """A .safetensors file read piecewise: its header here, each tensor's bytes on request. Plain reads,
+    no memory map: a map of the whole file would show (and count) as gigabytes of the process."""
 
     def __init__(self, path: str | Path):
-        from safetensors import SafetensorError, safe_open
-
         self.path = Path(path)
         try:
-            with open(self.path, "rb") as f:
-                (n,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(n))
+            self._raw = open(self.path, "rb")  # noqa: SIM115 - closed by close(), after the last tensor
+            (n,) = struct.unpack("<Q", self._raw.read(8))
+            header = json.loads(self._raw.read(n))
             self.data_start = 8 + n
             self.metadata: dict[str, str] = dict(header.pop("__metadata__", None) or {})
             self.entries = {
                 k: (v["dtype"], tuple(v["shape"]), tuple(v["data_offsets"])) for k, v in header.items()
             }
-            self._file = safe_open(str(self.path), framework="pt", device="cpu")
-            self._raw = open(self.path, "rb")  # noqa: SIM115 - closed by close(), after the last tensor
-            self._buffer = memoryview(bytearray(_CHUNK))
-        except (SafetensorError, OSError, ValueError, KeyError, TypeError, struct.error) as e:
+            data_size = self.path.stat().st_size - self.data_start
+            if any(not 0 <= s <= e <= data_size for _, _, (s, e) in self.entries.values()):
+                raise ValueError("a tensor lies outside the file")
+        except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
             raise ModelError(
                 f"{self.path}: not a readable .safetensors file ({e}). Is it truncated or corrupt?"
             ) from e
+        self._buffer = memoryview(bytearray(_CHUNK))
 
     def keys(self) -> list[str]:
         return sorted(self.entries, key=lambda k: self.entries[k][2])  # the file's own order
@@ -75,7 +75,18 @@ class SafetensorsSource:
         return dtype, shape
 
     def tensor(self, key: str) -> torch.Tensor:
-        return self._file.get_tensor(key)
+        dtype, shape, (start, end) = self.entries[key]
+        if dtype not in DTYPES:
+            raise ModelError(
+                f"{self.path}: tensor {key!r} has dtype {dtype}, which lorakit cannot compute with"
+            )
+        data = bytearray(end - start)
+        self._raw.seek(self.data_start + start)
+        if self._raw.readinto(data) != len(data):
+            raise ModelError(f"{self.path}: the file ends inside tensor {key!r}; is it truncated?")
+        if not data:
+            return torch.empty(shape, dtype=DTYPES[dtype])
+        return torch.frombuffer(data, dtype=DTYPES[dtype]).reshape(shape)
 
     def copy_raw(self, key: str, out: BinaryIO) -> None:
         start, end = self.entries[key][2]
@@ -89,7 +100,6 @@ class SafetensorsSource:
             left -= n
 
     def close(self) -> None:
-        self._file = None  # drops the memory map
         self._raw.close()
 
 
