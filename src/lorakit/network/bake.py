@@ -103,19 +103,25 @@ def _open_single_file(path: Path) -> _Base:
     if is_safetensors(path):
         source = SafetensorsSource(path)
         shapes = {k: source.info(k)[1] for k in source.keys()}
-    else:  # a pickle is unpickled whole (weights only, restricted), so it is in memory from here on
+    else:  # a pickle: unpickled with the restricted (weights-only) unpickler, its tensors mapped
         source = TensorSource(*read_state_dict(path, mmap=True))
         shapes = {k: tuple(v.shape) for k, v in source.tensors.items()}
-    keys = source.keys()
-    family = detect_family(keys, {k: s for k, s in shapes.items() if k in SHAPE_KEYS})
-    if family.key == "sdxl" and not family.inpainting:
-        family = sdxl._check_sgm_keys(path, keys, shapes)
-        unet, _, te1, te2 = sdxl.build_sdxl_empty(sdxl._arch_of(path, source.metadata))
-        tes = (te1, te2)
-    else:  # SD1, or a clear refusal: a LoRA given as the base, SD2, FLUX, inpainting, not a model
-        loader._check_kind(path, keys, {k: s for k, s in shapes.items() if k in SHAPE_KEYS})
-        unet, _, te = loader._build_empty(loader._arch_from_metadata(path, source.metadata))
-        tes = (te,)
+    try:
+        keys = source.keys()
+        family = detect_family(keys, {k: s for k, s in shapes.items() if k in SHAPE_KEYS})
+        if family.key == "sdxl" and not family.inpainting:
+            family = sdxl._check_sgm_keys(path, keys, shapes)
+            unet, _, te1, te2 = sdxl.build_sdxl_empty(sdxl._arch_of(path, source.metadata))
+            tes = (te1, te2)
+        else:  # SD1, or a clear refusal: a LoRA given as the base, SD2, FLUX, inpainting, not a model
+            loader._check_kind(path, keys, {k: s for k, s in shapes.items() if k in SHAPE_KEYS})
+            if family.key != "sd1":
+                raise ModelError(f"{path}: not an SD1.x or SDXL checkpoint ({family.label})")
+            unet, _, te = loader._build_empty(loader._arch_from_metadata(path, source.metadata))
+            tes = (te,)
+    except BaseException:
+        source.close()
+        raise
     return _Base(path, "single_file", family, family_spec(family.key), unet, tes, source.metadata, source)
 
 
