@@ -24,7 +24,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
                     f"--{flag} is for merging LoRAs into one LoRA (without --sd_model); a LoRA baked "
                     "into a checkpoint has no rank"
                 )
-        from ..network.bake import bake_loras
+        from ..network.bake import bake_loras, size_text
 
         result = bake_loras(
             args.sd_model,
@@ -37,7 +37,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
         )
         print(
-            f"{result.path}: {result.modules} modules merged, {result.size / 1e9:.2f} GB, {result.seconds:.1f} s"
+            f"{result.path}: {result.modules} modules merged, {size_text(result.size)}, {result.seconds:.1f} s"
         )
         return 0
     return _merge_into_lora(args, save_to)

@@ -318,8 +318,12 @@ def bake_loras(
         if base.source is not None:
             base.source.close()
     seconds = time.monotonic() - started
-    log.info("saved %s (%.2f GB) in %.1f s", save_to, size / 1e9, seconds)
+    log.info("saved %s (%s) in %.1f s", save_to, size_text(size), seconds)
     return BakeResult(save_to, modules, len(patches), size, seconds)
+
+
+def size_text(size: int) -> str:
+    return f"{size / 1e9:.2f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
 
 
 def _ratios(models: list, ratios: list[float] | None) -> list[float]:
