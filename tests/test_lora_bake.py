@@ -32,6 +32,48 @@ def random_lora(base, seed: int, every: int = 1, rank: int = 2, alpha: float = 1
     return out
 
 
+def random_lycoris(base, seed: int) -> dict:
+    """A LyCORIS-style file mixing every type on the base's Linear layers (LoHa, LoKr, (IA)³, full with
+    diff_b where the layer has a bias, DoRA'd LoRA) and norm modules on every GroupNorm / LayerNorm."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g) * 0.1
+
+    out = {}
+    linears = [(n, m) for n, m in sorted(base.spec.module_map(base.unet, base.text_encoders).items())
+               if isinstance(m, torch.nn.Linear)]  # fmt: skip
+    for i, (name, mod) in enumerate(linears):
+        o, n = mod.weight.shape
+        kind = ("loha", "lokr", "ia3", "full", "dora")[i % 5]
+        if kind == "loha":
+            t = {
+                "hada_w1_a": rnd(o, 2),
+                "hada_w1_b": rnd(2, n),
+                "hada_w2_a": rnd(o, 2),
+                "hada_w2_b": rnd(2, n),
+            }
+            t["alpha"] = torch.tensor(1.0)
+        elif kind == "lokr":
+            a, c = (2 if o % 2 == 0 else 1), (2 if n % 2 == 0 else 1)
+            t = {
+                "lokr_w1": rnd(a, c),
+                "lokr_w2_a": rnd(o // a, 2),
+                "lokr_w2_b": rnd(2, n // c),
+                "alpha": torch.tensor(1.0),
+            }
+        elif kind == "ia3":
+            t = {"weight": rnd(o), "on_input": torch.tensor(0)}
+        elif kind == "full":
+            t = {"diff": rnd(o, n)} | ({"diff_b": rnd(o)} if mod.bias is not None else {})
+        else:
+            t = {"lora_down.weight": rnd(2, n), "lora_up.weight": rnd(o, 2), "dora_scale": 1 + rnd(o, 1)}
+        out |= {f"{name}.{p}": v for p, v in t.items()}
+    for name, mod in sorted(base.spec.norm_module_map(base.unet, base.text_encoders).items()):
+        out |= {f"{name}.w_norm": rnd(mod.weight.shape[0]), f"{name}.b_norm": rnd(mod.weight.shape[0])}
+    return out
+
+
 def save_lora(path, tensors, metadata=None):
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
     return path
@@ -141,6 +183,27 @@ def test_save_precision_casts_every_float_and_ckpt_input(sd1, tiny_base, tmp_pat
     assert untouched and all(torch.equal(h[k], tensors[k].half()) for k in untouched)
 
 
+@pytest.mark.parametrize("which", ["sd1", "sdxl"])
+def test_every_lycoris_type_bakes_like_the_merger(which, tiny_base, tiny_sdxl_bases, tmp_path):
+    """LoHa, LoKr, (IA)³, full (with biases: SDXL's bigG q/k/v land in thirds of in_proj_bias), DoRA, and
+    norm modules (GroupNorm / LayerNorm, bigG's ln_final) all bake to what LoraMerger merges."""
+    path = tiny_base if which == "sd1" else tiny_sdxl_bases["eps"]
+    base = load_base_model(path)
+    tensors = random_lycoris(base, 12)
+    lora = save_lora(tmp_path / "ly.safetensors", tensors)
+    out = bake_loras(path, [lora], [0.8], tmp_path / "out.safetensors").path
+    expected = load_base_model(path)
+    LoraMerger.for_base(expected).apply([("ly", tensors, 0.8, 0.8)])
+    assert_same_weights(expected, load_base_model(out))
+    changed = assert_untouched_bytes_identical(path, out)
+    assert any(k.endswith(".bias") for k in changed) and any("norm" in k for k in changed)
+    if which == "sdxl":
+        te2 = "conditioner.embedders.1.model."
+        assert f"{te2}ln_final.weight" in changed and f"{te2}ln_final.bias" in changed
+        assert any(k.startswith(te2) and k.endswith("attn.in_proj_bias") for k in changed)
+        assert any(k.startswith(te2) and k.endswith("ln_1.bias") for k in changed)
+
+
 def test_old_style_te_keys_are_kept(sd1, tiny_base, tmp_path):
     """Old SD1 files name TE weights without `text_model.`; the output keeps the file's own names."""
     tensors, md = header(tiny_base)
@@ -214,8 +277,10 @@ def test_bake_diffusers_folder(sd1, tmp_path):
     (folder / "tokenizer" / "vocab.json").write_text("{}")
     lora_tensors = random_lora(sd1, 8, every=2)
     lora = save_lora(tmp_path / "a.safetensors", lora_tensors)
+    lycoris_tensors = random_lycoris(sd1, 13)  # biases and norms too
+    lycoris = save_lora(tmp_path / "ly.safetensors", lycoris_tensors)
     out = tmp_path / "merged"
-    bake_loras(folder, [lora], [0.9], out)
+    bake_loras(folder, [lora, lycoris], [0.9, -0.5], out)
     assert (out / "tokenizer" / "vocab.json").read_text() == "{}"
     assert not (out / "unet" / "diffusion_pytorch_model.bin").exists()
     assert (out / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == (
@@ -223,7 +288,7 @@ def test_bake_diffusers_folder(sd1, tmp_path):
     ).read_bytes()
 
     expected = load_base_model(folder)
-    LoraMerger.for_base(expected).apply([("a", lora_tensors, 0.9, 0.9)])
+    LoraMerger.for_base(expected).apply([("a", lora_tensors, 0.9, 0.9), ("ly", lycoris_tensors, -0.5, -0.5)])
     assert_same_weights(expected, load_base_model(out))
     with pytest.raises(ConfigError, match="--overwrite"):
         bake_loras(folder, [lora], [0.9], out)

@@ -3,8 +3,9 @@
 The output keeps the input's layout. A single-file checkpoint (LDM keys for SD1, SGM keys for SDXL;
 .safetensors or .ckpt) becomes a .safetensors with exactly the input's keys; a diffusers folder
 becomes a diffusers folder. Only the tensors the LoRAs name change: W + Σ ratio·ΔW, each LoRA worked
-out against the base weight by the same `module_update` LoraMerger uses (so every format delta.py
-reads, DoRA included, bakes alike). Every other tensor is copied byte for byte.
+out against the base weight by the same `module_update` / `bias_update` LoraMerger uses (so every
+type delta.py reads bakes alike: LoRA/LoCon, LoHa, LoKr, (IA)³, full with diff_b, norm, DoRA).
+Every other tensor is copied byte for byte.
 
 No model is built with real weights: empty (meta) models give LoraMerger the kohya names and weight
 shapes it checks a LoRA against, and each module's path is mapped onto the file's key (LDM/SGM names
@@ -29,7 +30,7 @@ import torch
 
 from ..atomic import atomic_path, make_temp_dir, replace_file
 from ..errors import ConfigError, ModelError
-from .delta import ModuleLora, module_update
+from .delta import ModuleDelta, bias_update, module_update
 from .merge import LoraMerger
 
 log = logging.getLogger("lorakit")
@@ -48,21 +49,30 @@ class Slot:
 
 
 @dataclass
-class _Patch:
-    """What happens to one tensor: each (rows, module weight shape, [(module, ratio)])."""
+class _Edit:
+    """One layer's weight or bias inside a tensor of the file, and the modules (with ratios) that change it."""
 
-    edits: list[tuple[tuple[int, int] | None, torch.Size, list[tuple[ModuleLora, float]]]] = field(
-        default_factory=list
-    )
+    rows: tuple[int, int] | None
+    shape: torch.Size  # the layer's own shape of it (the file's may differ: 1x1 conv vs linear)
+    param: str  # "weight" | "bias"
+    modules: list[tuple[ModuleDelta, float]]
+
+
+@dataclass
+class _Patch:
+    """What happens to one tensor of the file: its edits, in order."""
+
+    edits: list[_Edit] = field(default_factory=list)
 
     def apply(self, t: torch.Tensor, merge_dtype: torch.dtype) -> torch.Tensor:
         out = t.to(merge_dtype, copy=True)
-        for rows, shape, modules in self.edits:
-            base = t if rows is None else t[rows[0] : rows[1]]
-            target = out if rows is None else out[rows[0] : rows[1]]  # a view: adds land in `out`
-            base = base.reshape(shape)
-            for m, ratio in modules:  # each LoRA against the base weight, as LoraMerger and A1111 do
-                target.add_(module_update(m, base, ratio).reshape(target.shape).to(merge_dtype))
+        for e in self.edits:
+            base = (t if e.rows is None else t[e.rows[0] : e.rows[1]]).reshape(e.shape)
+            target = out if e.rows is None else out[e.rows[0] : e.rows[1]]  # a view: adds land in `out`
+            for m, ratio in e.modules:  # each LoRA against the base weight, as LoraMerger and A1111 do
+                update = module_update(m, base, ratio) if e.param == "weight" else bias_update(m, ratio)
+                if update is not None:
+                    target.add_(update.reshape(target.shape).to(merge_dtype))
         return out
 
 
@@ -171,7 +181,7 @@ def _first_present(candidates: list[str], keys) -> str:
     return next((k for k in candidates if k in keys), candidates[0])
 
 
-def _single_file_slot(base: _Base, part: str, path: str, module, keys, unet_ldm: dict) -> Slot:
+def _single_file_slot(base: _Base, part: str, path: str, module, keys, unet_ldm: dict, param: str) -> Slot:
     from ..models import ldm_layout
     from ..models.families import sgm_layout
 
@@ -179,14 +189,16 @@ def _single_file_slot(base: _Base, part: str, path: str, module, keys, unet_ldm:
     if part == "unet":
         if path not in unet_ldm:
             raise ModelError(f"UNet module {path!r} has no name in the single-file (LDM/SGM) layout")
-        return Slot(f"{ldm_layout.UNET_PREFIX}{unet_ldm[path]}.weight")
+        return Slot(f"{ldm_layout.UNET_PREFIX}{unet_ldm[path]}.{param}")
     if base.family.key == "sd1":  # old files lack `text_model.` in their TE keys (kohya adds it)
         prefix = ldm_layout.TE_PREFIX
-        return Slot(_first_present([f"{prefix}text_model.{inner}.weight", f"{prefix}{inner}.weight"], keys))
+        return Slot(_first_present([f"{prefix}text_model.{inner}.{param}", f"{prefix}{inner}.{param}"], keys))
     if part == "te0":  # SDXL CLIP-L keeps the HF layout
         prefix = sgm_layout.TE1_PREFIX
-        return Slot(_first_present([f"{prefix}text_model.{inner}.weight", f"{prefix}{inner}.weight"], keys))
-    # SDXL bigG in OpenCLIP layout: q/k/v are the three thirds of in_proj_weight
+        return Slot(_first_present([f"{prefix}text_model.{inner}.{param}", f"{prefix}{inner}.{param}"], keys))
+    # SDXL bigG in OpenCLIP layout: q/k/v are the three thirds of in_proj_weight / in_proj_bias
+    if inner == "final_layer_norm":
+        return Slot(f"{sgm_layout.TE2_PREFIX}ln_final.{param}")
     m = re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)", inner)
     if m is None:
         raise ModelError(f"text encoder 2 module {path!r} has no OpenCLIP equivalent")
@@ -195,18 +207,18 @@ def _single_file_slot(base: _Base, part: str, path: str, module, keys, unet_ldm:
     if child in _TE2_QKV:
         width = module.weight.shape[0]
         start = _TE2_QKV[child] * width
-        return Slot(f"{block}.attn.in_proj_weight", (start, start + width))
+        return Slot(f"{block}.attn.in_proj_{param}", (start, start + width))
     if child not in sgm_layout._TE2_LAYER:
         raise ModelError(f"text encoder 2 module {path!r} has no OpenCLIP equivalent")
-    return Slot(f"{block}.{sgm_layout._TE2_LAYER[child]}.weight")
+    return Slot(f"{block}.{sgm_layout._TE2_LAYER[child]}.{param}")
 
 
-def _diffusers_slot(part: str, path: str, keys_of: Callable[[str], set]) -> Slot:
+def _diffusers_slot(part: str, path: str, keys_of: Callable[[str], set], param: str) -> Slot:
     if part == "unet":
-        return Slot(f"{path}.weight", part="unet")
+        return Slot(f"{path}.{param}", part="unet")
     folder = "text_encoder" if part == "te0" else "text_encoder_2"
     inner = path.removeprefix("text_model.")
-    key = _first_present([f"text_model.{inner}.weight", f"{inner}.weight"], keys_of(folder))
+    key = _first_present([f"text_model.{inner}.{param}", f"{inner}.{param}"], keys_of(folder))
     return Slot(key, part=folder)
 
 
@@ -343,15 +355,16 @@ def _plan(base: _Base, merger: LoraMerger, resolved) -> tuple[dict[tuple[str, st
     from ..models.ldm_layout import unet_module_paths_to_ldm
 
     paths = _module_paths(base)
-    per_module: dict[str, list[tuple[ModuleLora, float]]] = {}
+    per_module: dict[str, list[tuple[ModuleDelta, float]]] = {}
     for _, modules, ratio in resolved:
         for name, m in modules.items():
             if ratio != 0:
                 per_module.setdefault(name, []).append((m, ratio))
+    layers = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.GroupNorm, torch.nn.LayerNorm)
     if base.kind == "single_file":
         keys = set(base.source.keys())
         unet_ldm = unet_module_paths_to_ldm(
-            [p for p, m in base.unet.named_modules() if isinstance(m, torch.nn.Linear | torch.nn.Conv2d)]
+            [p for p, m in base.unet.named_modules() if isinstance(m, layers)]
         )
     else:
         shape_cache: dict[str, dict[str, tuple]] = {}
@@ -363,29 +376,37 @@ def _plan(base: _Base, merger: LoraMerger, resolved) -> tuple[dict[tuple[str, st
 
     patches: dict[tuple[str, str], _Patch] = {}
     for name, modules in sorted(per_module.items()):
-        module = merger.modules[name]
-        part, path = paths[id(module)]
-        if base.kind == "single_file":
-            slot = _single_file_slot(base, part, path, module, keys, unet_ldm)
-            shape = base.source.info(slot.key)[1] if slot.key in keys else None
-        else:
-            slot = _diffusers_slot(part, path, keys_of)
-            shape = keys_of(slot.part).get(slot.key)
-        if shape is None:
-            raise ModelError(
-                f"{base.path}: LoRA module {name} belongs in tensor '{slot.key}', which the checkpoint "
-                "lacks; is it a complete base model?"
+        layer = merger.layer(name)
+        part, path = paths[id(layer)]
+        params = ["weight"] + (["bias"] if any(m.bias_delta is not None for m, _ in modules) else [])
+        for param in params:
+            if base.kind == "single_file":
+                slot = _single_file_slot(base, part, path, layer, keys, unet_ldm, param)
+                shape = base.source.info(slot.key)[1] if slot.key in keys else None
+            else:
+                slot = _diffusers_slot(part, path, keys_of, param)
+                shape = keys_of(slot.part).get(slot.key)
+            own = getattr(layer, param).shape
+            _check_slot(base, name, slot, shape, own)
+            patches.setdefault((slot.part, slot.key), _Patch()).edits.append(
+                _Edit(slot.rows, own, param, modules)
             )
-        rows = slot.rows or (0, shape[0])
-        if (rows[1] - rows[0]) * _numel(shape[1:]) != module.weight.numel() or rows[1] > shape[0]:
-            raise ModelError(
-                f"{base.path}: tensor '{slot.key}' {list(shape)} does not hold module {name}'s weight "
-                f"{list(module.weight.shape)}; the checkpoint is not the architecture it claims"
-            )
-        patches.setdefault((slot.part, slot.key), _Patch()).edits.append(
-            (slot.rows, module.weight.shape, modules)
-        )
     return patches, len(per_module)
+
+
+def _check_slot(base: _Base, name: str, slot: Slot, shape: tuple | None, own: torch.Size) -> None:
+    """The file's tensor exists and holds exactly the layer's weight / bias (or its rows)."""
+    if shape is None:
+        raise ModelError(
+            f"{base.path}: LoRA module {name} belongs in tensor '{slot.key}', which the checkpoint "
+            "lacks; is it a complete base model?"
+        )
+    rows = slot.rows or (0, shape[0] if shape else 1)
+    if (rows[1] - rows[0]) * _numel(shape[1:]) != _numel(own) or rows[1] > (shape[0] if shape else 1):
+        raise ModelError(
+            f"{base.path}: tensor '{slot.key}' {list(shape)} does not hold module {name}'s "
+            f"{list(own)}; the checkpoint is not the architecture it claims"
+        )
 
 
 def _numel(shape) -> int:
