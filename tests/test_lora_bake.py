@@ -240,6 +240,12 @@ def test_refusals_leave_no_output(sd1, tiny_base, tmp_path, tiny_sdxl_bases):
     assert list(tmp_path.glob("*fresh*")) == []
     with pytest.raises(ModelError, match="LoRA file, not a base model"):
         bake_loras(lora, [lora], None, fresh)
+    import argparse
+
+    unsafe = tmp_path / "unsafe.ckpt"  # pickles run code when loaded unrestricted: refused by name
+    torch.save({"state_dict": header(tiny_base)[0], "args": argparse.Namespace(x=1)}, unsafe)
+    with pytest.raises(ModelError, match="Python code/objects"):
+        bake_loras(unsafe, [lora], None, fresh)
     with pytest.raises(ConfigError, match="one per model"):
         bake_loras(tiny_base, [lora], [1.0, 2.0], fresh)
     assert main(["merge", "--sd_model", str(tiny_base), "--models", str(lora), "--save_to", str(fresh),

@@ -88,10 +88,19 @@ def _read_torch(path: Path, mmap: bool = False) -> tuple[dict[str, torch.Tensor]
     import torch
 
     with open(path, "rb") as f:
-        zipped = f.read(4) == b"PK\x03\x04"  # torch can map only its zip format, not a legacy pickle
-    try:
+        mmap = mmap and f.read(4) == b"PK\x03\x04"  # torch maps only its zip format, not a legacy pickle
+
+    def load(mapped: bool):
         # weights_only: the restricted unpickler never runs code from the file (kohya uses full pickle)
-        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap and zipped)
+        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mapped)
+
+    try:
+        try:
+            obj = load(mmap)
+        except (RuntimeError, OSError, ValueError):
+            if not mmap:
+                raise
+            obj = load(False)  # a platform where torch cannot map the file: read it whole
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL (\S+)", str(e))
         if found or "Unsupported" in str(e):
