@@ -352,7 +352,6 @@ def test_lora_plus_lora_calls_merge_loras_and_saves_like_kohya(sd1, tmp_path, mo
 
 
 def test_lora_plus_lora_goes_to_combine(sd1, tmp_path):
-    pytest.importorskip("lorakit.network.combine")
     a = save_lora(tmp_path / "a.safetensors", random_lora(sd1, 9, every=4), {"modelspec.title": "A"})
     b = save_lora(tmp_path / "b.safetensors", random_lora(sd1, 10, every=4))
     out = tmp_path / "ab.safetensors"

@@ -44,13 +44,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _merge_into_lora(args: argparse.Namespace, save_to: Path) -> int:
-    from ..network.bake import _ratios, _title
+    from ..network.bake import model_title, ratios_for
+    from ..network.combine import merge_loras
     from ..network.file import read_lora_file, save_lora_file
 
-    try:
-        from ..network.combine import merge_loras
-    except ImportError as e:  # pragma: no cover - network/combine.py lands from another branch
-        raise ConfigError(f"merging LoRAs into one LoRA is not available in this build ({e})") from None
     if save_to.suffix.lower() != ".safetensors":
         raise ConfigError(f"--save_to {save_to}: a LoRA is written as .safetensors; name it *.safetensors")
     if save_to.exists() and not args.overwrite:
@@ -60,7 +57,7 @@ def _merge_into_lora(args: argparse.Namespace, save_to: Path) -> int:
             "--precision %s: LoRAs are merged in float32 (kohya's recommended default)", args.precision
         )
     started = time.monotonic()
-    ratios = _ratios(args.models, args.ratios)
+    ratios = ratios_for(args.models, args.ratios)
     paths = [Path(p).expanduser() for p in args.models]
     loras = [read_lora_file(p) for p in paths]
     if any(p.resolve() == save_to.resolve() for p in paths if save_to.exists()):
@@ -74,7 +71,7 @@ def _merge_into_lora(args: argparse.Namespace, save_to: Path) -> int:
         metadata = {
             **metadata,
             "modelspec.title": save_to.stem,
-            "modelspec.merged_from": ", ".join(_title(p, md) for p, (_, md) in zip(paths, loras)),
+            "modelspec.merged_from": ", ".join(model_title(p, md) for p, (_, md) in zip(paths, loras)),
         }
     save_lora_file(save_to, tensors, metadata, precision=args.save_precision or "float")
     size = save_to.stat().st_size

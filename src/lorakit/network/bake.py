@@ -225,7 +225,7 @@ def _diffusers_slot(part: str, path: str, keys_of: Callable[[str], set], param: 
 # --------------------------------------------------------------------------- metadata
 
 
-def _title(path: Path, metadata: dict[str, str]) -> str:
+def model_title(path: Path, metadata: dict[str, str]) -> str:
     return metadata.get("modelspec.title") or path.stem  # kohya's build_merged_from
 
 
@@ -244,7 +244,7 @@ def bake_metadata(
     out.setdefault("modelspec.implementation", spec.modelspec_implementation)
     if base.family.key == "sdxl":  # SD1 v-pred shows in no key: leave prediction_type to the base's own
         out.setdefault("modelspec.prediction_type", "v" if base.family.v_pred else "epsilon")
-    titles = [_title(base.path, base.metadata)] + [_title(p, md) for p, md in loras]
+    titles = [model_title(base.path, base.metadata)] + [model_title(p, md) for p, md in loras]
     out.update(
         {
             "modelspec.title": save_to.stem,
@@ -298,7 +298,7 @@ def bake_loras(
 
     started = time.monotonic()
     sd_model, save_to = Path(sd_model).expanduser(), Path(save_to).expanduser()
-    ratios = _ratios(models, ratios)
+    ratios = ratios_for(models, ratios)
     if save_precision is not None and save_precision not in PRECISIONS:
         raise ConfigError(f"--save_precision {save_precision!r}: choose one of {', '.join(PRECISIONS)}")
     if precision not in PRECISIONS:
@@ -338,7 +338,7 @@ def size_text(size: int) -> str:
     return f"{size / 1e9:.2f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
 
 
-def _ratios(models: list, ratios: list[float] | None) -> list[float]:
+def ratios_for(models: list, ratios: list[float] | None) -> list[float]:
     if not models:
         raise ConfigError("--models: name at least one LoRA file to merge")
     if not ratios:
