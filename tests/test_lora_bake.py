@@ -305,12 +305,11 @@ def test_bake_diffusers_folder(sd1, tmp_path):
 
 def test_lora_plus_lora_calls_merge_loras_and_saves_like_kohya(sd1, tmp_path, monkeypatch):
     """The CLI's side of LoRA+LoRA, with a stand-in for network/combine.py (tested on its own)."""
-    import sys
-    import types
+    from lorakit.network import combine
 
     calls = []
 
-    def merge_loras(loras, ratios, concat, new_rank, new_conv_rank):
+    def merge_loras(loras, ratios, concat, new_rank, new_conv_rank, progress=None):
         calls.append((len(loras), ratios, concat, new_rank, new_conv_rank))
         tensors, _ = loras[0]
         return {k: v * 2 for k, v in tensors.items()}, {
@@ -318,9 +317,7 @@ def test_lora_plus_lora_calls_merge_loras_and_saves_like_kohya(sd1, tmp_path, mo
             "modelspec.x": "1",
         }
 
-    monkeypatch.setitem(
-        sys.modules, "lorakit.network.combine", types.SimpleNamespace(merge_loras=merge_loras)
-    )
+    monkeypatch.setattr(combine, "merge_loras", merge_loras)
     a_tensors = random_lora(sd1, 9, every=4)
     a = save_lora(tmp_path / "a.safetensors", a_tensors, {"modelspec.title": "A"})
     b = save_lora(tmp_path / "b.safetensors", random_lora(sd1, 10, every=4))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import time
 from pathlib import Path
 
 from ..errors import ConfigError
@@ -24,7 +23,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
                     f"--{flag} is for merging LoRAs into one LoRA (without --sd_model); a LoRA baked "
                     "into a checkpoint has no rank"
                 )
-        from ..network.bake import bake_loras, size_text
+        from ..network.bake import bake_loras
+        from ..network.file import size_text
 
         result = bake_loras(
             args.sd_model,
@@ -44,39 +44,15 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _merge_into_lora(args: argparse.Namespace, save_to: Path) -> int:
-    from ..network.bake import model_title, ratios_for
-    from ..network.combine import merge_loras
-    from ..network.file import read_lora_file, save_lora_file
+    from ..network.combine import merge_lora_files
+    from ..network.file import size_text
 
-    if save_to.suffix.lower() != ".safetensors":
-        raise ConfigError(f"--save_to {save_to}: a LoRA is written as .safetensors; name it *.safetensors")
-    if save_to.exists() and not args.overwrite:
-        raise ConfigError(f"--save_to {save_to} already exists; pass --overwrite to replace it")
-    if args.precision != "float":
-        log.warning(
-            "--precision %s: LoRAs are merged in float32 (kohya's recommended default)", args.precision
-        )
-    started = time.monotonic()
-    ratios = ratios_for(args.models, args.ratios)
-    paths = [Path(p).expanduser() for p in args.models]
-    loras = [read_lora_file(p) for p in paths]
-    if any(p.resolve() == save_to.resolve() for p in paths if save_to.exists()):
-        raise ConfigError(
-            f"--save_to {save_to} is one of the --models: write the merged LoRA under another name"
-        )
-    tensors, metadata = merge_loras(loras, ratios, args.concat, args.new_rank, args.new_conv_rank)
-    if args.no_metadata:  # kohya keeps its minimum ss_* keys, drops the model spec
-        metadata = {k: v for k, v in metadata.items() if not k.startswith("modelspec.")}
-    else:
-        metadata = {
-            **metadata,
-            "modelspec.title": save_to.stem,
-            "modelspec.merged_from": ", ".join(model_title(p, md) for p, (_, md) in zip(paths, loras)),
-        }
-    save_lora_file(save_to, tensors, metadata, precision=args.save_precision or "float")
-    size = save_to.stat().st_size
-    names = {k.split(".", 1)[0] for k in tensors}
-    print(f"{save_to}: {len(names)} modules, {size / 1e6:.1f} MB, {time.monotonic() - started:.1f} s")
+    result = merge_lora_files(
+        args.models, args.ratios, save_to, concat=args.concat, new_rank=args.new_rank,
+        new_conv_rank=args.new_conv_rank, save_precision=args.save_precision, precision=args.precision,
+        no_metadata=args.no_metadata, overwrite=args.overwrite,
+    )  # fmt: skip
+    print(f"{result.path}: {result.modules} modules, {size_text(result.size)}, {result.seconds:.1f} s")
     return 0
 
 

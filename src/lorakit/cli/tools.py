@@ -13,91 +13,29 @@ log = logging.getLogger("lorakit")
 PRECISIONS = ("float", "fp16", "bf16")
 
 
-def refuse_overwrite(path: str | Path, overwrite: bool) -> Path:
-    """The output path, checked: a .safetensors name, and not an existing file unless --overwrite."""
-    path = Path(path)
-    if path.suffix.lower() != ".safetensors":
-        raise ModelError(
-            f"--save_to {path}: lorakit writes LoRAs as .safetensors files; name it *.safetensors"
-        )
-    if path.is_dir():
-        raise ModelError(f"--save_to {path} is a folder; give a file name (*.safetensors)")
-    if path.exists() and not overwrite:
-        raise ModelError(
-            f"{path} already exists; pass --overwrite to replace it, or choose another --save_to"
-        )
-    if not path.parent.is_dir():
-        raise ModelError(f"--save_to {path}: the folder {path.parent} does not exist")
-    return path
-
-
-def size_text(n_bytes: int) -> str:
-    return f"{n_bytes / 1e6:.1f} MB" if n_bytes >= 1e5 else f"{n_bytes / 1e3:.1f} kB"
-
-
-def precision_of(tensors) -> str:
-    """The save precision a file's tensors are in (its lora_up / lora_down), for 'same as the input'."""
-    import torch
-
-    dtypes = {t.dtype for k, t in tensors.items() if ".lora_" in k}
-    for name, dtype in (("float", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
-        if dtype in dtypes:
-            return name
-    return "fp16"
-
-
 def cmd_resize(args: argparse.Namespace) -> int:
-    import statistics
+    from ..network.file import size_text
+    from ..network.resize import module_lines, resize_lora_file, resize_summary
 
-    from ..network.file import read_lora_file, save_lora_file
-    from ..network.resize import resize_lora
-
-    src = Path(args.model)
-    out = refuse_overwrite(args.save_to, args.overwrite)
-    if out.resolve() == src.resolve():
-        raise ModelError(f"--save_to {out} is the --model file itself; write the resized LoRA to a new file")
-    tensors, metadata = read_lora_file(src)
-    precision = args.save_precision or precision_of(tensors)
-    if args.dynamic_method:
-        log.info(
-            "resizing %s with %s %g (at most rank %d)", src.name, args.dynamic_method, args.dynamic_param or 0,
-            args.new_rank,
-        )  # fmt: skip
-    new, meta, stats = resize_lora(
-        tensors, metadata, args.new_rank, args.new_conv_rank, args.dynamic_method, args.dynamic_param,
-        source=str(src), device=args.device,
+    result = resize_lora_file(
+        args.model, args.save_to, args.new_rank, args.new_conv_rank, args.dynamic_method, args.dynamic_param,
+        save_precision=args.save_precision, device=args.device, overwrite=args.overwrite,
     )  # fmt: skip
-    save_lora_file(out, new, meta, precision)
     if args.verbose:
-        width = max(len(s.name) for s in stats)
-        for s in stats:
-            line = (
-                f"{s.name:{width}} | rank {s.old_rank} -> {s.new_rank}, alpha {s.new_alpha:g} | "
-                f"sum(S) retained {s.sum_retained:.1%}, fro retained {s.fro_retained:.1%}, "
-                f"max(S) ratio {s.max_ratio:0.1f}"
-            )
-            print(line)
-    fro = [s.fro_retained for s in stats]
-    ranks = sorted({s.new_rank for s in stats})
-    rank_text = (
-        str(ranks[0])
-        if len(ranks) == 1
-        else f"{ranks[0]}-{ranks[-1]} (mean {statistics.mean(s.new_rank for s in stats):.1f})"
-    )
+        print("\n".join(module_lines(result.stats)))
+    print(resize_summary(result.stats))
     print(
-        f"{len(stats)} modules resized to rank {rank_text}; Frobenius norm retained: mean "
-        f"{statistics.mean(fro):.2%}, min {min(fro):.2%} (std {statistics.pstdev(fro):.3f})"
-    )
-    print(
-        f"{src.name}: {size_text(src.stat().st_size)} -> {out.name}: {size_text(out.stat().st_size)} ({precision})"
+        f"{Path(args.model).name}: {size_text(result.size_before)} -> {result.path.name}: "
+        f"{size_text(result.size)} ({result.precision})"
     )
     return 0
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    from ..network.extract import extract_lora_file
+    from ..network.extract import extract_lora_file, extract_summary
+    from ..network.file import check_save_to
 
-    out = refuse_overwrite(args.save_to, args.overwrite)
+    out = check_save_to(args.save_to, args.overwrite)
     for flag, path in (("--model_org", args.model_org), ("--model_tuned", args.model_tuned)):
         if not Path(path).exists():
             raise ModelError(f"{flag} {path} does not exist")
@@ -105,9 +43,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
         args.model_org, args.model_tuned, out, args.dim, args.conv_dim, args.clamp_quantile, args.min_diff,
         args.save_precision, args.load_precision, args.device, True if args.v_parameterization else None,
     )  # fmt: skip
-    modules = sum(k.endswith(".lora_down.weight") for k in tensors)
-    te = sum(k.startswith("lora_te") and k.endswith(".lora_down.weight") for k in tensors)
-    print(f"{path}: {modules} modules ({te} text encoder), rank {args.dim}, {size_text(path.stat().st_size)}")
+    print(extract_summary(path, tensors, args.dim))
     return 0
 
 

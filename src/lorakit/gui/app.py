@@ -7,7 +7,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from . import dataset_tab, generate_tab, lora_tab, train_tab
+from . import dataset_tab, generate_tab, lora_tab, tools_tab, train_tab
 from .common import Settings
 
 __all__ = ["Settings", "build_app", "launch"]
@@ -40,7 +40,7 @@ INTRO = """\
 Train a kohya-compatible Stable Diffusion 1.x or SDXL LoRA, watch it learn, and draw with it.
 **1 · Dataset**: point at your image folders and check them. **2 · Train**: set up and press Train —
 progress, loss and samples show up live, and training goes on if you close the page.
-**3 · Generate**: click your LoRA's card to use it.
+**3 · Generate**: click your LoRA's card to use it. **Tools**: merge, resize, extract and convert LoRAs.
 """
 
 
@@ -65,6 +65,8 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
                 gen = generate_tab.build(settings)
             with gr.Tab("LoRA info", id="lora", elem_id="tab-lora") as info_tab:
                 info = lora_tab.build(settings)
+            with gr.Tab("Tools", id="tools", elem_id="tab-tools") as tools_tab_item:
+                tools = tools_tab.build(settings)
 
         # The Dataset tab's folders are the Train tab's folders.
         fields = tr["fields"]
@@ -84,6 +86,10 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
             )
         gen_tab.select(*gen["refresh"])
         info_tab.select(*info["refresh"])
+        tools_tab_item.select(*tools["refresh"])
+        for event in tools["done"]:  # a new LoRA or checkpoint shows in the other tabs' lists too
+            event.success(*gen["refresh"], show_progress="hidden")
+            event.success(*info["refresh"], show_progress="hidden")
 
         # The log box shows its newest line once its tab is shown (it may have filled while hidden).
         train_tab_item.select(None, None, None, js=tr["follow_log_js"])

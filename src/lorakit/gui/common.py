@@ -42,13 +42,21 @@ class Settings:
             path, self.data_roots(), what, "start `lorakit gui --data_dir FOLDER` to allow another one"
         )
 
+    def checkpoint_dir(self) -> Path:
+        """Where the Tools tab writes a checkpoint with LoRAs baked in: the first --model_dir, else
+        A1111's models/Stable-diffusion beside the LoRA folder (models/Lora)."""
+        return (
+            Path(self.model_dirs[0]) if self.model_dirs else Path(self.lora_dir).parent / "Stable-diffusion"
+        )
+
     def model_choices(self) -> list[str]:
         """Base models to pick from: the default, lorakit's two demo models (SD1.x and SDXL family) and
-        the .safetensors/.ckpt files and diffusers folders directly in the --model_dir folders."""
+        the .safetensors/.ckpt files and diffusers folders directly in the --model_dir folders (and the
+        checkpoint folder the Tools tab bakes into)."""
         from ..demo import DEMO_MODEL, DEMO_SDXL_MODEL
 
         found = [self.model, str(DEMO_MODEL), str(DEMO_SDXL_MODEL)]
-        for folder in self.model_dirs:
+        for folder in dict.fromkeys([*self.model_dirs, self.checkpoint_dir()]):
             if Path(folder).is_dir():
                 for p in sorted(Path(folder).iterdir()):
                     if (p.is_file() and p.suffix.lower() in MODEL_SUFFIXES) or (
@@ -60,11 +68,14 @@ class Settings:
     def model_roots(self) -> list[Path]:
         """Where the GUI may read base models and LoRA weights: --model_dir folders, the default
         model's folder, the shipped demo model's (lorakit's own assets, so that it can always be
-        picked), the LoRA folder and the data roots."""
+        picked), the LoRA folder, the checkpoint folder the Tools tab bakes into and the data roots."""
         from ..demo import DEMO_MODEL
 
         default = [Path(self.model).parent] if self.model else []
-        return [*self.model_dirs, *default, DEMO_MODEL.parent, self.lora_dir, *self.data_roots()]
+        return [
+            *self.model_dirs, *default, DEMO_MODEL.parent, self.lora_dir, self.checkpoint_dir(),
+            *self.data_roots(),
+        ]  # fmt: skip
 
     def model_path(self, text: str, what: str = "base model") -> Path:
         """A model the user typed, resolved, if it lies in model_roots and is a .safetensors/.ckpt file

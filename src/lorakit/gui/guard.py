@@ -19,6 +19,8 @@ from ..errors import ConfigError
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 LOGIN_PATHS = ("/login", "/login/")
 _CONFIG_NAME = re.compile(r"[\w][\w .+-]{0,99}")
+_OUTPUT_NAME = re.compile(r"[\w][\w.-]{0,99}")
+_EXTENSION = re.compile(r"\.[^\W\d_]\w*$")  # '.ckpt', '.pt': a name that ends like a file type
 
 
 def inside(path: str | Path, roots: Iterable[Path], what: str, hint: str) -> Path:
@@ -44,6 +46,20 @@ def config_file(config_dir: Path, name: str) -> Path:
             f"without a folder; it is saved as {Path(config_dir).absolute() / 'NAME.toml'}"
         )
     return Path(config_dir) / f"{name}.toml"
+
+
+def output_file(folder: Path, name: str, suffix: str = ".safetensors") -> Path:
+    """`<folder>/<name><suffix>` for a bare name ('my-lora' or 'my-lora.safetensors'): letters, digits,
+    '-', '_' and '.', no folder, no other extension ('v1.5' is fine, 'x.ckpt' is not)."""
+    name = (name or "").strip()
+    if name.lower().endswith(suffix):
+        name = name[: -len(suffix)]
+    if not _OUTPUT_NAME.fullmatch(name) or ".." in name or _EXTENSION.search(name):
+        raise ConfigError(
+            f"output name {name!r}: use a plain name of letters, digits, '-', '_' or '.', without a "
+            f"folder or extension; it is saved as {Path(folder).absolute() / ('NAME' + suffix)}"
+        )
+    return Path(folder) / f"{name}{suffix}"
 
 
 class LoginLimiter:

@@ -31,6 +31,7 @@ import torch
 from ..atomic import atomic_path, make_temp_dir, replace_file
 from ..errors import ConfigError, ModelError
 from .delta import ModuleDelta, bias_update, module_update
+from .file import size_text
 from .merge import LoraMerger
 
 log = logging.getLogger("lorakit")
@@ -289,10 +290,12 @@ def bake_loras(
     precision: str = "float",
     no_metadata: bool = False,
     overwrite: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> BakeResult:
     """Bake LoRA files `models` (each at its ratio, default 1.0) into the base `sd_model` and write the
     result to `save_to` in the base's layout, atomically. Every LoRA is checked against the base
-    before anything is written: a LoRA for another family is refused and no output is left."""
+    before anything is written: a LoRA for another family is refused and no output is left.
+    progress(bytes done, bytes total): called as each single file is written (the GUI's bar)."""
     from ..models.loader import model_kind
     from .file import read_lora_file
 
@@ -322,20 +325,16 @@ def bake_loras(
         )  # fmt: skip
         cast = PRECISIONS[save_precision] if save_precision else None
         if kind == "diffusers":
-            size = _write_diffusers(base, save_to, patches, PRECISIONS[precision], cast)
+            size = _write_diffusers(base, save_to, patches, PRECISIONS[precision], cast, progress)
         else:
             metadata = bake_metadata(base, [(p, md) for p, _, md in loras], save_to, no_metadata)
-            size = _write_single_file(base, save_to, patches, PRECISIONS[precision], cast, metadata)
+            size = _write_single_file(base, save_to, patches, PRECISIONS[precision], cast, metadata, progress)
     finally:
         if base.source is not None:
             base.source.close()
     seconds = time.monotonic() - started
     log.info("saved %s (%s) in %.1f s", save_to, size_text(size), seconds)
     return BakeResult(save_to, modules, len(patches), size, seconds)
-
-
-def size_text(size: int) -> str:
-    return f"{size / 1e9:.2f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
 
 
 def ratios_for(models: list, ratios: list[float] | None) -> list[float]:
@@ -416,22 +415,26 @@ def _numel(shape) -> int:
     return n
 
 
-def _write_single_file(base: _Base, save_to: Path, patches, merge_dtype, cast, metadata) -> int:
+def _write_single_file(
+    base: _Base, save_to: Path, patches, merge_dtype, cast, metadata, progress=None
+) -> int:
     from ..models.safetensors_stream import write_streamed
 
     change = {key: _changer(p, merge_dtype) for (_, key), p in patches.items()}
     with atomic_path(save_to) as tmp:  # a failure or Ctrl-C leaves no output behind
-        return write_streamed(tmp, base.source, metadata, change, cast, _Progress(save_to.name))
+        return write_streamed(tmp, base.source, metadata, change, cast, _Progress(save_to.name, progress))
 
 
 class _Progress:
     """Logs how far a long write is, at most every few seconds (an SDXL checkpoint takes a minute)."""
 
-    def __init__(self, name: str, every_s: float = 5.0):
-        self.name, self.every_s = name, every_s
+    def __init__(self, name: str, also: Callable[[int, int], None] | None = None, every_s: float = 5.0):
+        self.name, self.also, self.every_s = name, also, every_s
         self.next = time.monotonic() + every_s
 
     def __call__(self, done: int, total: int) -> None:
+        if self.also is not None:
+            self.also(done, total)
         if time.monotonic() >= self.next and done < total:
             log.info("  %s: %.2f of %.2f GB written", self.name, done / 1e9, total / 1e9)
             self.next = time.monotonic() + self.every_s
@@ -470,7 +473,7 @@ def _folder_shapes(root: Path, folder: str) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def _write_diffusers(base: _Base, save_to: Path, patches, merge_dtype, cast) -> int:
+def _write_diffusers(base: _Base, save_to: Path, patches, merge_dtype, cast, progress=None) -> int:
     """Copy the folder; rewrite each component .safetensors (shards, variants) that holds a changed
     tensor; then rename the copy into place. Files without changes are copied as they are (cast
     with --save_precision when they are weights)."""
@@ -504,7 +507,9 @@ def _write_diffusers(base: _Base, save_to: Path, patches, merge_dtype, cast) -> 
                     if p_part == part and key in source.entries
                 }
                 done.update((part, key) for key in change)
-                size += write_streamed(dst, source, source.metadata, change, cast, _Progress(str(rel)))
+                size += write_streamed(
+                    dst, source, source.metadata, change, cast, _Progress(str(rel), progress)
+                )
             finally:
                 source.close()
         missing = sorted(set(patches) - done)

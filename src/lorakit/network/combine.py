@@ -12,7 +12,12 @@ Three ways, per module:
 
 from __future__ import annotations
 
+import logging
 import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -32,6 +37,8 @@ from .svd import (
     truncate,
 )
 from .tool_metadata import lora_modelspec, minimum_metadata
+
+log = logging.getLogger("lorakit")
 
 
 def _label(i: int, metadata: dict[str, str], titles: list[str] | None) -> str:
@@ -155,13 +162,15 @@ def merge_loras(
     titles: list[str] | None = None,
     title: str | None = None,
     clamp_quantile: float | None = CLAMP_QUANTILE,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """One LoRA (float32 tensors, kohya's minimum metadata + modelspec) from `loras` at `ratios`.
 
     new_rank: merge by SVD (new_conv_rank for 3x3 convs, default new_rank); else concat (exact) or
     kohya's sum (equal ranks). titles: the inputs' names for modelspec.merged_from (default: their
     modelspec.title / ss_output_name); title: the result's modelspec.title (the CLI: the file's stem);
-    clamp_quantile: the SVD merge's clamp of the factors (kohya's 0.99; None: none, exact at full rank)."""
+    clamp_quantile: the SVD merge's clamp of the factors (kohya's 0.99; None: none, exact at full rank);
+    progress(done, total): called after each module (the GUI's bar)."""
     if not loras:
         raise ModelError("merge: no LoRAs given")
     if len(ratios) != len(loras):
@@ -181,7 +190,9 @@ def merge_loras(
     ratios = [float(r) for r in ratios]
     out: dict[str, torch.Tensor] = {}
     with torch.no_grad():
-        for name in names:
+        for i, name in enumerate(names):
+            if progress is not None:
+                progress(i, len(names))
             shape = next(module_weight_shape(mods[name]) for mods in per_file if name in mods)
             if new_rank is not None:
                 merged = _svd(
@@ -208,3 +219,55 @@ def merge_loras(
         lora_modelspec(family, title or "LoRA", v_prediction=v_prediction, merged_from=", ".join(labels))
     )
     return out, meta
+
+
+@dataclass
+class MergeResult:
+    path: Path
+    modules: int
+    size: int  # bytes written
+    seconds: float
+
+
+def merge_lora_files(
+    models: list[str | Path],
+    ratios: list[float] | None,
+    save_to: str | Path,
+    *,
+    concat: bool = False,
+    new_rank: int | None = None,
+    new_conv_rank: int | None = None,
+    save_precision: str | None = None,
+    precision: str = "float",
+    no_metadata: bool = False,
+    overwrite: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> MergeResult:
+    """`lorakit merge` without --sd_model: LoRA files merged into one LoRA file (float unless
+    save_precision), modelspec title = the output's stem, merged_from = the inputs' titles."""
+    from .bake import model_title, ratios_for
+    from .file import check_save_to, read_lora_file, save_lora_file
+
+    save_to = check_save_to(Path(save_to).expanduser(), overwrite)
+    if precision != "float":
+        log.warning("--precision %s: LoRAs are merged in float32 (kohya's recommended default)", precision)
+    started = time.monotonic()
+    ratios = ratios_for(models, ratios)
+    paths = [Path(p).expanduser() for p in models]
+    if save_to.exists() and any(p.resolve() == save_to.resolve() for p in paths):
+        raise ModelError(
+            f"--save_to {save_to} is one of the --models: write the merged LoRA under another name"
+        )
+    loras = [read_lora_file(p) for p in paths]
+    tensors, metadata = merge_loras(loras, ratios, concat, new_rank, new_conv_rank, progress=progress)
+    if no_metadata:  # kohya keeps its minimum ss_* keys, drops the model spec
+        metadata = {k: v for k, v in metadata.items() if not k.startswith("modelspec.")}
+    else:
+        metadata = {
+            **metadata,
+            "modelspec.title": save_to.stem,
+            "modelspec.merged_from": ", ".join(model_title(p, md) for p, (_, md) in zip(paths, loras)),
+        }
+    save_lora_file(save_to, tensors, metadata, precision=save_precision or "float")
+    modules = len({k.split(".", 1)[0] for k in tensors})
+    return MergeResult(save_to, modules, save_to.stat().st_size, time.monotonic() - started)

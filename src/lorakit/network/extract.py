@@ -135,3 +135,14 @@ def extract_lora_file(
     tensors = extract_lora(org, tuned, dim, conv_dim, clamp_quantile, min_diff, device)
     meta = extract_metadata(org, dim, conv_dim, Path(save_to).stem, v_prediction)
     return save_lora_file(save_to, tensors, meta, save_precision), tensors
+
+
+def extract_summary(path: Path, tensors: dict[str, torch.Tensor], dim: int) -> str:
+    """What `lorakit extract` prints: modules (text encoder ones), rank, size."""
+    from .file import size_text
+
+    modules = sum(k.endswith(".lora_down.weight") for k in tensors)
+    te = sum(k.startswith("lora_te") and k.endswith(".lora_down.weight") for k in tensors)
+    return (
+        f"{path}: {modules} modules ({te} text encoder), rank {dim}, {size_text(Path(path).stat().st_size)}"
+    )

@@ -54,6 +54,41 @@ def save_lora_file(
     return Path(path)
 
 
+def check_save_to(path: str | Path, overwrite: bool) -> Path:
+    """A LoRA output path, checked before any work: a .safetensors name in an existing folder, and not
+    an existing file unless `overwrite` (the CLIs' --overwrite, the GUI's Overwrite box)."""
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
+        raise ModelError(
+            f"--save_to {path}: lorakit writes LoRAs as .safetensors files; name it *.safetensors"
+        )
+    if path.is_dir():
+        raise ModelError(f"--save_to {path} is a folder; give a file name (*.safetensors)")
+    if path.exists() and not overwrite:
+        raise ModelError(
+            f"{path} already exists; pass --overwrite to replace it, or choose another --save_to"
+        )
+    if not path.parent.is_dir():
+        raise ModelError(f"--save_to {path}: the folder {path.parent} does not exist")
+    return path
+
+
+def size_text(n_bytes: int) -> str:
+    """A file size as the tools print it: GB from 1 GB, MB from 100 kB, else kB."""
+    if n_bytes >= 1e9:
+        return f"{n_bytes / 1e9:.2f} GB"
+    return f"{n_bytes / 1e6:.1f} MB" if n_bytes >= 1e5 else f"{n_bytes / 1e3:.1f} kB"
+
+
+def precision_of(tensors: dict[str, torch.Tensor]) -> str:
+    """The save precision a file's tensors are in (its lora_up / lora_down), for 'same as the input'."""
+    dtypes = {t.dtype for k, t in tensors.items() if ".lora_" in k}
+    for name, dtype in (("float", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        if dtype in dtypes:
+            return name
+    return "fp16"
+
+
 PICKLE_SUFFIXES = (".pt", ".ckpt", ".bin", ".pth")
 
 

@@ -9,7 +9,10 @@ No clamping (unlike extract / svd-merge). The result is the best approximation a
 from __future__ import annotations
 
 import logging
+import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -71,11 +74,12 @@ def resize_lora(
     dynamic_param: float | None = None,
     source: str = "LoRA",
     device: str | torch.device | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str], list[ModuleResize]]:
     """The resized tensors (float32), kohya's updated metadata, and per-module stats.
 
     new_conv_rank: rank of 3x3 conv modules (default new_rank); with dynamic_method both are the
-    highest rank a module may keep."""
+    highest rank a module may keep. progress(done, total): called before each module."""
     check_resize_args(new_rank, new_conv_rank, dynamic_method, dynamic_param)
     conv_rank = new_rank if new_conv_rank is None else new_conv_rank
     modules = lora_modules(tensors, source)
@@ -91,7 +95,9 @@ def resize_lora(
     out: dict[str, torch.Tensor] = {}
     stats: list[ModuleResize] = []
     with torch.no_grad():
-        for name, m in modules.items():
+        for i, (name, m) in enumerate(modules.items()):
+            if progress is not None:
+                progress(i, len(modules))
             shape = module_weight_shape(m)
             if device is not None:
                 m = _to_device(m, device)
@@ -109,6 +115,77 @@ def resize_lora(
         out,
         resized_metadata(metadata, out, old_dim, new_rank, conv_rank, dynamic_method, dynamic_param),
         stats,
+    )
+
+
+@dataclass
+class ResizeResult:
+    path: Path
+    stats: list[ModuleResize]
+    precision: str  # the saved file's
+    size_before: int  # bytes
+    size: int
+
+
+def resize_lora_file(
+    model: str | Path,
+    save_to: str | Path,
+    new_rank: int,
+    new_conv_rank: int | None = None,
+    dynamic_method: str | None = None,
+    dynamic_param: float | None = None,
+    *,
+    save_precision: str | None = None,
+    device: str | None = None,
+    overwrite: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> ResizeResult:
+    """`lorakit resize`: read `model`, resize, write `save_to` (atomically; in the input's precision
+    unless save_precision). The output must be a new .safetensors unless `overwrite`."""
+    from .file import check_save_to, precision_of, read_lora_file, save_lora_file
+
+    src = Path(model)
+    out = check_save_to(save_to, overwrite)
+    if out.resolve() == src.resolve():
+        raise ModelError(f"--save_to {out} is the --model file itself; write the resized LoRA to a new file")
+    check_resize_args(new_rank, new_conv_rank, dynamic_method, dynamic_param)
+    tensors, metadata = read_lora_file(src)
+    precision = save_precision or precision_of(tensors)
+    if dynamic_method:
+        log.info(
+            "resizing %s with %s %g (at most rank %d)", src.name, dynamic_method, dynamic_param or 0, new_rank
+        )
+    new, meta, stats = resize_lora(
+        tensors, metadata, new_rank, new_conv_rank, dynamic_method, dynamic_param,
+        source=str(src), device=device, progress=progress,
+    )  # fmt: skip
+    save_lora_file(out, new, meta, precision)
+    return ResizeResult(out, stats, precision, src.stat().st_size, out.stat().st_size)
+
+
+def module_lines(stats: list[ModuleResize]) -> list[str]:
+    """kohya's --verbose lines: each module's ranks, alpha and retained norms."""
+    width = max((len(s.name) for s in stats), default=0)
+    return [
+        f"{s.name:{width}} | rank {s.old_rank} -> {s.new_rank}, alpha {s.new_alpha:g} | "
+        f"sum(S) retained {s.sum_retained:.1%}, fro retained {s.fro_retained:.1%}, "
+        f"max(S) ratio {s.max_ratio:0.1f}"
+        for s in stats
+    ]
+
+
+def resize_summary(stats: list[ModuleResize]) -> str:
+    """One line: the new ranks and the Frobenius norm retained (mean, min, spread) over the modules."""
+    fro = [s.fro_retained for s in stats]
+    ranks = sorted({s.new_rank for s in stats})
+    rank_text = (
+        str(ranks[0])
+        if len(ranks) == 1
+        else f"{ranks[0]}-{ranks[-1]} (mean {statistics.mean(s.new_rank for s in stats):.1f})"
+    )
+    return (
+        f"{len(stats)} modules resized to rank {rank_text}; Frobenius norm retained: mean "
+        f"{statistics.mean(fro):.2%}, min {min(fro):.2%} (std {statistics.pstdev(fro):.3f})"
     )
 
 
