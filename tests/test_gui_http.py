@@ -794,3 +794,195 @@ def test_captioning_reads_a_tagger_in_the_model_roots_and_writes_only_in_the_dat
     assert _files(work) == work_before | set(written) and _files(outside) == outside_before
     for p in written:
         p.unlink()
+
+
+# --- Tools tab: merge, resize, extract, convert -----------------------------------------------------
+
+MERGE_SVD = "Into one LoRA: SVD to a new rank"
+
+
+def _tool_lora(base, seed: int, rank: int) -> dict:
+    """A LoRA on every third module of the tiny base (Linear and conv), small random factors."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, mod in sorted(base.spec.module_map(base.unet, base.text_encoders).items())[::3]:
+        w = mod.weight
+        kernel = tuple(w.shape[2:])
+        out[f"{name}.lora_down.weight"] = torch.randn(rank, w.shape[1], *kernel, generator=g) * 0.1
+        out[f"{name}.lora_up.weight"] = torch.randn(
+            w.shape[0], rank, *((1, 1) if kernel else ()), generator=g
+        )
+        out[f"{name}.alpha"] = torch.tensor(float(rank))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tool_loras(site):
+    """Two rank-4 LoRAs in the GUI's LoRA folder (work/models/Lora) and a fine-tuned copy of the tiny
+    base in the --model_dir, which is also where the Tools tab bakes checkpoints."""
+    import torch
+    from safetensors.torch import save_file
+
+    from lorakit.models.loader import load_base_model
+    from lorakit.testing import make_tiny_base
+
+    models = site["root"] / "models"
+    base = load_base_model(models / "tiny.safetensors")
+    lora_dir = site["work"] / "models" / "Lora"
+    paths = {}
+    for key, seed in (("a", 1), ("b", 2)):
+        paths[key] = lora_dir / f"tool-{key}.safetensors"
+        save_file(_tool_lora(base, seed, 4), str(paths[key]), metadata={"modelspec.title": f"Tool {key}"})
+    make_tiny_base(models / "tuned.safetensors", seed=1)
+    # convert maps names by the standard SD1.5 layout: a LoRA on three of its real modules
+    g, real = torch.Generator().manual_seed(3), {}
+    for name, out, inp, conv in (
+        ("lora_te_text_model_encoder_layers_0_mlp_fc1", 3072, 768, False),
+        ("lora_unet_mid_block_attentions_0_proj_in", 1280, 1280, True),
+        ("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q", 320, 320, False),
+    ):
+        k = (1, 1) if conv else ()
+        real[f"{name}.lora_down.weight"] = torch.randn(2, inp, *k, generator=g)
+        real[f"{name}.lora_up.weight"] = torch.randn(out, 2, *k, generator=g)
+        real[f"{name}.alpha"] = torch.tensor(2.0)
+    paths["sd15"] = lora_dir / "tool-sd15.safetensors"
+    save_file(real, str(paths["sd15"]), metadata={"ss_base_model_version": "sd_v1"})
+    return {**paths, "dir": lora_dir, "models": models}
+
+
+def _ok(out: dict) -> list:
+    assert out.get("success") is not False and not out.get("error"), out
+    return out["data"]
+
+
+def _lora_ranks(path: Path) -> set[int]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {f.get_slice(k).get_shape()[0] for k in f.keys() if k.endswith(".lora_down.weight")}
+
+
+def test_tools_resize_writes_a_named_lora_in_the_lora_folder_and_shows_its_card(site, tool_loras):
+    api = Api(site["url"], "tools-resize")
+
+    def resize(name, overwrite=False, method="none", param=0.9):
+        return api(
+            "tools_resize", [str(tool_loras["a"]), 2, 0, method, param, "same as the input", name, overwrite]
+        )
+
+    status, card, modules = _ok(resize("tool-a-r2"))
+    out = tool_loras["dir"] / "tool-a-r2.safetensors"
+    assert _lora_ranks(out) == {2}
+    assert str(out.absolute()) in status and "Frobenius norm retained: mean" in status, status
+    assert str(out.absolute()) in card and "dim / alpha                2 / 2" in card, card
+    assert "rank 4 -> 2" in modules and "fro retained" in modules
+    before = out.read_bytes()
+    err = resize("tool-a-r2.safetensors").get("error") or ""  # exists, Overwrite not ticked
+    assert "already exists: tick Overwrite" in err, err
+    assert out.read_bytes() == before
+    status, _, modules = _ok(resize("tool-a-r2", overwrite=True, method="sv_fro", param=0.5))
+    assert "rank 4 -> 1" in modules or "rank 4 -> 2" in modules
+    assert _lora_ranks(out) <= {1, 2} and out.read_bytes() != before
+
+
+def test_tools_merge_into_one_lora_and_into_a_checkpoint(site, tool_loras):
+    from safetensors import safe_open
+
+    api = Api(site["url"], "tools-merge")
+    a, b = str(tool_loras["a"]), str(tool_loras["b"])
+    status, card = _ok(api("tools_merge", ["Into one LoRA: concat (exact, ranks add up)", [a, b], "0.5, 1", None,
+                                          8, 0, "same as the input", "tool-ab", False]))  # fmt: skip
+    out = tool_loras["dir"] / "tool-ab.safetensors"
+    assert _lora_ranks(out) == {8} and str(out.absolute()) in status and "8 / 8" in card, card
+    with safe_open(str(out), framework="pt") as f:
+        assert f.metadata()["modelspec.merged_from"] == "Tool a, Tool b"
+    _ok(api("tools_merge", [MERGE_SVD, [a, b], "", None, 3, 0, "fp16", "tool-ab-svd", False]))
+    assert _lora_ranks(tool_loras["dir"] / "tool-ab-svd.safetensors") == {3}
+    err = api("tools_merge", [MERGE_SVD, [a, b], "1", None, 3, 0, "fp16", "x", False]).get("error") or ""
+    assert "1 given for 2 LoRAs" in err
+    base = tool_loras["models"] / "tiny.safetensors"
+    status, card = _ok(api("tools_merge", ["Into a checkpoint (bake)", [a], "0.8", str(base), 8, 0,
+                                          "same as the input", "tiny-baked", False]))  # fmt: skip
+    baked = tool_loras["models"] / "tiny-baked.safetensors"  # the first --model_dir
+    assert "modules" in card and "changed" in card and "tool-a.safetensors x0.8" in card, card
+    with safe_open(str(baked), framework="pt") as f, safe_open(str(base), framework="pt") as g:
+        assert set(f.keys()) == set(g.keys()) and f.metadata()["modelspec.title"] == "tiny-baked"
+    from lorakit.gui.common import Settings  # the new checkpoint is a base model to pick
+
+    assert str(baked) in Settings(model_dirs=(tool_loras["models"],)).model_choices()
+
+
+def test_tools_extract_and_convert(site, tool_loras):
+    api = Api(site["url"], "tools-extract")
+    models = tool_loras["models"]
+    status, card = _ok(api("tools_extract", [str(models / "tiny.safetensors"), str(models / "tuned.safetensors"),
+                                            2, 0, 0.01, "fp16", "tool-x", False]))  # fmt: skip
+    out = tool_loras["dir"] / "tool-x.safetensors"
+    assert _lora_ranks(out) == {2} and "text encoder" in status and "tool-x" in card, (status, card)
+    status, card = _ok(api("tools_convert", [str(tool_loras["sd15"]), "peft", "tool-peft", False]))
+    from safetensors import safe_open
+
+    with safe_open(str(tool_loras["dir"] / "tool-peft.safetensors"), framework="pt") as f:
+        assert any(".lora_A." in k for k in f.keys())
+    assert "peft names" in status and "SD1.x" in card, card
+
+
+def test_tools_refuse_paths_other_extensions_and_loras_outside_the_roots(site, tool_loras):
+    import shutil
+
+    api = Api(site["url"], "tools-refuse")
+    outside, work = site["outside"], site["work"]
+    shutil.copy(tool_loras["a"], outside / "lora.safetensors")
+    (work / "data" / "notes.txt").write_text("x")
+    before = _files(site["root"])
+    a = str(tool_loras["a"])
+
+    def resize(src, name):
+        return (
+            api("tools_resize", [src, 2, 0, "none", 0.9, "same as the input", name, True]).get("error") or ""
+        )
+
+    for name in ("../evil", "sub/evil", "sub\\evil", str(outside / "evil"), "evil.ckpt", "evil.pt", "evil.toml",
+                 "evil.ckpt.safetensors", "", ".."):  # fmt: skip
+        err = resize(a, name)
+        assert "output name" in err and "without a folder or extension" in err, (name, err)
+    for name in ("evil.ckpt", "../evil"):  # the same rule for every tool
+        bake = [
+            "Into a checkpoint (bake)",
+            [a],
+            "",
+            str(tool_loras["models"] / "tiny.safetensors"),
+            8,
+            0,
+            "fp16",
+            name,
+            True,
+        ]
+        errors = [
+            api("tools_merge", bake).get("error") or "",
+            api("tools_convert", [a, "comfy", name, True]).get("error") or "",
+            api("tools_extract", [str(tool_loras["models"] / "tiny.safetensors"),
+                                  str(tool_loras["models"] / "tuned.safetensors"), 2, 0, 0.01, "float", name, True]
+                ).get("error") or "",
+        ]  # fmt: skip
+        assert all("output name" in e for e in errors), errors
+    for src in (
+        str(outside / "lora.safetensors"),
+        "../outside/lora.safetensors",
+        str(outside / "none.safetensors"),
+    ):
+        err = resize(src, "fine")
+        assert "is outside the folders this GUI may use" in err, (src, err)
+        err = (
+            api("tools_merge", [MERGE_SVD, [a, src], "", None, 2, 0, "fp16", "fine", True]).get("error") or ""
+        )
+        assert "LoRA 2" in err and "is outside the folders" in err, err
+        assert "is outside" in (api("tools_convert", [src, "kohya", "fine", True]).get("error") or "")
+    assert "no LoRA there" in resize(str(work / "data" / "notes.txt"), "fine")
+    err = api("tools_extract", [str(outside / "model.safetensors"), str(tool_loras["models"] / "tuned.safetensors"),
+                                2, 0, 0.01, "float", "fine", True]).get("error") or ""  # fmt: skip
+    assert "original model" in err and "is outside the folders" in err, err
+    assert _files(site["root"]) == before  # nothing written anywhere
+    (work / "data" / "notes.txt").unlink()
