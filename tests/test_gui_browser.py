@@ -167,9 +167,9 @@ def wait_status(page, pattern: str, timeout: float) -> str:
 # --- the tests, in page order ---------------------------------------------------------
 
 
-def test_page_loads_offline_with_four_tabs(browser_page):
+def test_page_loads_offline_with_its_tabs(browser_page):
     page = browser_page
-    for name in ("dataset", "train", "generate", "lora"):
+    for name in ("dataset", "train", "generate", "lora", "tools"):
         expect(page.locator(f"#tab-{name}-button")).to_be_visible()
     tab(page, "train")
     expect(page.locator("#train-status")).to_contain_text("No training yet")
@@ -566,3 +566,27 @@ def test_caption_images_with_a_tagger_folder(browser_page, work):
     assert page.external_requests == [], "the page tried to reach the internet"
     for p in written:
         p.unlink()
+
+
+def test_tools_tab_resizes_a_lora_and_shows_its_card(browser_page, work):
+    """Tools > Resize: the trained rank-2 LoRA to rank 1 under a bare name in the LoRA folder; the status
+    says how much of each module's norm was kept and the card is the new file's (the last test: its
+    LoRA joins the lists)."""
+    page = browser_page
+    tab(page, "tools")
+    page.get_by_role("tab", name="Resize").click()
+    fill(page, "resize-lora", work["root"] / "loras" / "gui-lora.safetensors")
+    fill(page, "resize-rank", 1)
+    fill(page, "resize-name", "gui-lora-r1")
+    page.locator("#resize-go").click()
+    status = page.locator("#resize-status")
+    expect(status).to_contain_text("Frobenius norm retained", timeout=60000)
+    expect(status).to_contain_text("resized to rank 1")
+    out = work["root"] / "loras" / "gui-lora-r1.safetensors"
+    expect(page.locator("#resize-card")).to_contain_text(str(out))
+    expect(page.locator("#resize-card")).to_contain_text(re.compile(r"dim / alpha\s+1 /"))
+    assert out.is_file()
+    shot(page, work, "tools")
+    page.locator("#resize-go").click()  # again: the file exists and Overwrite is not ticked
+    expect(page.locator(".toast-body").filter(has_text="tick Overwrite")).to_be_visible()
+    assert page.external_requests == [], "the page tried to reach the internet"

@@ -1,4 +1,4 @@
-"""The Gradio app: four tabs over lorakit's Python API, served on 127.0.0.1 unless told otherwise."""
+"""The Gradio app: five tabs over lorakit's Python API, served on 127.0.0.1 unless told otherwise."""
 
 from __future__ import annotations
 
