@@ -945,7 +945,7 @@ def test_tools_refuse_paths_other_extensions_and_loras_outside_the_roots(site, t
         )
 
     for name in ("../evil", "sub/evil", "sub\\evil", str(outside / "evil"), "evil.ckpt", "evil.pt", "evil.toml",
-                 "evil.ckpt.safetensors", "", ".."):  # fmt: skip
+                 "evil.ckpt.safetensors", "", "..", "nul", "COM1"):  # fmt: skip
         err = resize(a, name)
         assert "output name" in err and "without a folder or extension" in err, (name, err)
     for name in ("evil.ckpt", "../evil"):  # the same rule for every tool
@@ -980,6 +980,7 @@ def test_tools_refuse_paths_other_extensions_and_loras_outside_the_roots(site, t
         )
         assert "LoRA 2" in err and "is outside the folders" in err, err
         assert "is outside" in (api("tools_convert", [src, "kohya", "fine", True]).get("error") or "")
+        assert "is outside" in (api("lora_inspect", [src]).get("error") or "")  # the LoRA info tab too
     assert "no LoRA there" in resize(str(work / "data" / "notes.txt"), "fine")
     err = api("tools_extract", [str(outside / "model.safetensors"), str(tool_loras["models"] / "tuned.safetensors"),
                                 2, 0, 0.01, "float", "fine", True]).get("error") or ""  # fmt: skip

@@ -96,6 +96,23 @@ class Settings:
             "(with model_index.json)"
         )
 
+    def lora_path(self, text: str, what: str = "LoRA") -> Path:
+        """A LoRA the user picked or typed, resolved, if it is a .safetensors file in model_roots (the
+        LoRA folder among them); else ConfigError. No other file is read, nor probed."""
+        from .guard import inside
+
+        if not (text or "").strip():
+            raise ConfigError(f"{what}: pick a LoRA file")
+        path = inside(
+            text,
+            self.model_roots(),
+            what,
+            "put it in the LoRA folder, or start `lorakit gui --model_dir FOLDER`",
+        )
+        if path.suffix.lower() != ".safetensors" or not path.is_file():
+            raise ConfigError(f"{what} {text}: no LoRA there; pick a .safetensors file from the list")
+        return path
+
     def model_folder(self, text: str, what: str) -> Path:
         """A model folder the user typed (a tagger's, a captioning model's), resolved, if it is a folder
         in model_roots (else ConfigError)."""

@@ -21,6 +21,7 @@ LOGIN_PATHS = ("/login", "/login/")
 _CONFIG_NAME = re.compile(r"[\w][\w .+-]{0,99}")
 _OUTPUT_NAME = re.compile(r"[\w][\w.-]{0,99}")
 _EXTENSION = re.compile(r"\.[^\W\d_]\w*$")  # '.ckpt', '.pt': a name that ends like a file type
+_WINDOWS_DEVICES = re.compile(r"(con|prn|aux|nul|com\d|lpt\d)(\..*)?", re.IGNORECASE)
 
 
 def inside(path: str | Path, roots: Iterable[Path], what: str, hint: str) -> Path:
@@ -54,7 +55,8 @@ def output_file(folder: Path, name: str, suffix: str = ".safetensors") -> Path:
     name = (name or "").strip()
     if name.lower().endswith(suffix):
         name = name[: -len(suffix)]
-    if not _OUTPUT_NAME.fullmatch(name) or ".." in name or _EXTENSION.search(name):
+    bad = not _OUTPUT_NAME.fullmatch(name) or ".." in name or _WINDOWS_DEVICES.fullmatch(name)
+    if bad or _EXTENSION.search(name):
         raise ConfigError(
             f"output name {name!r}: use a plain name of letters, digits, '-', '_' or '.', without a "
             f"folder or extension; it is saved as {Path(folder).absolute() / ('NAME' + suffix)}"

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import gradio as gr
 
 from ..generate.loras import list_loras
@@ -33,14 +31,10 @@ def build(settings: Settings) -> dict:
     def do_inspect(p):
         from ..network.inspect import format_table, inspect_lora
 
-        if not p:
-            raise gr.Error("Pick or type a LoRA file.")
-        if not Path(p).is_file():
-            raise gr.Error(f"{p} does not exist.")
-        info = inspect_lora(p)
+        info = inspect_lora(settings.lora_path(p))  # only a LoRA in the GUI's folders is read
         return format_table(info), info
 
-    inspect.click(do_inspect, [path], [table, meta])
+    inspect.click(do_inspect, [path], [table, meta], api_name="lora_inspect")
     path.select(do_inspect, [path], [table, meta])
     do_refresh = (lambda: gr.update(choices=lora_files(settings)), None, [path])
     refresh.click(*do_refresh)

@@ -16,7 +16,7 @@ import gradio as gr
 
 from ..errors import ConfigError
 from .common import Settings, user_errors
-from .guard import inside, output_file
+from .guard import output_file
 from .lora_tab import lora_files
 
 MERGE_MODES = {
@@ -33,22 +33,6 @@ CONVERT_TO = {
     "peft": "peft (diffusers load_lora_weights)",
     "comfy": "comfy (ComfyUI's own LoRA names)",
 }
-
-
-def lora_input(settings: Settings, text: str, what: str = "LoRA") -> Path:
-    """A LoRA the user picked or typed, resolved, if it is a .safetensors file in the model roots
-    (the LoRA folder among them); else ConfigError. No other file is read, nor probed."""
-    if not (text or "").strip():
-        raise ConfigError(f"{what}: pick a LoRA file")
-    path = inside(
-        text,
-        settings.model_roots(),
-        what,
-        "put it in the LoRA folder, or start `lorakit gui --model_dir FOLDER`",
-    )
-    if path.suffix.lower() != ".safetensors" or not path.is_file():
-        raise ConfigError(f"{what} {text}: no LoRA there; pick a .safetensors file from the list")
-    return path
 
 
 def output_path(folder: Path, name: str, overwrite: bool) -> Path:
@@ -230,7 +214,7 @@ def build(settings: Settings) -> dict:
         mode = MERGE_MODES.get(mode)
         if mode is None:
             raise ConfigError("merge: choose what to merge into")
-        paths = [lora_input(settings, p, f"LoRA {i + 1}") for i, p in enumerate(picked or [])]
+        paths = [settings.lora_path(p, f"LoRA {i + 1}") for i, p in enumerate(picked or [])]
         if not paths:
             raise ConfigError("merge: pick at least one LoRA")
         ratio_list = ratios_of(ratios, len(paths))
@@ -278,7 +262,7 @@ def build(settings: Settings) -> dict:
         from ..network.file import size_text
         from ..network.resize import module_lines, resize_lora_file, resize_summary
 
-        src = lora_input(settings, picked)
+        src = settings.lora_path(picked)
         if method not in DYNAMIC:
             raise ConfigError(f"dynamic method {method!r}: choose one of {', '.join(DYNAMIC)}")
         out = output_path(lora_dir, name, overwrite)
@@ -331,7 +315,7 @@ def build(settings: Settings) -> dict:
 
         from ..network.convert import convert_file
 
-        src = lora_input(settings, picked)
+        src = settings.lora_path(picked)
         if to not in CONVERT_TO:
             raise ConfigError(f"convert to {to!r}: choose one of {', '.join(CONVERT_TO)}")
         out = output_path(lora_dir, name, overwrite)
