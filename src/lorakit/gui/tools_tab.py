@@ -115,9 +115,14 @@ def build(settings: Settings) -> dict:
             loras, multiselect=multi, allow_custom_value=True, label=label, elem_id=elem_id, scale=4
         )
 
-    def output_row(prefix: str, label: str):
+    def saved_as(folder: Path) -> str:
+        return f"saved as {folder / 'NAME.safetensors'}"
+
+    def output_row(prefix: str, label: str, folder: Path = lora_dir):
         with gr.Row():
-            name = gr.Textbox(label=label, placeholder="my-lora", elem_id=f"{prefix}-name", scale=3)
+            name = gr.Textbox(
+                label=label, info=saved_as(folder), placeholder="my-lora", elem_id=f"{prefix}-name", scale=3
+            )
             overwrite = gr.Checkbox(False, label="Overwrite", elem_id=f"{prefix}-overwrite", scale=0)
             go = gr.Button("Run", variant="primary", elem_id=f"{prefix}-go", scale=1)
         status = gr.Markdown(elem_id=f"{prefix}-status")
@@ -142,13 +147,25 @@ def build(settings: Settings) -> dict:
                     models, value=settings.model or None, allow_custom_value=True,
                     label="Base checkpoint (bake: a single .safetensors/.ckpt file)", elem_id="merge-base", scale=4,
                 )  # fmt: skip
-                m_rank = gr.Number(8, precision=0, minimum=1, label="SVD: new rank", elem_id="merge-rank")
+                m_rank = gr.Number(
+                    8, precision=0, minimum=1, label="SVD: new rank", elem_id="merge-rank", visible=False
+                )
                 m_conv = gr.Number(0, precision=0, minimum=0, label="SVD: conv rank (0 = new rank)",
-                                   elem_id="merge-conv-rank")  # fmt: skip
+                                   elem_id="merge-conv-rank", visible=False)  # fmt: skip
                 m_prec = gr.Dropdown(
                     [SAME, *PRECISIONS], value=SAME, label="Save precision", elem_id="merge-precision"
                 )
-            m_name, m_over, m_go, m_status, m_card = output_row("merge", "Output name")
+            m_name, m_over, m_go, m_status, m_card = output_row("merge", "Output name", ckpt_dir)
+
+            def mode_fields(mode):  # show the fields the chosen merge uses
+                kind = MERGE_MODES.get(mode)
+                folder = ckpt_dir if kind == "bake" else lora_dir
+                return (
+                    gr.update(visible=kind == "bake"), gr.update(visible=kind == "svd"),
+                    gr.update(visible=kind == "svd"), gr.update(info=saved_as(folder)),
+                )  # fmt: skip
+
+            m_mode.change(mode_fields, [m_mode], [m_base, m_rank, m_conv, m_name], show_progress="hidden")
         with gr.Tab("Resize", id="resize", elem_id="tools-resize"):
             gr.Markdown(
                 "Lower a LoRA's rank by SVD (kohya's `resize_lora.py`); strength at a given weight is kept. "
