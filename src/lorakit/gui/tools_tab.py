@@ -92,7 +92,7 @@ def written(path: Path, size: int, seconds: float | None = None) -> str:
     from ..network.file import size_text
 
     took = f", {seconds:.1f} s" if seconds is not None else ""
-    return f"✅ Wrote `{path}` ({size_text(size)}{took})."
+    return f"**Done.** Wrote `{path}` ({size_text(size)}{took})."
 
 
 def _bar(progress, desc: str):
