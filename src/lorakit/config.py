@@ -451,11 +451,6 @@ class TrainConfig:
                 "preset=attn-mlp trains no 3x3 convs (LyCORIS ignores conv_dim there): drop conv_dim, or use "
                 "preset=full for LoCon-style convs"
             )
-        if n.use_tucker:
-            raise ConfigError(
-                "use_tucker (use_cp) is not implemented in lorakit yet: leave it out (3x3 convs then use "
-                "LyCORIS's default, non-Tucker layout)"
-            )
         if n.algo == "lokr" and (n.factor == 0 or n.factor < -1):
             raise ConfigError(
                 f"factor = {n.factor}: LoKr's factor is -1 (most balanced split) or above 0, e.g. 8"

@@ -66,12 +66,16 @@ class LycorisModule(nn.Module):
 
     FILE_NAMES: dict[str, str] = {}  # attribute -> tensor name in the file, where they differ
 
-    def __init__(self, target: Target, dora: bool = False, wd_on_output: bool = True):
+    def __init__(
+        self, target: Target, dora: bool = False, wd_on_output: bool = True, use_tucker: bool = False
+    ):
         super().__init__()
         org = target.module
         self.org = [org]  # a list: not a submodule, so parameters() and .to() leave the base alone
         self.shape = tuple(org.weight.shape)
         self.is_conv = isinstance(org, nn.Conv2d)
+        # LyCORIS: Tucker form only where there is a kernel to factor (3x3, not 1x1)
+        self.tucker = use_tucker and self.is_conv and any(k != 1 for k in self.shape[2:])
         self.rank = target.rank
         self.alpha = float(target.alpha or target.rank)  # LyCORIS: alpha 0/None -> rank (scale 1)
         self.multiplier = 1.0
@@ -126,41 +130,65 @@ class LycorisModule(nn.Module):
         return {self.FILE_NAMES.get(name, name): p for name, p in self.named_parameters()}
 
 
+def rebuild_tucker(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
+    """A Tucker-form kernel: core t (r, r, kh, kw), wa (r, out), wb (r, in) -> (out, in, kh, kw)."""
+    return torch.einsum("i j ..., i p, j r -> p r ...", t, wa, wb)
+
+
 class LoConModule(LycorisModule):
-    """LoRA/LoCon (here only with DoRA): `lora_down` (r, in[, kh, kw]) kaiming, `lora_up` (out, r[, 1, 1]) 0."""
+    """LoRA/LoCon (here with DoRA or Tucker; plain LoCon is peft's): `lora_down` (r, in[, kh, kw])
+    kaiming, `lora_up` (out, r[, 1, 1]) 0; Tucker: down (r, in, 1, 1), `lora_mid` (r, r, kh, kw) kaiming."""
 
-    FILE_NAMES = {"lora_down": "lora_down.weight", "lora_up": "lora_up.weight"}
+    FILE_NAMES = {"lora_down": "lora_down.weight", "lora_up": "lora_up.weight", "lora_mid": "lora_mid.weight"}
 
-    def __init__(self, target: Target, dora: bool = False, wd_on_output: bool = True, **_):
-        super().__init__(target, dora, wd_on_output)
+    def __init__(self, target: Target, dora=False, wd_on_output=True, use_tucker=False, **_):
+        super().__init__(target, dora, wd_on_output, use_tucker)
         out, inn, *k = self.shape
-        up_kernel = [1] * len(k)
-        self.lora_down = nn.Parameter(torch.empty(self.rank, inn, *k))
-        self.lora_up = nn.Parameter(torch.zeros(out, self.rank, *up_kernel))
+        ones = [1] * len(k)
+        r = self.rank
+        self.lora_down = nn.Parameter(torch.empty(r, inn, *(ones if self.tucker else k)))
+        self.lora_up = nn.Parameter(torch.zeros(out, r, *ones))
         nn.init.kaiming_uniform_(self.lora_down, a=math.sqrt(5))
+        if self.tucker:
+            self.lora_mid = nn.Parameter(torch.empty(r, r, *k))
+            nn.init.kaiming_uniform_(self.lora_mid, a=math.sqrt(5))
 
     def diff(self) -> torch.Tensor:
-        return (self.lora_up.flatten(1) @ self.lora_down.flatten(1)).reshape(self.shape)
+        up, down = self.lora_up.flatten(1), self.lora_down.flatten(1)
+        if self.tucker:
+            return rebuild_tucker(self.lora_mid, up.T, down)
+        return (up @ down).reshape(self.shape)
 
 
 class LoHaModule(LycorisModule):
-    """LoHa: ΔW = (w1_a w1_b) ⊙ (w2_a w2_b); w*_a (out, r), w*_b (r, in·kh·kw); a conv's kernel is
-    flattened into w*_b (LyCORIS without use_tucker). Init as LyCORIS: w1_b, w2_b ~ N(0, 1),
-    w1_a ~ N(0, 0.1), w2_a = 0, so ΔW starts at 0."""
+    """LoHa: ΔW = (w1_a w1_b) ⊙ (w2_a w2_b); w*_a (out, r), w*_b (r, in·kh·kw): a conv's kernel is
+    flattened into w*_b. Tucker (3x3 convs): cores hada_t1/t2 (r, r, kh, kw), w*_a (r, out), w*_b (r, in).
+    Init as LyCORIS: w1_b, w2_b ~ N(0, 1), w1_a ~ N(0, 0.1), t ~ N(0, 0.1), w2_a = 0, so ΔW starts at 0."""
 
-    def __init__(self, target: Target, dora: bool = False, wd_on_output: bool = True, **_):
-        super().__init__(target, dora, wd_on_output)
-        out, inn = self.shape[0], math.prod(self.shape[1:])
+    def __init__(self, target: Target, dora=False, wd_on_output=True, use_tucker=False, **_):
+        super().__init__(target, dora, wd_on_output, use_tucker)
+        out, inn, *k = self.shape
         r = self.rank
-        self.hada_w1_a = nn.Parameter(torch.empty(out, r))
-        self.hada_w1_b = nn.Parameter(torch.empty(r, inn))
-        self.hada_w2_a = nn.Parameter(torch.zeros(out, r))
-        self.hada_w2_b = nn.Parameter(torch.empty(r, inn))
+        if self.tucker:
+            self.hada_t1 = nn.Parameter(torch.empty(r, r, *k))
+            self.hada_t2 = nn.Parameter(torch.empty(r, r, *k))
+            a_shape, b_shape = (r, out), (r, inn)
+            nn.init.normal_(self.hada_t1, std=0.1)
+            nn.init.normal_(self.hada_t2, std=0.1)
+        else:
+            a_shape, b_shape = (out, r), (r, inn * math.prod(k))
+        self.hada_w1_a = nn.Parameter(torch.empty(a_shape))
+        self.hada_w1_b = nn.Parameter(torch.empty(b_shape))
+        self.hada_w2_a = nn.Parameter(torch.zeros(a_shape))
+        self.hada_w2_b = nn.Parameter(torch.empty(b_shape))
         nn.init.normal_(self.hada_w1_b, std=1)
         nn.init.normal_(self.hada_w1_a, std=0.1)
         nn.init.normal_(self.hada_w2_b, std=1)
 
     def diff(self) -> torch.Tensor:
+        if self.tucker:
+            w1 = rebuild_tucker(self.hada_t1, self.hada_w1_a, self.hada_w1_b)
+            return w1 * rebuild_tucker(self.hada_t2, self.hada_w2_a, self.hada_w2_b)
         return ((self.hada_w1_a @ self.hada_w1_b) * (self.hada_w2_a @ self.hada_w2_b)).reshape(self.shape)
 
 
@@ -175,11 +203,12 @@ class LoKrModule(LycorisModule):
         target: Target,
         dora: bool = False,
         wd_on_output: bool = True,
+        use_tucker: bool = False,
         factor: int = -1,
         decompose_both: bool = False,
         **_,
     ):
-        super().__init__(target, dora, wd_on_output)
+        super().__init__(target, dora, wd_on_output, use_tucker)
         out, inn, *k = self.shape
         out_l, out_k = factorization(out, factor)
         in_m, in_n = factorization(inn, factor)
@@ -198,6 +227,12 @@ class LoKrModule(LycorisModule):
             self.lokr_w2 = nn.Parameter(torch.zeros(out_k, in_n, *k))
             if full_w1:
                 self.alpha = float(r)
+        elif self.tucker:  # core lokr_t2 (r, r, kh, kw), w2_a (r, k), w2_b (r, n)
+            self.lokr_t2 = nn.Parameter(torch.empty(r, r, *k))
+            self.lokr_w2_a = nn.Parameter(torch.empty(r, out_k))
+            self.lokr_w2_b = nn.Parameter(torch.zeros(r, in_n))
+            nn.init.kaiming_uniform_(self.lokr_t2, a=math.sqrt(5))
+            nn.init.kaiming_uniform_(self.lokr_w2_a, a=math.sqrt(5))
         else:
             self.lokr_w2_a = nn.Parameter(torch.empty(out_k, r))
             self.lokr_w2_b = nn.Parameter(torch.zeros(r, in_n * math.prod(k)))
@@ -205,9 +240,14 @@ class LoKrModule(LycorisModule):
 
     def diff(self) -> torch.Tensor:
         w1 = self.lokr_w1 if hasattr(self, "lokr_w1") else self.lokr_w1_a @ self.lokr_w1_b
-        w2 = self.lokr_w2 if hasattr(self, "lokr_w2") else self.lokr_w2_a @ self.lokr_w2_b
+        if hasattr(self, "lokr_w2"):
+            w2 = self.lokr_w2
+        elif hasattr(self, "lokr_t2"):
+            w2 = rebuild_tucker(self.lokr_t2, self.lokr_w2_a, self.lokr_w2_b)
+        else:
+            w2 = self.lokr_w2_a @ self.lokr_w2_b
         w1 = w1.reshape(*w1.shape, *[1] * (w2.dim() - w1.dim()))
-        return torch.kron(w1, w2).reshape(self.shape)
+        return torch.kron(w1, w2.contiguous()).reshape(self.shape)  # kron fails on an einsum's strides
 
 
 MODULES = {"lora": LoConModule, "locon": LoConModule, "loha": LoHaModule, "lokr": LoKrModule}
@@ -236,14 +276,14 @@ def lycoris_targets(n, family, base, parts: set[str]) -> list[Target]:
 
 def build_network(n, family, base, roots: Mapping[str, nn.Module], parts: set[str]):
     """The network NetworkConfig `n` asks for: peft LoRA for networks.lora and plain lycoris
-    lora/locon, LycorisNetwork for loha, lokr and DoRA."""
+    lora/locon, LycorisNetwork for loha, lokr, DoRA and Tucker."""
     from .lora import LoRANetwork
 
     if n.network_module != "lycoris.kohya":
         targets = family.lora_targets(base, n.network_dim, n.network_alpha, n.conv_dim, n.conv_alpha, parts)
         return LoRANetwork.from_targets(roots, targets)
     targets = lycoris_targets(n, family, base, parts)
-    if n.algo in ("lora", "locon") and not n.dora_wd:
+    if n.algo in ("lora", "locon") and not (n.dora_wd or n.use_tucker):
         # LyCORIS: alpha 0 means alpha = rank; kohya's networks.lora would keep the 0
         targets = [t if t.alpha else dataclasses.replace(t, alpha=float(t.rank)) for t in targets]
         return LoRANetwork.from_targets(roots, targets)
@@ -253,6 +293,7 @@ def build_network(n, family, base, roots: Mapping[str, nn.Module], parts: set[st
         n.algo,
         dora=n.dora_wd,
         wd_on_output=n.wd_on_output,
+        use_tucker=n.use_tucker,
         factor=n.factor,
         decompose_both=n.decompose_both,
     )
