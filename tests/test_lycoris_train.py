@@ -323,6 +323,18 @@ def test_lokr_metadata_names_factor(train_config):
         "algo": "loha",
         "preset": "attn-mlp",
     }
+    dora = lycoris_network_args(
+        network_config(["algo=locon", "use_cp=True", "dora_wd=True", "wd_on_output=False"])
+    )
+    assert dora == {
+        "algo": "locon",
+        "preset": "full",
+        "conv_dim": "8",  # LyCORIS's default: network_dim / network_alpha
+        "conv_alpha": "4",
+        "use_tucker": "True",
+        "dora_wd": "True",
+        "wd_on_output": "False",
+    }
 
 
 def test_plain_locon_stays_on_peft_lora_with_lycoris_targets(tiny_base, lycoris_presets):

@@ -170,6 +170,8 @@ def lycoris_network_args(n) -> dict[str, str]:
     if n.algo == "lokr":
         args["factor"] = text(n.factor)
         args["decompose_both"] = text(n.decompose_both)
+    if n.use_tucker:
+        args["use_tucker"] = "True"
     if n.dora_wd:
         args["dora_wd"] = "True"
         args["wd_on_output"] = text(n.wd_on_output)
