@@ -478,3 +478,25 @@ def test_modules_equal_lycoris_modules(algo, tucker):
             for k, v in ours.tensors().items():
                 getattr(theirs, k).copy_(v)
             torch.testing.assert_close(ours.diff() * ours.scale, theirs.get_weight(theirs.shape))
+
+
+def test_sdxl_lycoris_file_has_kohya_sdxl_names(sdxl_config):
+    """SDXL: the same modules as kohya's LoCon (SGM names, lora_te1_/lora_te2_); LyCORIS's `full` names
+    (conv_in, time_embedding) match nothing in kohya's SGM-layout UNet, so they are not added."""
+    path = train(
+        sdxl_config(
+            network_module="lycoris.kohya",
+            network_args=["algo=lokr", "dora_wd=True"],
+            max_train_steps=2,
+            reg_data_dir=None,
+        )
+    )
+    sd = load_file(str(path))
+    locon = build_trainer(
+        sdxl_config(conv_dim=4, conv_alpha=1, output_name="locon")
+    ).network.kohya_state_dict()
+    names = {k.split(".")[0] for k in sd}
+    assert names == {k.split(".")[0] for k in locon}
+    assert any(n.startswith("lora_unet_input_blocks_") for n in names)
+    assert {n[:9] for n in names if n.startswith("lora_te")} == {"lora_te1_", "lora_te2_"}
+    assert all(f"{n}.dora_scale" in sd and f"{n}.lokr_w1" in sd for n in names)
