@@ -122,6 +122,12 @@ def test_lokr_factorisation_and_forced_alpha(tiny_base):
     """32 -> (4, 8): rank 8 >= 8/2 makes w2 a full matrix, w1 is full too -> alpha stored as the rank."""
     assert factorization(32) == (4, 8) and factorization(256) == (16, 16) and factorization(320, 8) == (8, 40)
     assert factorization(1280) == (32, 40) and factorization(127) == (1, 127)
+    # and LyCORIS's own function everywhere (peft's differs where factor > sqrt(dim), e.g. 8 by 4)
+    assert all(
+        factorization(d, f) == lyco_general.factorization(d, f)
+        for d in range(1, 1400)
+        for f in (-1, 2, 3, 4, 8, 16, 64)
+    )
     _, net = our_network(tiny_base, ["algo=lokr"], dim=2, alpha=1)
     sd = net.kohya_state_dict()
     # rank 2 < 8/2: w2 is split (w2_a (8, 2), w2_b (2, 8)), alpha stays 1

@@ -5,14 +5,19 @@ LyCORIS's tensor names (`hada_w1_a`, `lokr_w1`, `lora_down.weight`, `dora_scale`
 A1111/Forge/ComfyUI load them as LyCORIS files. Shapes, init and scale follow LyCORIS's
 `lycoris/modules/{locon,loha,lokr}.py` (lycoris-lora 4.1.3; tests compare against it).
 
-Why our own small modules and not peft's LoHa/LoKr layers (peft 0.21): peft's LoHa inits
-kaiming/kaiming/kaiming with `hada_w2_b` zero where LyCORIS draws normal(1)/normal(0.1) with
-`hada_w2_a` zero, and turns 3x3 convs into Tucker form unless told not to; peft's LoKr does not force
-alpha to the rank when both Kronecker halves are full matrices (LyCORIS does, and A1111 then reads
-scale 1); neither has DoRA, and peft's LoRA-DoRA is output-axis only and detaches the norm (LyCORIS
-does neither). Patching each of those into peft's internals would cost more than these ~200 lines.
-Plain `algo=lora/locon` without DoRA stays on peft's LoRA (network/lora.py): that file already is a
-LyCORIS LoCon file (same keys, shapes, kaiming/zero init and alpha).
+Why our own small modules and not peft's LoHa/LoKr layers (peft 0.21, checked against lycoris-lora
+4.1.3): the tensor layouts agree (peft's `use_effective_conv2d` is LyCORIS's `use_tucker`, its LoKr
+full-matrix rule is LyCORIS's), but peft's LoKr `factorization` does not swap to m <= n when the
+factor exceeds sqrt(dim) (dim 1280, factor 64: peft (64, 20), LyCORIS (20, 64): other shapes than
+A1111 users' files), peft's LoHa init is kaiming/kaiming/
+kaiming with `hada_w2_b` zero where LyCORIS draws w1_b, w2_b ~ N(0, 1), w1_a ~ N(0, 0.1) with
+`hada_w2_a` zero (a different start, so different training); peft's LoKr does not force alpha to the
+rank when both Kronecker halves are full matrices (LyCORIS stores alpha = rank there and A1111 reads
+scale 1, so peft's scale would differ from what the file says); neither has DoRA, and peft's
+LoRA-DoRA is output-axis only and detaches the norm from the gradient (LyCORIS does neither).
+Patching those into peft's internals (ParameterDicts, `scaling`) would cost more than these modules.
+Plain `algo=lora/locon` without DoRA/Tucker stays on peft's LoRA (network/lora.py): that file already
+is a LyCORIS LoCon file (same keys, shapes, kaiming/zero init and alpha).
 """
 
 from __future__ import annotations
