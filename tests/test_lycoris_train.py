@@ -343,6 +343,19 @@ def test_lokr_metadata_names_factor(train_config):
     }
 
 
+def test_disk_estimate_counts_lycoris_convs_and_loha_pairs():
+    from lorakit.train.preflight import estimated_lora_params
+
+    def params(**flat):
+        return estimated_lora_params(TrainConfig.from_dict({"network_dim": 8, **flat}))
+
+    lora = params()
+    assert params(network_module="lycoris.kohya", network_args=["preset=attn-mlp"]) == lora
+    locon = params(network_module="lycoris.kohya")  # full preset: convs at network_dim
+    assert locon == params(conv_dim=8) > lora
+    assert params(network_module="lycoris.kohya", network_args=["algo=loha"]) == 2 * locon
+
+
 def test_plain_locon_stays_on_peft_lora_with_lycoris_targets(tiny_base, lycoris_presets):
     """algo=locon without DoRA: peft's LoRA layers already write a LyCORIS LoCon file."""
     _, net = our_network(tiny_base, ["algo=locon", "conv_dim=4", "conv_alpha=2"])
