@@ -519,3 +519,29 @@ def test_sdxl_lycoris_file_has_kohya_sdxl_names(sdxl_config):
     assert any(n.startswith("lora_unet_input_blocks_") for n in names)
     assert {n[:9] for n in names if n.startswith("lora_te")} == {"lora_te1_", "lora_te2_"}
     assert all(f"{n}.dora_scale" in sd and f"{n}.lokr_w1" in sd for n in names)
+
+
+def test_save_state_and_resume_carry_a_lycoris_network(train_config, tmp_path):
+    """--save_state / --resume round-trip the LyCORIS tensors (LoKr with its forced alpha, DoRA's scale)."""
+    args = ["algo=lokr", "dora_wd=True", "conv_dim=2"]
+    first = train(
+        train_config(network_module="lycoris.kohya", network_args=args, max_train_steps=2, save_state=True)
+    )
+    state = first.parent / f"{first.stem}-state"
+    assert state.is_dir()
+    tr = build_trainer(
+        train_config(
+            network_module="lycoris.kohya",
+            network_args=args,
+            max_train_steps=3,
+            save_state=True,
+            resume=str(state),
+        )
+    )
+    saved = load_file(str(state / "network.safetensors"))  # the state keeps float32
+    now = tr.network.kohya_state_dict()
+    assert now.keys() == saved.keys()
+    assert all(torch.equal(now[k], v) for k, v in saved.items())
+    trained = [k for k in saved if k.endswith(".lokr_w2") and saved[k].abs().max() > 0]
+    assert trained  # LoKr's w2 starts at 0: the state holds trained values, not a fresh init
+    assert tr.run().is_file()
