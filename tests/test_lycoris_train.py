@@ -154,6 +154,21 @@ def test_untrained_network_leaves_the_model_unchanged(tiny_base, case):
         assert module.delta().abs().max() <= 1e-6 * max(1.0, w.abs().max().item()), name
 
 
+@pytest.mark.parametrize("case", ["loha", "lokr-dora-input-axis", "locon-dora"])
+def test_multiplier_scales_the_change_and_zero_is_the_base(tiny_base, case):
+    base, net = our_network(tiny_base, CASES[case])
+    randomise(net, seed=5)
+    full = {name: m.delta() for name, m in net.modules.items()}
+    net.set_multiplier(0.5)
+    for name, m in net.modules.items():
+        torch.testing.assert_close(m.delta(), 0.5 * full[name], msg=name)
+    net.set_multiplier(0.0)
+    org = net.modules[LINEAR].org[0]
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(org(x), F.linear(x, org.weight, org.bias))
+
+
 def reference_delta(sd: dict, name: str, weight: torch.Tensor, wd_on_output: bool = True) -> torch.Tensor:
     """W' - W from the saved tensors of module `name`, by lycoris-lora's functional code."""
 

@@ -105,12 +105,11 @@ class LycorisModule(nn.Module):
             return diff * self.multiplier
         w = self.org[0].weight.detach().float()
         merged = w + diff
-        # LyCORIS's weight_decompose: the eps keeps a zero row finite; multiplier m interpolates the scale
+        # LyCORIS's weight_decompose (its eps keeps a zero row finite). At strength m this gives
+        # m·(W' − W), as A1111 and ComfyUI apply a DoRA file, so m = 0 is the base model; LyCORIS's own
+        # module interpolates the scale instead (W + ΔW at m = 0). Both agree at m = 1, where training runs.
         norm = weight_norm(merged, self.wd_on_output) + torch.finfo(merged.dtype).eps
-        scale = self.dora_scale / norm
-        if self.multiplier != 1:
-            scale = self.multiplier * (scale - 1) + 1
-        return merged * scale - w
+        return (merged * (self.dora_scale / norm) - w) * self.multiplier
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.org_forward(x, *args, **kwargs)
