@@ -169,6 +169,42 @@ def test_multiplier_scales_the_change_and_zero_is_the_base(tiny_base, case):
         torch.testing.assert_close(org(x), F.linear(x, org.weight, org.bias))
 
 
+def test_dropouts_act_in_training_steps_only(tiny_base):
+    """rank_dropout zeroes output rows of ΔW, module_dropout skips the module: with gradients on and the
+    module training; never while sampling or measuring (no_grad) or in eval mode."""
+    base, net = our_network(tiny_base, ["algo=loha", "rank_dropout=0.5", "module_dropout=0.5"])
+    randomise(net, seed=6)
+    module = net.modules[FF]  # 256 output rows
+    org = module.org[0]
+    with torch.no_grad():
+        full = module.delta()
+    assert (full.abs().sum(1) > 0).all()
+    torch.manual_seed(0)
+    dropped = module.delta()
+    zero_rows = (dropped.abs().sum(1) == 0).sum().item()
+    assert 64 < zero_rows < 192  # about half of 256
+    kept = dropped.abs().sum(1) > 0
+    torch.testing.assert_close(dropped[kept], full[kept])  # no rescaling, as LyCORIS under kohya
+    x = torch.randn(2, 32)
+    base_out = F.linear(x, org.weight, org.bias)
+    skipped = [torch.equal(org(x), base_out) for _ in range(40)]
+    assert 5 < sum(skipped) < 35
+    with torch.no_grad():
+        assert not any(torch.equal(org(x), base_out) for _ in range(10))
+    module.eval()
+    assert not any(torch.equal(org(x), base_out) for _ in range(10))
+
+
+def test_rank_dropout_routes_plain_locon_to_the_lycoris_module(tiny_base):
+    _, net = our_network(tiny_base, ["algo=locon", "rank_dropout=0.1"])
+    assert isinstance(net, LycorisNetwork)
+    assert {k.split(".", 1)[1] for k in net.kohya_state_dict()} == {
+        "lora_down.weight",
+        "lora_up.weight",
+        "alpha",
+    }
+
+
 def reference_delta(sd: dict, name: str, weight: torch.Tensor, wd_on_output: bool = True) -> torch.Tensor:
     """W' - W from the saved tensors of module `name`, by lycoris-lora's functional code."""
 
@@ -275,7 +311,7 @@ def test_lycoris_loader_reads_our_file_to_the_same_outputs(tiny_base, case):
     "args",
     [
         ["algo=loha", "conv_dim=2", "conv_alpha=1"],
-        ["algo=lokr", "factor=4"],
+        ["algo=lokr", "factor=4", "module_dropout=0.05"],
         ["algo=locon", "dora_wd=True", "conv_dim=2"],
     ],
     ids=["loha", "lokr", "locon-dora"],
@@ -308,6 +344,8 @@ def test_training_lowers_the_loss_and_saves_a_lycoris_file(train_config, args):
     )
     if "dora_wd=True" in args:
         assert written["dora_wd"] == "True" and written["wd_on_output"] == "True"
+    if "module_dropout=0.05" in args:
+        assert written["module_dropout"] == "0.05"
     saved = load_file(str(path))
     assert saved.keys() == tr.network.kohya_state_dict().keys()
 
@@ -433,8 +471,8 @@ def test_network_args_fold_into_typed_fields():
     [
         ({"network_args": ["algo=glora"]}, "must be one of lora, locon, loha, lokr"),
         ({"network_args": ["preset=attn-only"]}, "must be one of full, attn-mlp"),
-        ({"network_args": ["rank_dropout=0.1"]}, "does not implement rank_dropout"),
-        ({"network_args": ["module_dropout=0.1"]}, "does not implement module_dropout"),
+        ({"network_args": ["dropout=0.1"]}, "does not implement dropout .*bypass_mode"),
+        ({"network_args": ["rank_dropout=x"]}, "rank_dropout"),
         (
             {"network_args": ["block_size=4"]},
             "unsupported key 'block_size'; lorakit knows conv_dim, conv_alpha, algo",
@@ -470,6 +508,11 @@ def validated(**flat):
             "drop conv_dim",
         ),
         ({"network_module": "lycoris.kohya", "network_args": ["algo=lokr", "factor=-3"]}, "factor = -3"),
+        ({"network_module": "networks.lora", "network_args": ["rank_dropout=0.1"]}, "rank_dropout need"),
+        (
+            {"network_module": "lycoris.kohya", "network_args": ["module_dropout=1"]},
+            "module_dropout = 1.0: a prob",
+        ),
     ],
 )
 def test_network_module_rules(flat, message):

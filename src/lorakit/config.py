@@ -130,8 +130,11 @@ NETWORK_ARGS = {
     "use_cp": "use_tucker",  # LyCORIS's old name
     "dora_wd": "dora_wd",
     "wd_on_output": "wd_on_output",
+    "rank_dropout": "rank_dropout",
+    "module_dropout": "module_dropout",
 }
-UNSUPPORTED_NETWORK_ARGS = ("dropout", "rank_dropout", "module_dropout")  # accepted only at 0
+# LyCORIS applies `dropout` only in bypass_mode, which lorakit does not have: accepted only at 0
+UNSUPPORTED_NETWORK_ARGS = ("dropout",)
 
 
 @dataclass
@@ -152,7 +155,8 @@ class NetworkConfig:
     network_args: list[str] = opt(
         [],
         "extra network arguments as key=value, as kohya/LyCORIS take them: conv_dim, conv_alpha, and for "
-        "lycoris.kohya algo, preset, factor, decompose_both, use_tucker, dora_wd, wd_on_output",
+        "lycoris.kohya algo, preset, factor, decompose_both, use_tucker, dora_wd, wd_on_output, rank_dropout, "
+        "module_dropout",
     )
     algo: Literal["lora", "locon", "loha", "lokr"] = opt(
         "lora", "lycoris.kohya: lora/locon (same thing), loha or lokr (network_args algo=)"
@@ -174,6 +178,12 @@ class NetworkConfig:
     )
     wd_on_output: bool = opt(
         True, "DoRA: norm per output row (LyCORIS >= 3.2's default); false = per input column (older LyCORIS)"
+    )
+    rank_dropout: float = opt(
+        0.0, "lycoris.kohya: while training, drop each output row of a module's ΔW with this probability"
+    )
+    module_dropout: float = opt(
+        0.0, "lycoris.kohya: while training, skip a whole module for a step with this probability"
     )
     network_train_unet_only: bool = opt(False, "train only the U-Net LoRA")
     network_train_text_encoder_only: bool = opt(False, "train only the text-encoder LoRA")
@@ -335,7 +345,8 @@ class TrainConfig:
                     off = False
                 if not off:
                     raise ConfigError(
-                        f"network_args: {k}={v}: lorakit does not implement {k} yet; leave it out (or 0)"
+                        f"network_args: {k}={v}: lorakit does not implement {k} (LyCORIS applies it only in "
+                        "bypass_mode); leave it out (or 0), or use rank_dropout / module_dropout"
                     )
                 continue
             if k not in NETWORK_ARGS:
@@ -437,15 +448,29 @@ class TrainConfig:
             defaults = NetworkConfig()
             lycoris_only = [
                 name
-                for name in ("algo", "lycoris_preset", "factor", "decompose_both", "use_tucker", "dora_wd")
+                for name in (
+                    "algo",
+                    "lycoris_preset",
+                    "factor",
+                    "decompose_both",
+                    "use_tucker",
+                    "dora_wd",
+                    "rank_dropout",
+                    "module_dropout",
+                )
                 if getattr(n, name) != getattr(defaults, name)
             ]
             if lycoris_only:
                 raise ConfigError(
                     f"{', '.join(lycoris_only)} need network_module = lycoris.kohya (kohya's networks.lora has "
-                    "no LoHa/LoKr/DoRA): e.g. --network_module lycoris.kohya --network_args algo=locon dora_wd=True"
+                    "no LoHa/LoKr/DoRA, and lorakit's networks.lora no dropouts): e.g. --network_module "
+                    "lycoris.kohya --network_args algo=locon dora_wd=True"
                 )
             return
+        for name in ("rank_dropout", "module_dropout"):
+            p = getattr(n, name)
+            if not (math.isfinite(p) and 0 <= p < 1):
+                raise ConfigError(f"{name} = {p}: a probability from 0 to below 1, e.g. 0.1")
         if n.lycoris_preset == "attn-mlp" and n.conv_dim:
             raise ConfigError(
                 "preset=attn-mlp trains no 3x3 convs (LyCORIS ignores conv_dim there): drop conv_dim, or use "

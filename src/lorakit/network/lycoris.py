@@ -16,7 +16,7 @@ rank when both Kronecker halves are full matrices (LyCORIS stores alpha = rank t
 scale 1, so peft's scale would differ from what the file says); neither has DoRA, and peft's
 LoRA-DoRA is output-axis only and detaches the norm from the gradient (LyCORIS does neither).
 Patching those into peft's internals (ParameterDicts, `scaling`) would cost more than these modules.
-Plain `algo=lora/locon` without DoRA/Tucker stays on peft's LoRA (network/lora.py): that file already
+Plain `algo=lora/locon` (no DoRA/Tucker/dropouts) stays on peft's LoRA (network/lora.py): that file already
 is a LyCORIS LoCon file (same keys, shapes, kaiming/zero init and alpha).
 """
 
@@ -72,9 +72,17 @@ class LycorisModule(nn.Module):
     FILE_NAMES: dict[str, str] = {}  # attribute -> tensor name in the file, where they differ
 
     def __init__(
-        self, target: Target, dora: bool = False, wd_on_output: bool = True, use_tucker: bool = False
+        self,
+        target: Target,
+        dora: bool = False,
+        wd_on_output: bool = True,
+        use_tucker: bool = False,
+        rank_dropout: float = 0.0,
+        module_dropout: float = 0.0,
+        **_,  # another algo's options (LoKr's factor, decompose_both)
     ):
         super().__init__()
+        self.rank_dropout, self.module_dropout = rank_dropout, module_dropout
         org = target.module
         self.org = [org]  # a list: not a submodule, so parameters() and .to() leave the base alone
         self.shape = tuple(org.weight.shape)
@@ -98,9 +106,18 @@ class LycorisModule(nn.Module):
         """The unscaled ΔW in the original weight's shape."""
         raise NotImplementedError
 
+    @property
+    def dropping(self) -> bool:
+        """Dropouts apply in training steps only: not while sampling or measuring (no gradients there).
+        (A gradient-checkpointing recompute redraws the same masks: torch.utils.checkpoint keeps the RNG.)"""
+        return self.training and torch.is_grad_enabled()
+
     def delta(self) -> torch.Tensor:
         """What this module adds to the original weight at the current multiplier (float32)."""
         diff = self.diff() * self.scale
+        if self.rank_dropout and self.dropping:  # LyCORIS: drops output rows of ΔW (before DoRA)
+            keep = torch.rand(diff.shape[0], device=diff.device) > self.rank_dropout
+            diff = diff * keep.to(diff.dtype).view(-1, *[1] * (diff.dim() - 1))
         if self.dora_scale is None:
             return diff * self.multiplier
         w = self.org[0].weight.detach().float()
@@ -113,6 +130,8 @@ class LycorisModule(nn.Module):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.org_forward(x, *args, **kwargs)
+        if self.module_dropout and self.dropping and torch.rand(1).item() < self.module_dropout:
+            return out
         delta = self.delta().to(x.dtype)
         org = self.org[0]
         if self.is_conv:
@@ -145,8 +164,8 @@ class LoConModule(LycorisModule):
 
     FILE_NAMES = {"lora_down": "lora_down.weight", "lora_up": "lora_up.weight", "lora_mid": "lora_mid.weight"}
 
-    def __init__(self, target: Target, dora=False, wd_on_output=True, use_tucker=False, **_):
-        super().__init__(target, dora, wd_on_output, use_tucker)
+    def __init__(self, target: Target, **options):
+        super().__init__(target, **options)
         out, inn, *k = self.shape
         ones = [1] * len(k)
         r = self.rank
@@ -169,8 +188,8 @@ class LoHaModule(LycorisModule):
     flattened into w*_b. Tucker (3x3 convs): cores hada_t1/t2 (r, r, kh, kw), w*_a (r, out), w*_b (r, in).
     Init as LyCORIS: w1_b, w2_b ~ N(0, 1), w1_a ~ N(0, 0.1), t ~ N(0, 0.1), w2_a = 0, so ΔW starts at 0."""
 
-    def __init__(self, target: Target, dora=False, wd_on_output=True, use_tucker=False, **_):
-        super().__init__(target, dora, wd_on_output, use_tucker)
+    def __init__(self, target: Target, **options):
+        super().__init__(target, **options)
         out, inn, *k = self.shape
         r = self.rank
         if self.tucker:
@@ -202,17 +221,8 @@ class LoKrModule(LycorisModule):
     w2_a (k, r) · w2_b (r, n·kh·kw) unless r >= max(k, n)/2 (then full (k, n[, kh, kw])). Both full:
     alpha is forced to r (scale 1), as LyCORIS stores it. Init: w1 kaiming, w2 (or w2_b) zero."""
 
-    def __init__(
-        self,
-        target: Target,
-        dora: bool = False,
-        wd_on_output: bool = True,
-        use_tucker: bool = False,
-        factor: int = -1,
-        decompose_both: bool = False,
-        **_,
-    ):
-        super().__init__(target, dora, wd_on_output, use_tucker)
+    def __init__(self, target: Target, factor: int = -1, decompose_both: bool = False, **options):
+        super().__init__(target, **options)
         out, inn, *k = self.shape
         out_l, out_k = factorization(out, factor)
         in_m, in_n = factorization(inn, factor)
@@ -280,14 +290,14 @@ def lycoris_targets(n, family, base, parts: set[str]) -> list[Target]:
 
 def build_network(n, family, base, roots: Mapping[str, nn.Module], parts: set[str]):
     """The network NetworkConfig `n` asks for: peft LoRA for networks.lora and plain lycoris
-    lora/locon, LycorisNetwork for loha, lokr, DoRA and Tucker."""
+    lora/locon, LycorisNetwork for loha, lokr, DoRA, Tucker and the dropouts."""
     from .lora import LoRANetwork
 
     if n.network_module != "lycoris.kohya":
         targets = family.lora_targets(base, n.network_dim, n.network_alpha, n.conv_dim, n.conv_alpha, parts)
         return LoRANetwork.from_targets(roots, targets)
     targets = lycoris_targets(n, family, base, parts)
-    if n.algo in ("lora", "locon") and not (n.dora_wd or n.use_tucker):
+    if n.algo in ("lora", "locon") and not (n.dora_wd or n.use_tucker or n.rank_dropout or n.module_dropout):
         # LyCORIS: alpha 0 means alpha = rank; kohya's networks.lora would keep the 0
         targets = [t if t.alpha else dataclasses.replace(t, alpha=float(t.rank)) for t in targets]
         return LoRANetwork.from_targets(roots, targets)
@@ -298,6 +308,8 @@ def build_network(n, family, base, roots: Mapping[str, nn.Module], parts: set[st
         dora=n.dora_wd,
         wd_on_output=n.wd_on_output,
         use_tucker=n.use_tucker,
+        rank_dropout=n.rank_dropout,
+        module_dropout=n.module_dropout,
         factor=n.factor,
         decompose_both=n.decompose_both,
     )

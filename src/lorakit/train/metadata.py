@@ -175,6 +175,9 @@ def lycoris_network_args(n) -> dict[str, str]:
     if n.dora_wd:
         args["dora_wd"] = "True"
         args["wd_on_output"] = text(n.wd_on_output)
+    for name in ("rank_dropout", "module_dropout"):
+        if getattr(n, name):
+            args[name] = text(getattr(n, name))
     return args
 
 
