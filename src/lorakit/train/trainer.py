@@ -173,7 +173,7 @@ class Trainer:
         from accelerate.utils import InitProcessGroupKwargs, set_seed
 
         from ..models.loader import LoraFileAsBaseModel, load_base_model
-        from ..network.lora import LoRANetwork
+        from ..network.lycoris import build_network
 
         self.cfg, self.dataset, self.seed = cfg, dataset, seed
         self.session_id = session_id  # kohya's ss_session_id; a new run gets a new one in _metadata
@@ -243,12 +243,11 @@ class Trainer:
             m.eval()
         n = cfg.network
         parts = self.train_te_parts | ({"unet"} if self.train_unet else set())
-        targets = self.family.lora_targets(
-            base, n.network_dim, n.network_alpha, n.conv_dim, n.conv_alpha, parts
-        )
-        self.network = LoRANetwork.from_targets({"unet": base.unet, **self.text_encoders}, targets)
+        roots = {"unet": base.unet, **self.text_encoders}
+        self.network = build_network(n, self.family, base, roots, parts)
         te_count, unet_count = self.network.counts
-        log.info("create LoRA for Text Encoder: %d modules. U-Net: %d modules.", te_count, unet_count)
+        kind = "LoRA" if n.network_module == "networks.lora" else f"LyCORIS {n.algo}{' DoRA' * n.dora_wd}"
+        log.info("create %s for Text Encoder: %d modules. U-Net: %d modules.", kind, te_count, unet_count)
 
         # Frozen base in the compute dtype; LoRA weights stay fp32 (autocast does the rest).
         # nn.Module.to: diffusers' own .to() warns about fp32-only modules that SD1 does not have
@@ -258,9 +257,11 @@ class Trainer:
         torch.nn.Module.to(base.vae, self.device, self._vae_dtype())
         self.network.to(self.device, torch.float32)
         if n.network_weights:  # after the cast: the file's values reach the fp32 LoRA unrounded
-            from ..network.file import read_lora_file
+            from ..network.lycoris import read_network_weights
 
-            self.network.load_kohya_state_dict(read_lora_file(n.network_weights)[0], source=n.network_weights)
+            self.network.load_kohya_state_dict(
+                read_network_weights(n.network_weights), source=n.network_weights
+            )
         if t.gradient_checkpointing:
             base.unet.enable_gradient_checkpointing()
             base.unet.train()  # diffusers checkpoints only in training mode
