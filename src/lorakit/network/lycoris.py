@@ -315,22 +315,6 @@ def build_network(n, family, base, roots: Mapping[str, nn.Module], parts: set[st
     )
 
 
-def read_network_weights(path) -> dict[str, torch.Tensor]:
-    """network_weights' tensors: read_lora_file's checks (safetensors only, readable), but LoHa/LoKr
-    files pass, as these networks train them. (Until network/file.py reads them for drawing too, it
-    refuses them; its message is matched here, so this stays correct once it stops refusing.)"""
-    from .file import read_lora_file
-
-    try:
-        return read_lora_file(path)[0]
-    except ModelError as e:
-        if "a LyCORIS LoHa/LoKr" not in str(e):
-            raise
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
-
-
 class LycorisNetwork:
     """LoHa / LoKr / DoRA modules on `targets`; the same interface as LoRANetwork for the trainer."""
 

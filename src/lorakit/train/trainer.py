@@ -257,11 +257,9 @@ class Trainer:
         torch.nn.Module.to(base.vae, self.device, self._vae_dtype())
         self.network.to(self.device, torch.float32)
         if n.network_weights:  # after the cast: the file's values reach the fp32 LoRA unrounded
-            from ..network.lycoris import read_network_weights
+            from ..network.file import read_lora_file
 
-            self.network.load_kohya_state_dict(
-                read_network_weights(n.network_weights), source=n.network_weights
-            )
+            self.network.load_kohya_state_dict(read_lora_file(n.network_weights)[0], source=n.network_weights)
         if t.gradient_checkpointing:
             base.unet.enable_gradient_checkpointing()
             base.unet.train()  # diffusers checkpoints only in training mode
