@@ -305,6 +305,7 @@ def test_training_folders_must_lie_in_the_roots(site, monkeypatch):
         ({"network_weights": str(site["outside"] / "model.safetensors")}, "network_weights .* is outside"),
         ({"vae": str(site["outside"] / "model.safetensors")}, "vae .* is outside"),
         ({"validation_data_dir": "../outside"}, "validation_data_dir .* is outside"),
+        ({"conditioning_data_dir": "../outside"}, "conditioning_data_dir .* is outside"),
     ):
         with pytest.raises(ConfigError, match=match):
             check_folders(TrainConfig.from_dict(good | bad), settings)

@@ -41,6 +41,7 @@ LABELS = {
     "clip_skip": "Clip skip",
     "train_data_dir": "Image folder",
     "reg_data_dir": "Regularisation folder",
+    "conditioning_data_dir": "Mask folder (conditioning_data_dir, for masked loss)",
     "output_dir": "Output folder",
     "output_name": "Output name",
     "logging_dir": "Logging folder (TensorBoard)",
@@ -156,7 +157,11 @@ def check_folders(cfg: TrainConfig, settings: Settings) -> None:
         if value:  # loaded as weights only, but still never a file outside the model roots
             settings.model_path(value, what)
     data_dirs = (("train_data_dir", d.train_data_dir), ("reg_data_dir", d.reg_data_dir))
-    for what, value in (*data_dirs, ("validation_data_dir", d.validation_data_dir)):
+    more = (
+        ("validation_data_dir", d.validation_data_dir),
+        ("conditioning_data_dir", d.conditioning_data_dir),
+    )
+    for what, value in (*data_dirs, *more):
         if value:
             settings.data_dir(value, what)
     hint = "start `lorakit gui --data_dir FOLDER` to allow another one, or use the LoRA folder"
