@@ -534,3 +534,25 @@ def test_a_preset_explains_itself_and_fills_the_fields(browser_page):
     expect(page.locator("#cfg-learning_rate input")).to_have_value("0.0001")
     # (checkpointing, cached text-encoder outputs, ...: in the closed Advanced section, checked by
     # tests/test_presets.py against the same files)
+
+
+def test_the_memory_estimate_shows_and_follows_the_batch_size(browser_page):
+    """The Train tab's GPU memory estimate (train/memory_estimate.py) for the settings shown (the
+    preset's, from the test above), redrawn when the batch size changes, with a warning for a card
+    that is too small (last in the file: it changes the batch size and the card)."""
+    page = browser_page
+    tab(page, "train")
+    memory = page.locator("#train-memory")
+    expect(memory).to_contain_text("GPU memory: about")
+    expect(memory).to_contain_text("measured on an H200")
+    before = memory.inner_text()
+    fill(page, "cfg-train_batch_size", 8)
+    expect(memory).not_to_have_text(before)
+
+    def gb(text):
+        return float(re.search(r"about ([\d.]+) GB", text).group(1))
+
+    assert gb(memory.inner_text()) > gb(before)
+    page.locator("#train-card input").click()
+    page.get_by_role("option", name="4 GB", exact=True).click()
+    expect(memory).to_contain_text("More than the 4 GB card")

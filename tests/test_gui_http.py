@@ -744,3 +744,16 @@ def test_train_tab_shows_the_sdxl_options_where_kohya_ss_has_them():
     assert "max_bucket_reso" in GROUPS["Training parameters"]  # beside the resolution it switches with
     # scale_v_pred_loss_like_noise_pred is in Advanced: every option not in a group is
     assert not any("scale_v_pred_loss_like_noise_pred" in names for names in GROUPS.values())
+
+
+def test_the_train_tabs_memory_note_names_the_family_and_warns_for_a_small_card(tmp_path):
+    from lorakit.gui.train_tab import card_gib, memory_note
+
+    cfg = TrainConfig.from_dict({"resolution": "512", "network_dim": 32, "mixed_precision": "bf16"})
+    small = tmp_path / "tiny.safetensors"
+    small.write_bytes(b"x" * 100)
+    note = memory_note(cfg, str(small), "24 GB")
+    assert "about 4.7 GB" in note and "full-size SD1.5" in note and "Fits the 24 GB card" in note
+    four = TrainConfig.from_dict({"resolution": "512", "network_dim": 32, "train_batch_size": 4})
+    assert "More than the 4 GB card" in memory_note(four, "", "4 GB")
+    assert card_gib("12 GB") == 12.0
