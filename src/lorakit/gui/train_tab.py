@@ -4,6 +4,7 @@ and a live view of the background job (lorakit.train.job): progress, it/s, ETA, 
 
 from __future__ import annotations
 
+import functools
 import html
 import re
 import typing
@@ -315,8 +316,9 @@ CARD_SIZES = (4, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 80, 96, 141)
 DETECTED = "the detected GPU"
 
 
+@functools.lru_cache(maxsize=1)
 def detected_gpu_gib() -> float | None:
-    """The first CUDA device's memory in GiB, or None without one (or without torch's CUDA)."""
+    """The first CUDA device's memory in GiB, or None without one (or without torch's CUDA); asked once."""
     try:
         import torch
 
