@@ -1,12 +1,15 @@
 """Shared fixtures: a tiny SD1.x-family base model in LDM single-file layout, and tiny datasets."""
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test that tries to download fails instead
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the per-user cache (remembered base-model hashes) goes to a temp folder, not the tester's home
+os.environ.setdefault("LORAKIT_CACHE_DIR", tempfile.mkdtemp(prefix="lorakit-test-cache-"))
 
 # as `lorakit` itself does: fewer torch threads when the cores are busy (oversubscribed threads
 # make the suite many times slower on a loaded CI machine)

@@ -5,6 +5,8 @@ import ctypes
 import tempfile
 import types
 
+import pytest
+
 from lorakit import doctor
 
 GIB = 1024**3
@@ -94,3 +96,19 @@ def test_report_and_exit_code(capsys, monkeypatch, tmp_path):
     assert "FIX  RAM" in out and "-> an SD1.5 run wants 12 GB" in out and "1 problem(s)" in out
     missing = doctor.package_checks(find_spec=lambda name: None)
     assert all(r.ok and r.optional for r in missing)
+
+
+def test_a_missing_onnxruntime_is_reported_with_the_pip_command(monkeypatch):
+    real = doctor.importlib.util.find_spec
+    monkeypatch.setattr(
+        doctor.importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a)
+    )
+    rows = {r.name: r for r in doctor.package_checks()}
+    row = rows["package onnxruntime"]
+    assert row.ok and row.optional  # only captioning needs it: shown, not a problem
+    assert "not installed: WD14 captioning" in row.detail and 'pip install "lorakit[caption]"' in row.detail
+    assert "-    package onnxruntime  not installed" in doctor.format_report([row])
+    monkeypatch.setattr(doctor.importlib.util, "find_spec", real)
+    pytest.importorskip("onnxruntime")
+    found = doctor.onnxruntime_check()
+    assert found.ok and not found.optional and found.detail.startswith("installed ") and "CPU" in found.detail

@@ -536,9 +536,41 @@ def test_a_preset_explains_itself_and_fills_the_fields(browser_page):
     # tests/test_presets.py against the same files)
 
 
+def test_caption_images_with_a_tagger_folder(browser_page, work):
+    """The Dataset tab's Caption images: a WD14 tagger folder beside the base model (a model root),
+    the trigger word first, counts and tag frequencies shown, existing captions kept."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from lorakit.testing import make_tiny_tagger
+
+    tagger = make_tiny_tagger(work["root"] / "wd-tiny-tagger")
+    page = browser_page
+    tab(page, "dataset")
+    fill(page, "ds-train_dir", work["train"])
+    fill(page, "ds-reg_dir", "")
+    fill(page, "ds-ext", ".txt")
+    page.get_by_text("Caption the images with your own tagger").click()
+    fill(page, "cap-model", tagger)
+    fill(page, "cap-trigger", "usu bear")
+    page.locator("#cap-run").click()
+    status = page.locator("#cap-status")
+    expect(status).to_contain_text("Wrote 4 caption file(s)", timeout=60000)
+    expect(status).to_contain_text("Tag frequencies")
+    expect(status).to_contain_text("4  solo")
+    written = sorted((work["train"] / "2_usu bear").glob("*.txt"))
+    assert len(written) == 4 and all(p.read_text().startswith("usu bear, solo, ") for p in written)
+    page.wait_for_selector("#ds-gallery :text('usu bear, solo')")  # the gallery shows the new captions
+    shot(page, work, "dataset-captions")
+    page.locator("#cap-run").click()  # again: nothing is overwritten
+    expect(status).to_contain_text("Skipped 4 image(s)")
+    assert page.external_requests == [], "the page tried to reach the internet"
+    for p in written:
+        p.unlink()
+
+
 def test_the_memory_estimate_shows_and_follows_the_batch_size(browser_page):
     """The Train tab's GPU memory estimate (train/memory_estimate.py) for the settings shown (the
-    preset's, from the test above), redrawn when the batch size changes, with a warning for a card
+    preset test's), redrawn when the batch size changes, with a warning for a card
     that is too small (last in the file: it changes the batch size and the card)."""
     page = browser_page
     tab(page, "train")

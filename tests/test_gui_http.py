@@ -746,6 +746,57 @@ def test_train_tab_shows_the_sdxl_options_where_kohya_ss_has_them():
     assert not any("scale_v_pred_loss_like_noise_pred" in names for names in GROUPS.values())
 
 
+# --- Dataset: captioning with a tagger folder ---------------------------------------------------
+
+
+def test_captioning_reads_a_tagger_in_the_model_roots_and_writes_only_in_the_data_roots(site):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from lorakit.testing import make_tiny_tagger
+
+    root, work, outside = site["root"], site["work"], site["outside"]
+    tagger = make_tiny_tagger(root / "models" / "wd-tiny-tagger")
+    foreign = make_tiny_tagger(outside / "wd-tagger")
+    api = Api(site["url"], "captioning")
+    work_before, outside_before = _files(work), _files(outside)
+
+    def caption(folder, model, ext=".txt", overwrite=False):
+        return api("caption_images", [str(folder), ext, str(model), "usu bear", 0.35, "", True, overwrite])
+
+    for folder, model, ext, expected in (
+        (
+            outside / "data" / "train",
+            tagger,
+            ".txt",
+            "outside the folders this GUI may use",
+        ),  # images outside
+        (site["train"], foreign, ".txt", "outside the folders this GUI may use"),  # a tagger outside
+        (site["train"], work / "link" / ".." / ".." / "outside" / "wd-tagger", ".txt", "outside"),
+        (site["train"], root / "models" / "no-such-tagger", ".txt", "no such folder"),
+        (site["train"], tagger, ".pth", "only as .caption or .txt"),  # never an extension from a request
+        (site["train"], tagger, "../x.txt", "only as .caption or .txt"),
+    ):
+        out = caption(folder, model, ext)
+        assert expected in out.get("error", ""), (folder, model, ext, out)
+    assert _files(work) == work_before and _files(outside) == outside_before
+
+    out = caption("data/train", tagger)  # relative to the working folder
+    assert "Wrote 2 caption file(s)" in out["data"][0] and "Tag frequencies" in out["data"][0], out
+    assert "2  solo" in out["data"][0]
+    written = sorted(site["train"].rglob("*.txt"))
+    assert [p.name for p in written] == ["usu_00.txt", "usu_01.txt"]
+    assert all(p.read_text().startswith("usu bear, solo, ") for p in written)
+    written[0].write_text("mine\n")
+    again = caption(site["train"], tagger)
+    assert "Wrote 0 caption file(s)" in again["data"][0] and "Skipped 2 image(s)" in again["data"][0]
+    assert written[0].read_text() == "mine\n"
+    assert "Wrote 2" in caption(site["train"], tagger, overwrite=True)["data"][0]
+    assert written[0].read_text().startswith("usu bear, solo")
+    assert _files(work) == work_before | set(written) and _files(outside) == outside_before
+    for p in written:
+        p.unlink()
+
+
 def test_the_train_tabs_memory_note_names_the_family_and_warns_for_a_small_card(tmp_path):
     from lorakit.gui.train_tab import card_gib, memory_note
 

@@ -86,8 +86,8 @@ def test_a_file_without_lora_keys_is_refused(tmp_path):
         lora_file.read_lora_file(tmp_path / "base.safetensors")
     name = "lora_unet_conv_in"
     save_file(
-        {f"{name}.hada_w1_a": torch.zeros(2, 2), f"{name}.alpha": torch.tensor(1.0)},
-        str(tmp_path / "h.safetensors"),
+        {f"{name}.oft_blocks": torch.zeros(4, 2, 2), f"{name}.alpha": torch.tensor(1.0)},
+        str(tmp_path / "oft.safetensors"),
     )
-    with pytest.raises(ModelError, match="LyCORIS LoHa/LoKr"):
-        lora_file.read_lora_file(tmp_path / "h.safetensors")
+    with pytest.raises(ModelError, match="LyCORIS OFT/BOFT file, which lorakit does not apply"):
+        lora_file.read_lora_file(tmp_path / "oft.safetensors")

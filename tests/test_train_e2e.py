@@ -9,6 +9,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from lorakit.errors import ConfigError, TrainingError
+from lorakit.hashing import legacy_hash
 from lorakit.train import trainer as trainer_mod
 from lorakit.train.trainer import Trainer, build_trainer, train
 
@@ -53,6 +54,9 @@ def test_saved_file_is_kohya_format(train_config, tiny_base):
     assert meta["ss_base_model_version"] == "sd_v1" and meta["ss_v2"] == "False"
     assert meta["ss_training_comment"] == "hello"
     assert meta["ss_sd_model_name"] == tiny_base.name
+    # the base's hashes, read in the background while the model loaded
+    assert meta["ss_new_sd_model_hash"] == hashlib.sha256(tiny_base.read_bytes()).hexdigest()
+    assert meta["ss_sd_model_hash"] == legacy_hash(tiny_base)
     assert meta["ss_num_train_images"] == "8"  # 4 images x 2 repeats
     assert '"2_usu bear": {"n_repeats": 2, "img_count": 4}' in meta["ss_dataset_dirs"]
     data = path.read_bytes()  # A1111's "Lora hashes" source: sha256 of the bytes after the header

@@ -176,7 +176,14 @@ OPTIONAL = {
 }
 
 
-def package_checks(find_spec=importlib.util.find_spec) -> list[Check]:
+ONNXRUNTIME_USE = (
+    'WD14 captioning (`lorakit caption` with a model.onnx tagger folder): pip install "lorakit[caption]" '
+    "(onnxruntime-gpu instead to tag on an NVIDIA GPU)"
+)
+
+
+def package_checks(find_spec=None) -> list[Check]:
+    find_spec = find_spec or importlib.util.find_spec
     rows = []
     for name, use in OPTIONAL.items():
         found = find_spec(name) is not None
@@ -185,7 +192,24 @@ def package_checks(find_spec=importlib.util.find_spec) -> list[Check]:
                 f"package {name}", True, "installed" if found else f"not installed: {use}", optional=not found
             )
         )
+    rows.append(onnxruntime_check(find_spec))
     return rows
+
+
+def onnxruntime_check(find_spec=None) -> Check:
+    """onnxruntime runs WD14 taggers; its providers say whether it tags on the GPU."""
+    find_spec = find_spec or importlib.util.find_spec
+    name = "package onnxruntime"
+    if find_spec("onnxruntime") is None:
+        return Check(name, True, f"not installed: {ONNXRUNTIME_USE}", optional=True)
+    try:
+        import onnxruntime
+
+        providers = onnxruntime.get_available_providers()
+    except Exception as e:  # a broken install: say so rather than stop the report
+        return Check(name, True, f"installed but does not load ({e}): {ONNXRUNTIME_USE}", optional=True)
+    where = "CUDA" if "CUDAExecutionProvider" in providers else "CPU only"
+    return Check(name, True, f"installed {onnxruntime.__version__} ({where}): WD14 captioning")
 
 
 def folder_check(folder: str | Path, need_bytes: int = 2 * GIB) -> Check:

@@ -45,3 +45,52 @@ def make_tiny_base(path: Path, seed: int = 0) -> Path:
     unet, vae, te = build_models(arch, seed)
     save_ldm_checkpoint(path, unet, vae, te, arch)
     return path
+
+
+# A tiny WD14-format tagger's tags: (name, category, weights on the image's mean B, G, R in 0-1, bias).
+# Its score is sigmoid(weights . mean + bias): a red square scores 0.88 on long_hair and the character,
+# a blue one on blue_sky; solo is always 0.88, ^_^ always 0.5, faint_tag always 0.27.
+TINY_TAGGER_TAGS = (
+    ("general", "9", (0, 0, 0), 2.0),
+    ("sensitive", "9", (0, 0, 0), -2.0),
+    ("questionable", "9", (0, 0, 0), -3.0),
+    ("explicit", "9", (0, 0, 0), -4.0),
+    ("solo", "0", (0, 0, 0), 2.0),
+    ("long_hair", "0", (0, 0, 4), -2.0),
+    ("blue_sky", "0", (4, 0, 0), -2.0),
+    ("^_^", "0", (0, 0, 0), 0.0),
+    ("faint_tag", "0", (0, 0, 0), -1.0),
+    ("usu_bear_(series)", "4", (0, 0, 4), -2.0),
+)
+
+
+def make_tiny_tagger(folder: Path, tags=TINY_TAGGER_TAGS, size: int = 16) -> Path:
+    """A WD14-format tagger folder (model.onnx + selected_tags.csv) whose scores are known: NHWC
+    [N, size, size, 3] BGR 0-255 -> mean over the pixels -> /255 -> MatMul -> + bias -> Sigmoid.
+    Needs the onnx package."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weights = np.array([t[2] for t in tags], dtype=np.float32).T / 255.0  # (3, T), on 0-255 input
+    bias = np.array([t[3] for t in tags], dtype=np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceMean", ["input_1"], ["mean"], axes=[1, 2], keepdims=0),
+            helper.make_node("MatMul", ["mean", "weights"], ["logits_nobias"]),
+            helper.make_node("Add", ["logits_nobias", "bias"], ["logits"]),
+            helper.make_node("Sigmoid", ["logits"], ["predictions_sigmoid"]),
+        ],
+        "tiny_wd14_tagger",
+        [helper.make_tensor_value_info("input_1", TensorProto.FLOAT, ["batch", size, size, 3])],
+        [helper.make_tensor_value_info("predictions_sigmoid", TensorProto.FLOAT, ["batch", len(tags)])],
+        [numpy_helper.from_array(weights, "weights"), numpy_helper.from_array(bias, "bias")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8  # read by every onnxruntime since 1.10
+    onnx.checker.check_model(model)
+    folder.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(folder / "model.onnx"))
+    rows = ["tag_id,name,category,count"] + [f"{i},{t[0]},{t[1]},{100 - i}" for i, t in enumerate(tags)]
+    (folder / "selected_tags.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return folder

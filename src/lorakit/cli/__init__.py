@@ -12,7 +12,7 @@ import sys
 
 from ..errors import LoraKitError, explain_memory_error
 from ..threads import apply_threads
-from . import draw, gui, train
+from . import caption, convert, draw, gui, merge, tools, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,6 +24,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_parsers(sub)
     draw.add_parsers(sub)
     gui.add_parsers(sub)
+    caption.add_parsers(sub)
+    tools.add_parsers(sub)
+    convert.add_parsers(sub)
+    merge.add_parsers(sub)
     for command in sub.choices.values():
         command.add_argument(
             "--threads",

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from lorakit.atomic import atomic_file
 from lorakit.errors import ModelError
-from lorakit.hashing import file_sha256
+from lorakit.hashing import cached_file_sha256
 
 NEGATIVE = "Negative prompt:"
 # A1111's re_param: `key: value` with value either JSON-quoted or up to the next comma
@@ -92,7 +92,7 @@ def read_png_parameters(path) -> str | None:
 
 def model_hash(path) -> str:
     """A1111 "Model hash": the first 10 hex digits of the sha256 of the whole file."""
-    return file_sha256(path)[:10]
+    return cached_file_sha256(path)[:10]
 
 
 def lora_short_hash(addnet_hash: str) -> str:

@@ -85,6 +85,20 @@ class Settings:
             "(with model_index.json)"
         )
 
+    def model_folder(self, text: str, what: str) -> Path:
+        """A model folder the user typed (a tagger's, a captioning model's), resolved, if it is a folder
+        in model_roots (else ConfigError)."""
+        from .guard import inside
+
+        if not (text or "").strip():
+            raise ConfigError(f"{what}: give the folder")
+        path = inside(
+            text, self.model_roots(), what, "start `lorakit gui --model_dir FOLDER` to allow another one"
+        )
+        if not path.is_dir():
+            raise ConfigError(f"{what} {text}: no such folder")
+        return path
+
     def known_model(self, text: str) -> str:
         """model_path as text, or "" when it is refused (for the size notes shown while typing)."""
         try:

@@ -244,6 +244,14 @@ def build(settings: Settings) -> dict:
         api_name="save_caption",
     )
 
+    cap_outputs = build_captioning(
+        settings,
+        [train_dir, caption_ext],
+        lambda *values: scan_and_clear(*values),
+        [train_dir, reg_dir, caption_ext, bad_images, *(step_inputs[n] for n in STEP_OPTIONS)],
+        [*scan_outputs, image_path, caption, caption_status],
+    )
+
     with gr.Accordion("Make regularization images (the base model draws the class prompt)", open=False):
         with gr.Row():
             reg_model = gr.Textbox(value=settings.model, label="Base model", scale=3, elem_id="reg-model")
@@ -344,4 +352,103 @@ def build(settings: Settings) -> dict:
         "caption_ext": caption_ext,
         "scan": scan,
         "step_inputs": step_inputs,
+        **cap_outputs,
     }
+
+
+def caption_summary(report, ext: str, top: int = 40) -> str:
+    """Markdown: written and skipped counts, broken images, the tag frequencies."""
+    lines = [f"**Wrote {len(report.written)} caption file(s)** ({ext})."]
+    lines += [f"- {note}" for note in report.notes]
+    if report.skipped:
+        lines.append(
+            f"- Skipped {len(report.skipped)} image(s) that already have a {ext} caption "
+            "(tick Overwrite to replace them)."
+        )
+    lines += [f"- ⚠ skipped broken image {p.name}: {why}" for p, why in report.broken]
+    if report.empty:
+        lines.append(f"- {len(report.empty)} image(s) got no tag above the threshold: no file written.")
+    if report.tag_frequency:
+        shown = [f"{n:5d}  {tag}" for tag, n in report.tag_frequency.most_common(top)]
+        lines.append("\nTag frequencies:\n\n```\n" + "\n".join(shown) + "\n```")
+    return "\n".join(lines)
+
+
+def build_captioning(settings: Settings, folder_inputs, rescan, rescan_inputs, rescan_outputs) -> dict:
+    """The "Caption images" section: a tagger or captioning model folder from the model roots, the
+    training folder from the data roots, the caption extension only .caption or .txt."""
+    with gr.Accordion("Caption the images with your own tagger or captioning model", open=False):
+        with gr.Row():
+            model = gr.Textbox(
+                label="Tagger or captioning model folder",
+                info="a WD14 tagger (model.onnx + selected_tags.csv, e.g. SmilingWolf/wd-vit-tagger-v3's) "
+                "or a BLIP/GIT folder saved with save_pretrained, in a --model_dir folder",
+                scale=3,
+                elem_id="cap-model",
+            )
+            trigger = gr.Textbox(
+                label="Trigger word (first in every caption)",
+                info="e.g. 'usu bear'; train with keep_tokens = 1",
+                scale=2,
+                elem_id="cap-trigger",
+            )
+        with gr.Row():
+            thresh = gr.Slider(0.05, 1.0, value=0.35, step=0.01, label="Tag threshold", elem_id="cap-thresh")
+            undesired = gr.Textbox(label="Undesired tags (comma-separated)", elem_id="cap-undesired")
+            underscore = gr.Checkbox(value=True, label="long_hair -> long hair", elem_id="cap-underscore")
+            overwrite = gr.Checkbox(value=False, label="Overwrite existing captions", elem_id="cap-overwrite")
+        run = gr.Button("Caption images", elem_id="cap-run")
+        status = gr.Markdown(elem_id="cap-status")
+
+    @user_errors
+    def do_caption(train, ext_text, model_text, trigger_text, threshold, undesired_text, no_underscore,
+                   replace, progress=gr.Progress()):  # fmt: skip
+        from ..caption.natural import TextOptions
+        from ..caption.run import caption_folder, find_images, load_captioner
+        from ..caption.wd14 import TagOptions
+
+        if not train:
+            raise gr.Error("Give the training image folder first.")
+        folder = settings.data_dir(train, "training image folder")
+        ext = _ext(ext_text)
+        if ext.lower() not in CAPTION_EXTENSIONS:
+            raise gr.Error(
+                f"The GUI writes captions only as {' or '.join(CAPTION_EXTENSIONS)} files, not {ext!r}: "
+                "set the caption extension."
+            )
+        model_dir = settings.model_folder(model_text, "tagger or captioning model folder")
+        notes: list[str] = []
+        images = []
+        for p in find_images(folder):  # a kohya folder's <repeats>_<prompt> subfolders, or the folder itself
+            try:  # a link out of the data folders is not followed: nothing is written there
+                images.append(settings.data_dir(p, "image"))
+            except LoraKitError:
+                notes.append(f"left out {p.name}: it links outside the folders this GUI may use")
+        threshold = float(threshold if threshold is not None else 0.35)
+        tag_opts = TagOptions(
+            general_threshold=threshold,
+            character_threshold=threshold,
+            undesired_tags=frozenset(t.strip() for t in (undesired_text or "").split(",") if t.strip()),
+            remove_underscore=bool(no_underscore),
+        )
+        progress(0, desc="loading the model")
+        captioner = load_captioner(model_dir, tag_opts, TextOptions())
+        report = caption_folder(
+            folder,
+            captioner,
+            caption_extension=ext,
+            overwrite=bool(replace),
+            always_first_tags=[t for t in (trigger_text or "").split(",") if t.strip()],
+            images=images,
+            on_progress=lambda d, n: progress((d, n), desc="captioning"),
+        )
+        report.notes[:0] = notes
+        return caption_summary(report, ext)
+
+    run.click(
+        do_caption,
+        [*folder_inputs, model, trigger, thresh, undesired, underscore, overwrite],
+        [status],
+        api_name="caption_images",
+    ).success(rescan, rescan_inputs, rescan_outputs)  # the gallery shows the new captions
+    return {"caption_model": model, "caption_run": run}

@@ -88,7 +88,7 @@ CHOICES = {
     "sample_sampler": ["ddim", "euler_a", "euler", "dpmsolver++", "k_dpm_2", "lms", "heun", "pndm"],
 }  # fmt: skip
 # Set by the GUI itself: save_state is always on (Stop -> Resume), resume is the Resume button,
-# the sample prompts are the text box, network_args is folded into conv_dim/conv_alpha.
+# the sample prompts are the text box, network_args is folded into its typed fields (conv_dim, algo, ...).
 HIDDEN = {"save_state", "resume", "sample_prompts", "network_args", "save_model_as"}
 
 

@@ -84,12 +84,23 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     return state_dict, metadata
 
 
-def _read_torch(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _read_torch(path: Path, mmap: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     import torch
 
-    try:
+    with open(path, "rb") as f:
+        mmap = mmap and f.read(4) == b"PK\x03\x04"  # torch maps only its zip format, not a legacy pickle
+
+    def load(mapped: bool):
         # weights_only: the restricted unpickler never runs code from the file (kohya uses full pickle)
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mapped)
+
+    try:
+        try:
+            obj = load(mmap)
+        except (RuntimeError, OSError, ValueError):
+            if not mmap:
+                raise
+            obj = load(False)  # a platform where torch cannot map the file: read it whole
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL (\S+)", str(e))
         if found or "Unsupported" in str(e):
@@ -115,8 +126,9 @@ def _read_torch(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return state_dict, metadata
 
 
-def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Return (tensors by key, string metadata) of a .safetensors or .ckpt/.pt file."""
+def read_state_dict(path: str | Path, mmap: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Return (tensors by key, string metadata) of a .safetensors or .ckpt/.pt file. `mmap`: a
+    .ckpt's tensors stay in the file (mapped, read on use) where torch can, instead of in RAM."""
     path = Path(path)
     if not path.exists():
         raise ModelError(f"{path}: file not found. Expected a .safetensors or .ckpt checkpoint.")
@@ -126,4 +138,4 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         raise ModelError(f"{path}: the file is empty (0 bytes); the download or copy probably failed.")
     if _sniff(path) == "safetensors":
         return _read_safetensors(path)
-    return _read_torch(path)
+    return _read_torch(path, mmap)

@@ -1,11 +1,12 @@
-"""What one module of a kohya LoRA / LyCORIS LoCon file does to a weight.
+"""What one module of a kohya LoRA / LyCORIS file does to a weight (and, for some types, its bias).
 
-A module is `<name>.lora_down.weight`, `<name>.lora_up.weight`, optionally `<name>.lora_mid.weight`
-(LyCORIS Tucker conv: 1x1 down, kxk mid, 1x1 up), `<name>.alpha` and `<name>.dora_scale` (DoRA).
-The update at multiplier 1 is ΔW = up·[mid]·down · alpha/rank (rank = lora_down's first dimension,
-as A1111 and LyCORIS take it). With DoRA, W+ΔW is renormalised to `dora_scale` along the axis the
-scale's shape names (LyCORIS `apply_weight_decompose`: per output row for (out,1,..), LyCORIS >= 3.2's
-default; per input column for (1,in,..), older files).
+`lora_modules` groups a file's tensors by module and tells each module's type by its params
+(lycoris_delta.py: LoRA/LoCon incl. Tucker `lora_mid`, LoHa, LoKr, (IA)³, full `diff`, norm); any
+other set (GLoRA, OFT, a mix) is refused whole. The update at multiplier 1 is ΔW · alpha/rank, rank
+as A1111 reads it (lora_down's / hada_w1_b's / lokr_w1_b's or lokr_w2_b's first dimension; LoKr with
+both halves full: scale 1). With DoRA (`dora_scale`, on LoRA, LoHa or LoKr), W+ΔW is renormalised
+to `dora_scale` along the axis the scale's shape names (LyCORIS `apply_weight_decompose`: per output
+row for (out,1,..), LyCORIS >= 3.2's default; per input column for (1,in,..), older files).
 """
 
 from __future__ import annotations
@@ -15,61 +16,109 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ModelError
+from . import lycoris_delta as ly
 
-PARAMS = ("lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha", "dora_scale")
+PARAMS = tuple(sorted(ly.ALL_PARAMS))
 
 
 @dataclass
-class ModuleLora:
+class ModuleDelta:
+    """One module of a file: its kohya name, its type (a key of lycoris_delta.ALGOS: "lora", "loha",
+    "lokr", "ia3", "full", "norm") and its tensors by param name ("hada_w1_a", "alpha", ...)."""
+
     name: str
-    down: torch.Tensor
-    up: torch.Tensor
-    mid: torch.Tensor | None = None
-    alpha: torch.Tensor | None = None
-    dora_scale: torch.Tensor | None = None
+    kind: str
+    tensors: dict[str, torch.Tensor]
 
     @property
-    def rank(self) -> int:
-        return int(self.down.shape[0])
+    def label(self) -> str:
+        return ly.ALGOS[self.kind].label
+
+    @property
+    def rank(self) -> int | None:
+        """The rank alpha is divided by; None for types without one ((IA)³, full, norm, full LoKr)."""
+        return ly.rank(self.kind, self.tensors)
 
     @property
     def scale(self) -> float:
-        return (float(self.alpha) if self.alpha is not None else self.rank) / self.rank
+        return ly.scale(self.kind, self.tensors)
+
+    @property
+    def alpha(self) -> torch.Tensor | None:
+        return self.tensors.get("alpha")
+
+    @property
+    def dora_scale(self) -> torch.Tensor | None:
+        return self.tensors.get("dora_scale")
+
+    @property
+    def tucker(self) -> bool:
+        return any(p in self.tensors for p in ("lora_mid.weight", "hada_t1", "lokr_t2"))
+
+    # LoRA/LoCon's factors, as ModuleLora had them (None for the other types)
+    @property
+    def down(self) -> torch.Tensor | None:
+        return self.tensors.get("lora_down.weight")
+
+    @property
+    def up(self) -> torch.Tensor | None:
+        return self.tensors.get("lora_up.weight")
+
+    @property
+    def mid(self) -> torch.Tensor | None:
+        return self.tensors.get("lora_mid.weight")
+
+    @property
+    def bias_delta(self) -> torch.Tensor | None:
+        """What the module adds to the layer's bias at multiplier 1 (full `diff_b`, norm `b_norm`)."""
+        return ly.raw_bias_delta(self.kind, self.tensors)
 
     def dora_on_output(self, weight_shape: torch.Size) -> bool:
         """True if dora_scale holds one norm per output row (LyCORIS wd_on_out), else per input column."""
         return self.dora_scale.shape[0] == weight_shape[0] and self.dora_scale.numel() == weight_shape[0]
 
 
+ModuleLora = ModuleDelta  # the name from when lorakit applied LoRA/LoCon only
+
+
 def lora_module_names(tensors: dict[str, torch.Tensor]) -> list[str]:
-    """The module names a file's LoRA tensors belong to (those with a `lora_down`)."""
-    return sorted({k.split(".", 1)[0] for k in tensors if k.endswith(".lora_down.weight")})
+    """The module names a file's LoRA / LyCORIS tensors belong to."""
+    return sorted({k.split(".", 1)[0] for k in tensors if k.partition(".")[2] in ly.ALL_PARAMS})
 
 
-def lora_modules(tensors: dict[str, torch.Tensor], source: str) -> dict[str, ModuleLora]:
-    """A file's tensors grouped by module; any tensor that is not one lorakit applies is an error."""
+def _refusal(source: str, name: str, params: set[str]) -> str:
+    have = ", ".join(sorted(params))
+    unsupported = sorted({label for p, label in ly.UNSUPPORTED.items() if p in params})
+    if unsupported:
+        why = f"a LyCORIS {'/'.join(unsupported)} module, which lorakit does not apply"
+    elif (like := ly.closest_algo(params)) is not None:
+        why = f"not exactly the params of one type lorakit applies (it looks most like {like.label})"
+    else:
+        why = "no type lorakit applies"
+    types = "; ".join(f"{a.label}: {', '.join(sorted(a.params - set(ly.SCALED)))}" for a in ly.ALGOS.values())
+    return (
+        f"LoRA {source}: module {name} has {have}: {why}. lorakit applies {types} (LoRA, LoHa and LoKr "
+        "with alpha and dora_scale); the file was not applied"
+    )
+
+
+def lora_modules(tensors: dict[str, torch.Tensor], source: str) -> dict[str, ModuleDelta]:
+    """A file's tensors grouped by module, each module's type told by its params; a module whose
+    params are no complete set of one type (GLoRA, OFT, a mix, a stray tensor) is an error."""
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         name, _, param = key.partition(".")
-        if param not in PARAMS:
-            raise ModelError(
-                f"LoRA {source}: tensor {key!r} is not part of a LoRA/LoCon module (lorakit applies "
-                f"{', '.join(PARAMS)}; LoHa, LoKr, OFT and other LyCORIS types are not supported)"
-            )
         grouped.setdefault(name, {})[param] = tensor
     out = {}
     for name, t in sorted(grouped.items()):
-        if "lora_down.weight" not in t or "lora_up.weight" not in t:
-            have = ", ".join(sorted(t))
-            raise ModelError(f"LoRA {source}: module {name} has {have} but needs lora_down and lora_up")
-        if t["lora_down.weight"].dim() < 2 or t["lora_up.weight"].dim() < 2:
+        kind = ly.kind_of(set(t))
+        if kind is None:
+            raise ModelError(_refusal(source, name, set(t)))
+        if kind == "lora" and (t["lora_down.weight"].dim() < 2 or t["lora_up.weight"].dim() < 2):
             raise ModelError(
                 f"LoRA {source}: module {name}: lora_down/lora_up must be matrices or conv kernels"
             )
-        out[name] = ModuleLora(
-            name, t["lora_down.weight"], t["lora_up.weight"], t.get("lora_mid.weight"), t.get("alpha"),
-            t.get("dora_scale"),
-        )  # fmt: skip
+        out[name] = ModuleDelta(name, kind, t)
     return out
 
 
@@ -77,8 +126,7 @@ def _shape(t: torch.Tensor | None) -> tuple:
     return tuple(t.shape) if t is not None else ()
 
 
-def check_fits(m: ModuleLora, weight_shape: torch.Size, source: str) -> None:
-    """Raise a clear error unless every tensor of `m` fits a weight of `weight_shape`."""
+def _lora_problems(m: ModuleDelta, weight_shape: torch.Size) -> list[str]:
     out, inp, kernel = weight_shape[0], weight_shape[1], tuple(weight_shape[2:])
     r = m.rank
     pointwise = ((), (1, 1))  # kohya squeezes 1x1 convs to Linear shapes and back: both fit
@@ -101,6 +149,33 @@ def check_fits(m: ModuleLora, weight_shape: torch.Size, source: str) -> None:
             f"Tucker lora_down {_shape(m.down)} / lora_mid {_shape(m.mid)} (expected ({r}, {inp}, 1, 1) / "
             f"({r}, {r}, {', '.join(map(str, kernel))}))"
         )
+    return problems
+
+
+def _factor_problems(m: ModuleDelta, weight_shape: torch.Size) -> list[str]:
+    """LoHa, LoKr, full, norm: the ΔW the factors make must have the weight's shape."""
+    have = ", ".join(f"{p} {_shape(t)}" for p, t in sorted(m.tensors.items()) if p not in ly.SCALED)
+    try:
+        natural = ly.natural_shape(m.kind, m.tensors)
+    except ly.FactorMismatch as e:
+        return [f"{m.label} tensors {have}: {e}"]
+    if ly.fits_weight(natural, tuple(weight_shape)):
+        return []
+    return [f"{m.label} tensors {have} make a ΔW of shape {natural}"]
+
+
+def check_fits(m: ModuleDelta, weight_shape: torch.Size, source: str) -> None:
+    """Raise a clear error unless every tensor of `m` fits a weight of `weight_shape` (the layer's
+    bias, for diff_b / b_norm, has one value per output channel)."""
+    out, inp = weight_shape[0], weight_shape[1] if len(weight_shape) > 1 else None
+    if len(weight_shape) < 2 and m.kind not in ("norm", "full"):
+        problems = [f"a {m.label} module on a layer with a 1-D weight {tuple(weight_shape)} (a norm layer)"]
+    elif m.kind == "lora":
+        problems = _lora_problems(m, weight_shape)
+    elif m.kind == "ia3":
+        problems = [p for p in [ly.ia3_problem(m.tensors, tuple(weight_shape))] if p]
+    else:
+        problems = _factor_problems(m, weight_shape)
     if m.alpha is not None and m.alpha.numel() != 1:
         problems.append(f"alpha {_shape(m.alpha)} (expected a scalar)")
     if m.dora_scale is not None:
@@ -111,6 +186,9 @@ def check_fits(m: ModuleLora, weight_shape: torch.Size, source: str) -> None:
             problems.append(
                 f"dora_scale {_shape(m.dora_scale)} (expected ({out}, 1, ...) or (1, {inp}, ...))"
             )
+    bias = m.bias_delta
+    if bias is not None and tuple(bias.shape) != (out,):
+        problems.append(f"{'diff_b' if m.kind == 'full' else 'b_norm'} {_shape(bias)} (expected ({out},))")
     if problems:
         raise ModelError(
             f"LoRA {source}: module {m.name} does not fit this base model's weight {tuple(weight_shape)}: "
@@ -118,15 +196,14 @@ def check_fits(m: ModuleLora, weight_shape: torch.Size, source: str) -> None:
         )
 
 
-def lora_delta(m: ModuleLora, weight_shape: torch.Size) -> torch.Tensor:
-    """ΔW at multiplier 1 (alpha/rank included), float32, shaped like the weight."""
-    up = m.up.float().reshape(m.up.shape[0], -1)  # (out, r)
-    down = m.down.float().reshape(m.rank, -1)  # (r, in) or (r, in*k*k) for a plain LoCon conv
-    if m.mid is not None:  # Tucker: ΔW[o, i, ...] = Σ up[o, a] mid[a, b, ...] down[b, i]
-        delta = torch.einsum("a b ..., o a, b i -> o i ...", m.mid.float(), up, down)
-    else:
-        delta = up @ down
-    return delta.reshape(weight_shape) * m.scale
+def lora_delta(m: ModuleDelta, weight_shape: torch.Size, base: torch.Tensor | None = None) -> torch.Tensor:
+    """ΔW at multiplier 1 (alpha/rank included), float32, shaped like the weight; before DoRA's
+    renormalisation. (IA)³ scales the base weight, so it needs `base` (ModelError without it)."""
+    if m.kind == "ia3" and base is None:
+        raise ModelError(
+            f"module {m.name} is (IA)³: its ΔW scales the base weight, which is needed to compute it"
+        )
+    return ly.raw_delta(m.kind, m.tensors, base).reshape(weight_shape) * m.scale
 
 
 def _norm(w: torch.Tensor, on_output: bool) -> torch.Tensor:
@@ -135,13 +212,14 @@ def _norm(w: torch.Tensor, on_output: bool) -> torch.Tensor:
     return torch.linalg.vector_norm(w, dim=dims, keepdim=True) + torch.finfo(w.dtype).eps
 
 
-def module_update(m: ModuleLora, base: torch.Tensor, multiplier: float) -> torch.Tensor:
+def module_update(m: ModuleDelta, base: torch.Tensor, multiplier: float) -> torch.Tensor:
     """What to add (float32) to the base weight `base` to apply `m` at `multiplier`.
 
-    Plain LoRA: multiplier·ΔW. DoRA: W_d = (W+ΔW)·dora_scale/‖W+ΔW‖ (LyCORIS), added as
-    multiplier·(W_d − W), which is how A1111 and ComfyUI scale a DoRA module (0 = off, 1 = LyCORIS's
-    merged weight), so several LoRAs on one module each work against the base as in A1111."""
-    delta = lora_delta(m, base.shape).to(base.device)
+    multiplier·ΔW ((IA)³: multiplier·w·W, as LyCORIS merges W·(1 + multiplier·w)). DoRA:
+    W_d = (W+ΔW)·dora_scale/‖W+ΔW‖ (LyCORIS), added as multiplier·(W_d − W), which is how A1111 and
+    ComfyUI scale a DoRA module (0 = off, 1 = LyCORIS's merged weight), so several LoRAs on one
+    module each work against the base as in A1111."""
+    delta = lora_delta(m, base.shape, base).to(base.device)
     if m.dora_scale is None:
         return multiplier * delta
     w = base.float()
@@ -150,3 +228,9 @@ def module_update(m: ModuleLora, base: torch.Tensor, multiplier: float) -> torch
     dora = m.dora_scale.float().to(base.device).reshape(_norm(merged, on_output).shape)
     decomposed = merged * (dora / _norm(merged, on_output))
     return multiplier * (decomposed - w)
+
+
+def bias_update(m: ModuleDelta, multiplier: float) -> torch.Tensor | None:
+    """What to add (float32) to the layer's bias at `multiplier` (full diff_b, norm b_norm), or None."""
+    bias = m.bias_delta
+    return None if bias is None else multiplier * bias

@@ -12,6 +12,8 @@ import torch
 from ..atomic import atomic_file
 from ..errors import ModelError
 from ..hashing import legacy_hash
+from .lycoris_delta import TELLING_PARAMS, UNSUPPORTED
+from .naming import needs_conversion, to_kohya
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32}
 
@@ -55,6 +57,15 @@ def save_lora_file(
 PICKLE_SUFFIXES = (".pt", ".ckpt", ".bin", ".pth")
 
 
+def _to_kohya(
+    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
+) -> dict[str, torch.Tensor]:
+    try:
+        return to_kohya(tensors, metadata)
+    except ModelError as e:
+        raise ModelError(f"{path}: {e}") from None
+
+
 def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """A LoRA's tensors and metadata: the one reader for drawing, inspecting and network_weights.
 
@@ -82,9 +93,19 @@ def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
         metadata = json.loads(data[8 : 8 + n]).get("__metadata__", {}) or {}
     except (SafetensorError, struct.error, ValueError) as e:
         raise ModelError(f"{path}: not a readable .safetensors file ({e})") from None
-    if not any(k.endswith(".lora_down.weight") for k in tensors):
-        params = {k.partition(".")[2] for k in tensors}
-        lycoris = any(p.startswith(("hada_", "lokr_")) or p in ("diff", "oft_blocks") for p in params)
-        kind = "a LyCORIS LoHa/LoKr/OFT/full file" if lycoris else "no kohya LoRA keys (`*.lora_down.weight`)"
-        raise ModelError(f"{path}: {kind}; lorakit applies kohya LoRA and LyCORIS LoCon (incl. DoRA) files")
+    if needs_conversion(tensors):  # diffusers/PEFT, ComfyUI, ai-toolkit names -> kohya's
+        tensors = _to_kohya(path, tensors, metadata)
+    params = {k.partition(".")[2] for k in tensors}
+    if not params & set(TELLING_PARAMS):
+        unsupported = sorted({label for p, label in UNSUPPORTED.items() if p in params})
+        kind = (
+            f"a LyCORIS {'/'.join(unsupported)} file, which lorakit does not apply"
+            if unsupported
+            else "no kohya LoRA keys (`*.lora_down.weight`) nor LyCORIS ones (`*.hada_w1_a`, `*.lokr_w1`, "
+            "`*.diff`, `*.w_norm`, `*.on_input`)"
+        )
+        raise ModelError(
+            f"{path}: {kind}; lorakit applies kohya LoRA / LoCon and LyCORIS LoHa, LoKr, (IA)³, full and "
+            "norm files (incl. DoRA)"
+        )
     return tensors, metadata

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .delta import lora_modules
 from .file import addnet_hash, read_lora_file
+from .lycoris_delta import ALGOS
 
 TRAINING_KEYS = (
     ("ss_sd_model_name", "base model"),
@@ -48,15 +49,23 @@ def architecture(keys: list[str]) -> str:
 
 
 # Who loads a kohya-format LoRA / LoCon file for SD1.x, SD2.x or SDXL (shared/reference
-# lycoris-and-tools.md section 2). Tucker (lora_mid) and DoRA (dora_scale) narrow the list.
+# lycoris-and-tools.md section 2). LyCORIS types, Tucker (lora_mid) and DoRA (dora_scale) narrow
+# the list ("kohya sd-scripts" is its own networks.lora, not the LyCORIS package run from it).
 KOHYA_CONSUMERS = ("A1111", "Forge", "ComfyUI", "kohya sd-scripts", "diffusers")
 
 
 def consumers(architecture_name: str, modules: dict) -> list[str]:
-    """The programs that load a kohya-format file of `architecture_name` with these ModuleLoras."""
+    """The programs that load a kohya-format file of `architecture_name` with these ModuleDeltas."""
     if architecture_name not in ("SDXL", "SD1.x/SD2.x"):
         return []  # FLUX.1 / unknown: not a format lorakit vouches for
     out = list(KOHYA_CONSUMERS)
+    kinds = {m.kind for m in modules.values()}
+    if kinds - {"lora"}:
+        # diffusers' SD/SDXL converter renames down/up/alpha/dora_scale only (it raises on the rest);
+        # kohya's networks.lora knows none of LoHa/LoKr/(IA)3/full/norm
+        out = [c for c in out if c not in ("diffusers", "kohya sd-scripts")]
+    if "ia3" in kinds:
+        out = [c for c in out if c != "ComfyUI"]  # comfy/weight_adapter has no (IA)3 adapter
     if any(m.mid is not None for m in modules.values()):
         # diffusers' kohya converter raises on keys it does not rename; kohya's networks.lora has no lora_mid
         out = [c for c in out if c not in ("diffusers", "kohya sd-scripts")]
@@ -93,18 +102,33 @@ def family_name(names: list[str], meta: dict[str, str], architecture_name: str) 
     return architecture_name
 
 
+def dora_axis(m) -> str:
+    """'output' (dora_scale (out, 1, ...), LyCORIS >= 3.2's default) or 'input' ((1, in, ...))."""
+    return "input" if m.dora_scale.shape[0] == 1 and m.dora_scale.numel() > 1 else "output"
+
+
 def inspect_lora(path: str | Path) -> dict:
     """A summary dict (what `lorakit inspect --json` prints)."""
     path = Path(path)
     tensors, meta = read_lora_file(path)
     modules = lora_modules(tensors, str(path))
     names = list(modules)
+    # rank and alpha where the type has them (not (IA)3, full, norm, nor a LoKr of two full halves)
     dims = {n: m.rank for n, m in modules.items()}
-    alphas = {n: float(m.alpha) if m.alpha is not None else float(m.rank) for n, m in modules.items()}
+    alphas = {
+        n: (float(m.alpha) if m.alpha is not None and float(m.alpha) else float(m.rank))
+        for n, m in modules.items()
+        if m.rank is not None
+    }
     conv3 = [
-        n for n, m in modules.items() if m.mid is not None or (m.down.dim() == 4 and m.down.shape[2] > 1)
+        n
+        for n, m in modules.items()
+        if m.kind == "lora" and (m.mid is not None or (m.down.dim() == 4 and m.down.shape[2] > 1))
     ]
-    pairs = Counter((dims[n], alphas[n]) for n in names)
+    kinds = Counter(m.kind for m in modules.values())
+    pairs = Counter((modules[n].kind, dims[n], alphas[n]) for n in alphas)
+    dora = [m for m in modules.values() if m.dora_scale is not None]
+    varies = len(pairs) > 1 or len(kinds) > 1
     tag_frequency = json.loads(meta["ss_tag_frequency"]) if meta.get("ss_tag_frequency") else {}
     top_tags = {
         folder: sorted(tags.items(), key=lambda kv: -kv[1])[:10] for folder, tags in tag_frequency.items()
@@ -117,11 +141,19 @@ def inspect_lora(path: str | Path) -> dict:
             "text_encoder": sum(n.startswith("lora_te") for n in names),
             "unet": sum(n.startswith("lora_unet_") for n in names),
             "conv3x3_locon": len(conv3),
-            "tucker": sum(m.mid is not None for m in modules.values()),
-            "dora": sum(m.dora_scale is not None for m in modules.values()),
+            "tucker": sum(m.tucker for m in modules.values()),
+            "dora": len(dora),
+            "algorithms": {k: kinds[k] for k in ALGOS if kinds[k]},  # "lora", "loha", "lokr", "ia3", ...
+            "dora_axis": sorted({dora_axis(m) for m in dora}),
         },
-        "dim_alpha": [{"dim": d, "alpha": a, "modules": c} for (d, a), c in pairs.most_common()],
-        "per_module": {n: {"dim": dims[n], "alpha": alphas[n]} for n in names} if len(pairs) > 1 else None,
+        "dim_alpha": [
+            {"algo": k, "dim": d, "alpha": a, "modules": c} for (k, d, a), c in pairs.most_common()
+        ],
+        "per_module": (
+            {n: {"algo": m.kind, "dim": dims[n], "alpha": alphas.get(n)} for n, m in modules.items()}
+            if varies
+            else None
+        ),
         "dtype": str(next(iter(tensors.values())).dtype).replace("torch.", ""),
         "hash": addnet_hash(path)[:12],
         "training": {label: meta[k] for k, label in TRAINING_KEYS if k in meta},
@@ -170,12 +202,17 @@ def format_table(info: dict) -> str:
         "modules",
         f"{m['text_encoder']} text encoder + {m['unet']} U-Net ({m['conv3x3_locon']} LoCon 3x3 convs)",
     )
+    algos = m.get("algorithms", {})  # (summaries from before LyCORIS types lack it)
+    if set(algos) - {"lora"}:
+        row("algorithms", ", ".join(f"{ALGOS[k].label} {n}" for k, n in algos.items()))
     if m["tucker"] or m["dora"]:
-        row("LyCORIS", f"{m['tucker']} Tucker (lora_mid) modules, {m['dora']} DoRA (dora_scale) modules")
+        axis = f", {' and '.join(m['dora_axis'])} axis" if m.get("dora_axis") else ""
+        row("LyCORIS", f"{m['tucker']} Tucker modules, {m['dora']} DoRA (dora_scale{axis}) modules")
     for da in info["dim_alpha"]:
+        algo = f"{ALGOS[da['algo']].label}, " if da.get("algo", "lora") != "lora" else ""
         row(
             "dim / alpha",
-            f"{da['dim']} / {da['alpha']:g}  ({da['modules']} modules, scale {da['alpha'] / da['dim']:g})",
+            f"{da['dim']} / {da['alpha']:g}  ({algo}{da['modules']} modules, scale {da['alpha'] / da['dim']:g})",
         )
     row("dtype", info["dtype"])
     row("hash (A1111 'Lora hashes')", info["hash"])
@@ -190,7 +227,9 @@ def format_table(info: dict) -> str:
         for folder, tags in info["tag_frequency"].items():
             row(folder, ", ".join(f"{t} ({c})" for t, c in tags))
     if info["per_module"]:
-        lines += ["", "  per module (dim/alpha vary)"]
+        lines += ["", "  per module (type or dim/alpha vary)"]
         for n, v in info["per_module"].items():
-            row(n, f"{v['dim']} / {v['alpha']:g}")
+            algo = v.get("algo", "lora")
+            label = ALGOS[algo].label + (" (two full matrices, scale 1)" if algo == "lokr" else "")
+            row(n, f"{ALGOS[algo].label} {v['dim']} / {v['alpha']:g}" if v["dim"] is not None else label)
     return "\n".join(lines)

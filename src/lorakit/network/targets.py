@@ -124,12 +124,43 @@ def kohya_module_map(unet: nn.Module | None, text_encoder: nn.Module | None) -> 
     return out
 
 
+# LyCORIS `train_norm` adapts these (its NormModule: `w_norm`, `b_norm`); they are not in module_map,
+# whose modules have matrix / conv-kernel weights.
+NORM_TYPES = (nn.GroupNorm, nn.LayerNorm)
+
+
+def te_norm_map(text_encoder: nn.Module, index: int | str = "") -> dict[str, nn.Module]:
+    """kohya name -> LayerNorm of a text encoder (`lora_te_text_model_encoder_layers_N_layer_norm1`,
+    `..._final_layer_norm`), the names A1111 gives them."""
+    _, layers = te_layers(text_encoder)
+    out = {
+        f"{TE_PREFIX}{index}_text_model_encoder_layers_{i}_{child}": getattr(layer, child)
+        for i, layer in enumerate(layers)
+        for child in ("layer_norm1", "layer_norm2")
+        if isinstance(getattr(layer, child, None), NORM_TYPES)
+    }
+    final = getattr(getattr(text_encoder, "text_model", text_encoder), "final_layer_norm", None)
+    if isinstance(final, NORM_TYPES):
+        out[f"{TE_PREFIX}{index}_text_model_final_layer_norm"] = final
+    return out
+
+
+def kohya_norm_map(unet: nn.Module | None, text_encoder: nn.Module | None) -> dict[str, nn.Module]:
+    """kohya name -> GroupNorm/LayerNorm of the SD1 UNet (diffusers paths, as kohya_module_map) and
+    of its text encoder: where LyCORIS norm modules (`w_norm`, `b_norm`) apply."""
+    out = {}
+    if unet is not None:
+        out = {unet_module_name(p): m for p, m in unet.named_modules() if isinstance(m, NORM_TYPES)}
+    return out | (te_norm_map(text_encoder) if text_encoder is not None else {})
+
+
 def ldm_unet_aliases(unet: nn.Module) -> dict[str, str]:
     """LDM-style kohya name (`lora_unet_input_blocks_1_1_proj_in`, `lora_unet_middle_block_0_in_layers_2`)
-    -> our diffusers-style name, for every Linear/Conv2d of the UNet, as A1111 and ComfyUI resolve them."""
+    -> our diffusers-style name, for every Linear/Conv2d (and norm layer) of the UNet, as A1111 and
+    ComfyUI resolve them."""
     from ..models.ldm_layout import unet_module_paths_to_ldm
 
-    paths = [p for p, m in unet.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)]
+    paths = [p for p, m in unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d, *NORM_TYPES))]
     return {unet_module_name(ldm): unet_module_name(p) for p, ldm in unet_module_paths_to_ldm(paths).items()}
 
 
@@ -183,13 +214,11 @@ def is_te_module(name: str) -> bool:
     return re.match(rf"{TE_PREFIX}\d*_", name) is not None
 
 
-def _sgm_unet_paths(unet: nn.Module) -> dict[str, str]:
-    """diffusers module path -> SGM path for every Linear/Conv2d of an SDXL UNet that has one."""
+def _sgm_unet_paths(unet: nn.Module, types: tuple = (nn.Linear, nn.Conv2d)) -> dict[str, str]:
+    """diffusers module path -> SGM path for every module of `types` of an SDXL UNet that has one."""
     from ..models.ldm_layout import unet_module_paths_to_ldm
 
-    return unet_module_paths_to_ldm(
-        [p for p, m in unet.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)]
-    )
+    return unet_module_paths_to_ldm([p for p, m in unet.named_modules() if isinstance(m, types)])
 
 
 def sdxl_module_map(unet: nn.Module | None, text_encoders=()) -> dict[str, nn.Module]:
@@ -210,10 +239,22 @@ def sdxl_module_map(unet: nn.Module | None, text_encoders=()) -> dict[str, nn.Mo
     return out
 
 
+def sdxl_norm_map(unet: nn.Module | None, text_encoders=()) -> dict[str, nn.Module]:
+    """kohya name -> GroupNorm/LayerNorm of an SDXL UNet (SGM names: `lora_unet_input_blocks_1_0_in_layers_0`)
+    and of each text encoder (`lora_te1_`/`lora_te2_`): where LyCORIS norm modules apply."""
+    out: dict[str, nn.Module] = {}
+    if unet is not None:
+        for path, sgm in _sgm_unet_paths(unet, NORM_TYPES).items():
+            out[unet_module_name(sgm)] = unet.get_submodule(path)
+    for index, te in enumerate(text_encoders, start=1):
+        if te is not None:
+            out |= te_norm_map(te, index)
+    return out
+
+
 def sdxl_diffusers_aliases(unet: nn.Module) -> dict[str, str]:
     """diffusers-path name (`lora_unet_down_blocks_1_attentions_0_proj_in`, as diffusers-side tools
     write SDXL LoRAs) -> kohya's SGM name (`lora_unet_input_blocks_4_1_proj_in`), for every
-    Linear/Conv2d: what kohya's convert_diffusers_to_sai_if_needed does on loading."""
-    return {
-        unet_module_name(p): unet_module_name(sgm) for p, sgm in _sgm_unet_paths(unet).items() if p != sgm
-    }
+    Linear/Conv2d and norm layer: what kohya's convert_diffusers_to_sai_if_needed does on loading."""
+    paths = _sgm_unet_paths(unet, (nn.Linear, nn.Conv2d, *NORM_TYPES))
+    return {unet_module_name(p): unet_module_name(sgm) for p, sgm in paths.items() if p != sgm}

@@ -186,7 +186,7 @@ class Trainer:
         from accelerate.utils import InitProcessGroupKwargs, set_seed
 
         from ..models.loader import LoraFileAsBaseModel, load_base_model
-        from ..network.lora import LoRANetwork
+        from ..network.lycoris import build_network
 
         self.cfg, self.dataset, self.seed = cfg, dataset, seed
         self.session_id = session_id  # kohya's ss_session_id; a new run gets a new one in _metadata
@@ -212,6 +212,15 @@ class Trainer:
             t.mixed_precision, torch.float32
         )
         self.started_at = time.time()
+        # The base's full sha256 (kohya's ss_new_sd_model_hash) is read while the models load and the
+        # caches fill, not before the first step: a first read of an SDXL file takes many seconds.
+        from ..hashing import in_background
+        from .metadata import file_hashes, new_session_id
+
+        m = cfg.model
+        self._file_hashes = {
+            p: in_background(file_hashes, p) for p in (m.pretrained_model_name_or_path, m.vae) if p
+        }
 
         set_seed(seed)  # the LoRA's random init comes from the global generators
         try:
@@ -247,12 +256,11 @@ class Trainer:
             m.eval()
         n = cfg.network
         parts = self.train_te_parts | ({"unet"} if self.train_unet else set())
-        targets = self.family.lora_targets(
-            base, n.network_dim, n.network_alpha, n.conv_dim, n.conv_alpha, parts
-        )
-        self.network = LoRANetwork.from_targets({"unet": base.unet, **self.text_encoders}, targets)
+        roots = {"unet": base.unet, **self.text_encoders}
+        self.network = build_network(n, self.family, base, roots, parts)
         te_count, unet_count = self.network.counts
-        log.info("create LoRA for Text Encoder: %d modules. U-Net: %d modules.", te_count, unet_count)
+        kind = "LoRA" if n.network_module == "networks.lora" else f"LyCORIS {n.algo}{' DoRA' * n.dora_wd}"
+        log.info("create %s for Text Encoder: %d modules. U-Net: %d modules.", kind, te_count, unet_count)
 
         # Frozen base in the compute dtype; LoRA weights stay fp32 (autocast does the rest).
         # nn.Module.to: diffusers' own .to() warns about fp32-only modules that SD1 does not have
@@ -304,7 +312,8 @@ class Trainer:
         self._validated_at = -1  # the step of the last validation
 
         self._prepare_caches()
-        self.metadata = self._metadata()
+        self._metadata_cache: dict[str, str] | None = None
+        self.session_id = self.session_id or new_session_id()
         self.pos.session_id = self.session_id  # the states it saves keep it for the resumed run
 
     def sample(self, epoch: int | None = None, step: int | None = None) -> list[Path]:
@@ -760,11 +769,18 @@ class Trainer:
             folder, self.network, self.optimizer.optimizer, self.lr_scheduler, pos, self.acc.scaler
         )
 
+    @property
+    def metadata(self) -> dict[str, str]:
+        """kohya's training metadata, made at the first save (when the base's hash is ready)."""
+        if self._metadata_cache is None:
+            self._metadata_cache = self._metadata()
+        return self._metadata_cache
+
     def _metadata(self) -> dict[str, str]:
-        from .metadata import file_hashes, new_session_id, training_metadata
+        from .metadata import training_metadata
 
         p = self.dataset.plan
-        self.session_id = self.session_id or new_session_id()
+        hashes = {path: future.result() for path, future in self._file_hashes.items()}
         return training_metadata(
             self.cfg,
             session_id=self.session_id,
@@ -779,8 +795,8 @@ class Trainer:
             tag_frequency=p.tag_frequency,
             bucket_info=self.dataset.bucket_info(),
             optimizer_repr=self.optimizer_repr,
-            model_hashes=file_hashes(self.cfg.model.pretrained_model_name_or_path),
-            vae_hashes=file_hashes(self.cfg.model.vae) if self.cfg.model.vae else None,
+            model_hashes=hashes[self.cfg.model.pretrained_model_name_or_path],
+            vae_hashes=hashes[self.cfg.model.vae] if self.cfg.model.vae else None,
             world_size=self.acc.num_processes,
             family=self.family,
             num_validation_images=(p.validation.num_train_images if p.validation is not None else 0),

@@ -60,6 +60,9 @@ class ModelFamily:
     base_model_version: str  # kohya's ss_base_model_version (eps)
     modelspec_architecture: str  # "stable-diffusion-v1", "stable-diffusion-xl-v1-base"
     modelspec_implementation: str
+    # UNet module paths LyCORIS's `full` preset adds by name (lycoris/config.py FULL_UNET_NAMES) where
+    # kohya's UNet for this family has them; trained at network_dim (Linear) / conv_dim (3x3 conv)
+    lycoris_full_unet_paths: tuple[str, ...] = ()
 
     def load(self, path, dtype: torch.dtype, device) -> BaseModel:
         raise NotImplementedError
@@ -114,6 +117,13 @@ class ModelFamily:
         """kohya name -> Linear/Conv2d for every module a LoRA file of this family may adapt (wider
         than lora_targets: LyCORIS presets reach more). A part given as None is left out."""
         raise NotImplementedError
+
+    def norm_module_map(
+        self, unet: torch.nn.Module | None, text_encoders: Sequence[torch.nn.Module | None]
+    ) -> dict[str, torch.nn.Module]:
+        """kohya name -> GroupNorm/LayerNorm, where LyCORIS norm modules (`w_norm`, `b_norm`) apply;
+        none by default (a file with norm modules is then refused as naming unknown modules)."""
+        return {}
 
     def name_aliases(self, unet: torch.nn.Module) -> dict[str, str]:
         """Other tools' names for the UNet's modules -> module_map's names (resolved on merging)."""

@@ -15,6 +15,8 @@ class SD1Family(ModelFamily):
     base_model_version = "sd_v1"
     modelspec_architecture = "stable-diffusion-v1"
     modelspec_implementation = "diffusers"
+    # kohya's SD1 UNet keeps diffusers' names, so LyCORIS's name list matches there
+    lycoris_full_unet_paths = ("conv_in", "conv_out", "time_embedding.linear_1", "time_embedding.linear_2")
 
     def load(self, path, dtype, device):
         from lorakit.models.loader import load_base_model
@@ -52,6 +54,11 @@ class SD1Family(ModelFamily):
         from lorakit.network.targets import kohya_module_map
 
         return kohya_module_map(unet, text_encoders[0] if text_encoders else None)
+
+    def norm_module_map(self, unet, text_encoders):
+        from lorakit.network.targets import kohya_norm_map
+
+        return kohya_norm_map(unet, text_encoders[0] if text_encoders else None)
 
     def name_aliases(self, unet):
         from lorakit.network.targets import ldm_unet_aliases

@@ -250,6 +250,9 @@ class SDXLFamily(ModelFamily):
     base_model_version = "sdxl_base_v1-0"  # v-pred shows only in modelspec.prediction_type
     modelspec_architecture = "stable-diffusion-xl-v1-base"
     modelspec_implementation = "https://github.com/Stability-AI/generative-models"
+    # LyCORIS's `full` names (conv_in, conv_out, time_embedding.*) match no module of kohya's SGM-layout
+    # SDXL UNet (input_blocks.0.0, out.2, time_embed.*), so `full` there is the LoCon targets only
+    lycoris_full_unet_paths = ()
 
     def load(self, path, dtype, device):
         return load_sdxl(path, dtype, device)
@@ -287,6 +290,11 @@ class SDXLFamily(ModelFamily):
         from lorakit.network.targets import sdxl_module_map
 
         return sdxl_module_map(unet, text_encoders)
+
+    def norm_module_map(self, unet, text_encoders):
+        from lorakit.network.targets import sdxl_norm_map
+
+        return sdxl_norm_map(unet, text_encoders)
 
     def name_aliases(self, unet):
         from lorakit.network.targets import sdxl_diffusers_aliases
