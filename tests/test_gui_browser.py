@@ -566,3 +566,25 @@ def test_caption_images_with_a_tagger_folder(browser_page, work):
     assert page.external_requests == [], "the page tried to reach the internet"
     for p in written:
         p.unlink()
+
+
+def test_the_memory_estimate_shows_and_follows_the_batch_size(browser_page):
+    """The Train tab's GPU memory estimate (train/memory_estimate.py) for the settings shown (the
+    preset test's), redrawn when the batch size changes, with a warning for a card
+    that is too small (last in the file: it changes the batch size and the card)."""
+    page = browser_page
+    tab(page, "train")
+    memory = page.locator("#train-memory")
+    expect(memory).to_contain_text("GPU memory: about")
+    expect(memory).to_contain_text("measured on an H200")
+    before = memory.inner_text()
+    fill(page, "cfg-train_batch_size", 8)
+    expect(memory).not_to_have_text(before)
+
+    def gb(text):
+        return float(re.search(r"about ([\d.]+) GB", text).group(1))
+
+    assert gb(memory.inner_text()) > gb(before)
+    page.locator("#train-card input").click()
+    page.get_by_role("option", name="4 GB", exact=True).click()
+    expect(memory).to_contain_text("More than the 4 GB card")

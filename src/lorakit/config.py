@@ -75,6 +75,12 @@ class DatasetConfig:
         "use each PNG's alpha channel as its loss mask (with masked_loss); images without alpha get a "
         "mask of ones",
     )
+    conditioning_data_dir: str | None = opt(
+        None,
+        "folder of loss-mask images for masked_loss, laid out like train_data_dir: "
+        "<folder>/<repeats>_<prompt>/<image name>.png (or flat when it has no such subfolder); the red "
+        "channel is the weight (white = train, black = ignore, grey = partial)",
+    )
     train_batch_size: int = opt(1, "batch size per device")
     prior_loss_weight: float = opt(1.0, "loss weight of regularization images")
     cache_latents: bool = opt(False, "encode every image with the VAE once, before training")
@@ -207,7 +213,8 @@ class TrainingConfig:
     optimizer_type: str = opt("AdamW", "AdamW, AdamW8bit, Adafactor, Lion or Prodigy")
     masked_loss: bool = opt(
         False,
-        "weigh the loss per pixel by the mask (needs alpha_mask; grey = partial weight); unlike kohya, "
+        "weigh the loss per pixel by the mask (needs alpha_mask or conditioning_data_dir; grey = partial "
+        "weight); unlike kohya, "
         "normalised by the mask's area (sum(mask*err)/sum(mask)), not averaged over all pixels",
     )
     optimizer_args: list[str] = opt([], "optimizer arguments as key=value, e.g. weight_decay=0.1")
@@ -421,11 +428,7 @@ class TrainConfig:
             raise ConfigError("clip_skip must be 1 or more")
         self._validate_learning_rates()
         self._validate_validation()
-        if self.training.masked_loss and not self.dataset.alpha_mask:
-            raise ConfigError(
-                "masked_loss needs a mask source: set alpha_mask = true to use each image's alpha channel "
-                "(kohya's conditioning_data_dir masks are not supported)"
-            )
+        self._validate_masks()
         if self.dataset.cache_text_encoder_outputs_to_disk:  # as kohya: the disk cache implies the cache
             self.dataset.cache_text_encoder_outputs = True
         if self.dataset.cache_text_encoder_outputs and self.trains_text_encoder:
@@ -436,6 +439,23 @@ class TrainConfig:
         if self.dataset.cache_latents_to_disk:
             self.dataset.cache_latents = True
         resolution_of(self.dataset.resolution)
+
+    def _validate_masks(self) -> None:
+        d = self.dataset
+        if self.training.masked_loss and not (d.alpha_mask or d.conditioning_data_dir):
+            raise ConfigError(
+                "masked_loss needs a mask source: set alpha_mask = true to use each image's alpha channel, "
+                "or conditioning_data_dir to a folder of mask images"
+            )
+        if d.alpha_mask and d.conditioning_data_dir:
+            raise ConfigError(
+                "alpha_mask and conditioning_data_dir are two mask sources: use the images' alpha channel "
+                "or the mask images, not both"
+            )
+        if d.conditioning_data_dir and not self.training.masked_loss:
+            raise ConfigError(
+                "conditioning_data_dir holds loss masks: set masked_loss = true to use them (or unset it)"
+            )
 
     def _validate_network_module(self) -> None:
         n = self.network

@@ -93,6 +93,18 @@ def _family_from_header(model_path: Path):
         return None
 
 
+def _log_memory_estimate(cfg: TrainConfig, family, model_path: Path) -> None:
+    """The run's estimated peak GPU memory (train/memory_estimate.py), against this GPU's size."""
+    from .memory_estimate import preflight_line
+
+    gpu = None
+    if torch.cuda.is_available():
+        gpu = torch.cuda.get_device_properties(0).total_memory / 2**30
+    line = preflight_line(cfg, getattr(family, "key", None), model_path, gpu)
+    if line is not None:
+        (log.warning if line[1] else log.info)(line[0])
+
+
 def build_trainer(cfg: TrainConfig) -> Trainer:
     """Check the config, the base model path and the dataset (fast), then load the models."""
     cfg.validate()
@@ -120,6 +132,7 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     check_output_folder(cfg, dataset.num_batches_per_rank(1))  # not writable or full: say so now
     if is_main_launch_process():
         log_dataset_summary(cfg, dataset, log)
+        _log_memory_estimate(cfg, family, model_path)
     session_id = run_session_id(cfg)
     lock = claim_output_name(cfg, session_id)  # one run per output name, no other run's files replaced
     try:
