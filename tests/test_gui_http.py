@@ -808,3 +808,7 @@ def test_the_train_tabs_memory_note_names_the_family_and_warns_for_a_small_card(
     four = TrainConfig.from_dict({"resolution": "512", "network_dim": 32, "train_batch_size": 4})
     assert "More than the 4 GB card" in memory_note(four, "", "4 GB")
     assert card_gib("12 GB") == 12.0
+    # the LoRA's scale, alpha / dim, beside it (kohya's conv_alpha default 1 for networks.lora)
+    assert "alpha / dim = 1 / 32 = 0.0312" in note
+    locon = TrainConfig.from_dict({"network_dim": 8, "network_alpha": 4, "conv_dim": 4})
+    assert "3x3 convs 1 / 4 = 0.25" in memory_note(locon, "", None)

@@ -374,7 +374,18 @@ def memory_note(cfg: TrainConfig, model: str, card: str | None) -> str:
         )
     elif size:
         text += f" Fits the {size:.0f} GB card."
-    return text
+    return text + "\n\n" + scale_note(cfg)
+
+
+def scale_note(cfg: TrainConfig) -> str:
+    """The LoRA's effective scale, alpha / dim (kohya's rule: the learning rate acts through it)."""
+    n = cfg.network
+    text = f"LoRA scale alpha / dim = {n.network_alpha:g} / {n.network_dim} = {n.network_alpha / n.network_dim:.3g}"
+    if n.conv_dim:
+        default = n.network_alpha if n.network_module == "lycoris.kohya" else 1.0  # as each trains
+        conv_alpha = n.conv_alpha if n.conv_alpha is not None else default
+        text += f"; 3x3 convs {conv_alpha:g} / {n.conv_dim} = {conv_alpha / n.conv_dim:.3g}"
+    return text + " (a smaller scale needs a larger learning rate for the same change)."
 
 
 def build(settings: Settings, notice: gr.components.Component | None = None) -> dict:
