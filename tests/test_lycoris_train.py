@@ -603,3 +603,23 @@ def test_save_state_and_resume_carry_a_lycoris_network(train_config, tmp_path):
     trained = [k for k in saved if k.endswith(".lokr_w2") and saved[k].abs().max() > 0]
     assert trained  # LoKr's w2 starts at 0: the state holds trained values, not a fresh init
     assert tr.run().is_file()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_trained_file_reads_back_to_the_same_delta(tiny_base, case, tmp_path):
+    """train -> file -> lorakit's reader (what drawing, merge and bake use): the same ΔW per module."""
+    from lorakit.network.delta import lora_modules, module_update
+    from lorakit.network.file import read_lora_file, save_lora_file
+
+    base, net = our_network(tiny_base, CASES[case])
+    randomise(net)
+    path = save_lora_file(tmp_path / "l.safetensors", net.kohya_state_dict(), {}, "float")
+    modules = lora_modules(read_lora_file(path)[0], str(path))
+    assert set(modules) == set(net.modules)
+    for name, ours in net.modules.items():
+        ours.eval()
+        w = ours.org[0].weight.detach()
+        with torch.no_grad():
+            want = ours.delta()
+        got = module_update(modules[name], w, 1.0)
+        torch.testing.assert_close(got.reshape(want.shape), want, rtol=1e-4, atol=1e-5, msg=name)
