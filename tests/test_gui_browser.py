@@ -520,6 +520,27 @@ def _plot_points(page) -> int:
     return len(re.findall(r"[ML]", d or ""))
 
 
+def test_the_validation_loss_is_plotted_beside_the_training_loss(browser_page, work):
+    """validation_split holds out images; their loss (fixed timesteps and noise) is measured every 2
+    steps, shown in the status and drawn as a second line of the loss plot."""
+    page = browser_page
+    fill_train_tab(page, work, "gui-val", steps=6, every=2, samples=False)
+    fill(page, "cfg-validation_split", "0.25")
+    fill(page, "cfg-validate_every_n_steps", 2)
+    page.locator("#train-start").click()
+    text = wait_status(page, r"done.*step 6/6", 180)
+    assert re.search(r"validation loss [\d.]+", text), text
+    page.wait_for_selector("#train-loss .mark-line path")
+    _wait(
+        lambda: page.locator("#train-loss .mark-line path").count() == 2,
+        30,
+        "two lines in the loss plot (training, validation)",
+    )
+    shot(page, work, "train-validation")
+    fill(page, "cfg-validation_split", "0")
+    fill(page, "cfg-validate_every_n_steps", "")
+
+
 def test_a_preset_explains_itself_and_fills_the_fields(browser_page):
     """The preset list is the shipped TOML files; picking one says what it is for, applying it fills the
     fields (the last test in the file: the run settings above are its own)."""

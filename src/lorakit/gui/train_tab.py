@@ -79,6 +79,8 @@ GROUPS = {
     # kohya_ss GUI's "SDXL Specific Parameters"; opens by itself when an SDXL base is picked
     "SDXL": ["vae", "no_half_vae", "cache_text_encoder_outputs", "text_encoder_lr2"],
     "Samples while training": ["sample_every_n_epochs", "sample_every_n_steps", "sample_at_first", "sample_sampler"],
+    # the validation loss, plotted beside the training loss: is it still learning, or overfitting?
+    "Validation loss": ["validation_split", "validation_data_dir", "validate_every_n_steps", "validate_every_n_epochs"],
 }  # fmt: skip
 CHOICES = {
     "optimizer_type": ["AdamW", "AdamW8bit", "Adafactor", "Lion", "Prodigy"],
