@@ -79,8 +79,15 @@ def test_flags_override_toml(tmp_path):
 def test_network_args_fold_into_conv_fields():
     c = TrainConfig.from_dict({"network_args": ["conv_dim=8", "conv_alpha=4"]})
     assert c.network.conv_dim == 8 and c.network.conv_alpha == 4.0
-    with pytest.raises(ConfigError, match="unsupported key 'algo'"):
-        TrainConfig.from_dict({"network_args": ["algo=lokr"]})
+    with pytest.raises(ConfigError, match="unsupported key 'block_size'"):
+        TrainConfig.from_dict({"network_args": ["block_size=4"]})
+    # LyCORIS's keys fold too; networks.lora refuses them when the config is validated
+    c = TrainConfig.from_dict(
+        {"pretrained_model_name_or_path": "m", "train_data_dir": "d", "network_args": ["algo=lokr"]}
+    )
+    assert c.network.algo == "lokr"
+    with pytest.raises(ConfigError, match="need network_module = lycoris.kohya"):
+        c.validate()
 
 
 def test_toml_round_trip():

@@ -87,3 +87,27 @@ def test_make_instance_dataset_layout(tmp_path):
     assert len({i.tobytes() for i in imgs}) == len(imgs)  # all different poses/backgrounds
     scenes = [W.instance_sample(i)[2] for i in range(16)]
     assert len({s.background for s in scenes}) >= 4 and len({s.facing for s in scenes}) >= 2
+
+
+def test_subject_mask_covers_the_animal_and_noisy_background_keeps_it(tmp_path):
+    from PIL import Image
+
+    img, _, sc = W.instance_sample(3)
+    assert np.array_equal(np.asarray(W.draw_scene(sc)), np.asarray(img))  # backdrop=None: unchanged
+    mask = np.asarray(W.subject_mask(sc)).astype(int)
+    black = np.asarray(img).astype(int).max(-1) < 60  # the usu bear's black fur: the animal
+    assert mask[black].mean() > 250 and mask[0].max() == 0 and mask[:, 0].max() == 0  # border: background
+    assert 0.1 < (mask > 127).mean() < 0.7
+    noisy = np.asarray(W.noisy_background(img, W.subject_mask(sc), seed=1)).astype(int)
+    inside, outside = mask == 255, mask == 0
+    assert np.array_equal(noisy[inside], np.asarray(img).astype(int)[inside])
+    assert np.abs(np.diff(noisy, axis=1))[outside[:, 1:]].mean() > 50  # noise: neighbours differ a lot
+
+    train, masks = W.make_masked_instance_dataset(tmp_path, n=3, repeats=5)
+    names = sorted(p.name for p in (train / "5_usu bear").iterdir())
+    assert (
+        names
+        == sorted(p.name for p in (masks / "5_usu bear").iterdir())
+        == [f"usu_0{i}.png" for i in range(3)]
+    )
+    assert Image.open(masks / "5_usu bear" / "usu_00.png").mode == "L"

@@ -520,6 +520,27 @@ def _plot_points(page) -> int:
     return len(re.findall(r"[ML]", d or ""))
 
 
+def test_the_validation_loss_is_plotted_beside_the_training_loss(browser_page, work):
+    """validation_split holds out images; their loss (fixed timesteps and noise) is measured every 2
+    steps, shown in the status and drawn as a second line of the loss plot."""
+    page = browser_page
+    fill_train_tab(page, work, "gui-val", steps=6, every=2, samples=False)
+    fill(page, "cfg-validation_split", "0.25")
+    fill(page, "cfg-validate_every_n_steps", 2)
+    page.locator("#train-start").click()
+    text = wait_status(page, r"done.*step 6/6", 180)
+    assert re.search(r"validation loss [\d.]+", text), text
+    page.wait_for_selector("#train-loss .mark-line path")
+    _wait(
+        lambda: page.locator("#train-loss .mark-line path").count() == 2,
+        30,
+        "two lines in the loss plot (training, validation)",
+    )
+    shot(page, work, "train-validation")
+    fill(page, "cfg-validation_split", "0")
+    fill(page, "cfg-validate_every_n_steps", "")
+
+
 def test_a_preset_explains_itself_and_fills_the_fields(browser_page):
     """The preset list is the shipped TOML files; picking one says what it is for, applying it fills the
     fields (the last test in the file: the run settings above are its own)."""
@@ -566,6 +587,29 @@ def test_caption_images_with_a_tagger_folder(browser_page, work):
     assert page.external_requests == [], "the page tried to reach the internet"
     for p in written:
         p.unlink()
+
+
+def test_the_memory_estimate_shows_and_follows_the_batch_size(browser_page):
+    """The Train tab's GPU memory estimate (train/memory_estimate.py) for the settings shown (the
+    preset test's), redrawn when the batch size changes, with a warning for a card
+    that is too small (late in the file: it changes the batch size and the card; only the Tools test,
+    which uses neither, comes after it)."""
+    page = browser_page
+    tab(page, "train")
+    memory = page.locator("#train-memory")
+    expect(memory).to_contain_text("GPU memory: about")
+    expect(memory).to_contain_text("measured on an H200")
+    before = memory.inner_text()
+    fill(page, "cfg-train_batch_size", 8)
+    expect(memory).not_to_have_text(before)
+
+    def gb(text):
+        return float(re.search(r"about ([\d.]+) GB", text).group(1))
+
+    assert gb(memory.inner_text()) > gb(before)
+    page.locator("#train-card input").click()
+    page.get_by_role("option", name="4 GB", exact=True).click()
+    expect(memory).to_contain_text("More than the 4 GB card")
 
 
 def test_tools_tab_resizes_a_lora_and_shows_its_card(browser_page, work):

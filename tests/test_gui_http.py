@@ -305,6 +305,7 @@ def test_training_folders_must_lie_in_the_roots(site, monkeypatch):
         ({"network_weights": str(site["outside"] / "model.safetensors")}, "network_weights .* is outside"),
         ({"vae": str(site["outside"] / "model.safetensors")}, "vae .* is outside"),
         ({"validation_data_dir": "../outside"}, "validation_data_dir .* is outside"),
+        ({"conditioning_data_dir": "../outside"}, "conditioning_data_dir .* is outside"),
     ):
         with pytest.raises(ConfigError, match=match):
             check_folders(TrainConfig.from_dict(good | bad), settings)
@@ -794,6 +795,23 @@ def test_captioning_reads_a_tagger_in_the_model_roots_and_writes_only_in_the_dat
     assert _files(work) == work_before | set(written) and _files(outside) == outside_before
     for p in written:
         p.unlink()
+
+
+def test_the_train_tabs_memory_note_names_the_family_and_warns_for_a_small_card(tmp_path):
+    from lorakit.gui.train_tab import card_gib, memory_note
+
+    cfg = TrainConfig.from_dict({"resolution": "512", "network_dim": 32, "mixed_precision": "bf16"})
+    small = tmp_path / "tiny.safetensors"
+    small.write_bytes(b"x" * 100)
+    note = memory_note(cfg, str(small), "24 GB")
+    assert "about 4.7 GB" in note and "full-size SD1.5" in note and "Fits the 24 GB card" in note
+    four = TrainConfig.from_dict({"resolution": "512", "network_dim": 32, "train_batch_size": 4})
+    assert "More than the 4 GB card" in memory_note(four, "", "4 GB")
+    assert card_gib("12 GB") == 12.0
+    # the LoRA's scale, alpha / dim, beside it (kohya's conv_alpha default 1 for networks.lora)
+    assert "alpha / dim = 1 / 32 = 0.0312" in note
+    locon = TrainConfig.from_dict({"network_dim": 8, "network_alpha": 4, "conv_dim": 4})
+    assert "3x3 convs 1 / 4 = 0.25" in memory_note(locon, "", None)
 
 
 # --- Tools tab: merge, resize, extract, convert -----------------------------------------------------

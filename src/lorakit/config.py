@@ -75,6 +75,12 @@ class DatasetConfig:
         "use each PNG's alpha channel as its loss mask (with masked_loss); images without alpha get a "
         "mask of ones",
     )
+    conditioning_data_dir: str | None = opt(
+        None,
+        "folder of loss-mask images for masked_loss, laid out like train_data_dir: "
+        "<folder>/<repeats>_<prompt>/<image name>.png (or flat when it has no such subfolder); the red "
+        "channel is the weight (white = train, black = ignore, grey = partial)",
+    )
     train_batch_size: int = opt(1, "batch size per device")
     prior_loss_weight: float = opt(1.0, "loss weight of regularization images")
     cache_latents: bool = opt(False, "encode every image with the VAE once, before training")
@@ -115,14 +121,76 @@ class DatasetConfig:
         return "cache_text_encoder_outputs"
 
 
+NETWORK_MODULES = ("networks.lora", "lycoris.kohya")
+LYCORIS_ALGOS = ("lora", "locon", "loha", "lokr")
+LYCORIS_PRESETS = ("full", "attn-mlp")
+# network_args key -> typed NetworkConfig field (kohya's and LyCORIS's spellings)
+NETWORK_ARGS = {
+    "conv_dim": "conv_dim",
+    "conv_alpha": "conv_alpha",
+    "algo": "algo",
+    "preset": "lycoris_preset",
+    "factor": "factor",
+    "decompose_both": "decompose_both",
+    "use_tucker": "use_tucker",
+    "use_cp": "use_tucker",  # LyCORIS's old name
+    "dora_wd": "dora_wd",
+    "wd_on_output": "wd_on_output",
+    "rank_dropout": "rank_dropout",
+    "module_dropout": "module_dropout",
+}
+# LyCORIS applies `dropout` only in bypass_mode, which lorakit does not have: accepted only at 0
+UNSUPPORTED_NETWORK_ARGS = ("dropout",)
+
+
 @dataclass
 class NetworkConfig:
-    network_module: str = opt("networks.lora", "network type (kohya module name); only networks.lora")
+    network_module: str = opt(
+        "networks.lora",
+        "network type (kohya module name): networks.lora (LoRA/LoCon) or lycoris.kohya (LyCORIS files: "
+        "algo lora/locon, loha, lokr, DoRA with dora_wd)",
+    )
     network_dim: int = opt(4, "LoRA rank (dim)")
     network_alpha: float = opt(1.0, "LoRA alpha; scale = alpha / dim")
-    conv_dim: int | None = opt(None, "rank for ResNet 3x3 convs (LoCon); off when unset")
-    conv_alpha: float | None = opt(None, "alpha for the 3x3 convs (default 1.0)")
-    network_args: list[str] = opt([], "extra network arguments as key=value (conv_dim, conv_alpha)")
+    conv_dim: int | None = opt(
+        None, "rank for ResNet 3x3 convs (LoCon); networks.lora: off when unset; lycoris.kohya: network_dim"
+    )
+    conv_alpha: float | None = opt(
+        None, "alpha for the 3x3 convs (default: 1.0 for networks.lora, network_alpha for lycoris.kohya)"
+    )
+    network_args: list[str] = opt(
+        [],
+        "extra network arguments as key=value, as kohya/LyCORIS take them: conv_dim, conv_alpha, and for "
+        "lycoris.kohya algo, preset, factor, decompose_both, use_tucker, dora_wd, wd_on_output, rank_dropout, "
+        "module_dropout",
+    )
+    algo: Literal["lora", "locon", "loha", "lokr"] = opt(
+        "lora", "lycoris.kohya: lora/locon (same thing), loha or lokr (network_args algo=)"
+    )
+    lycoris_preset: Literal["full", "attn-mlp"] = opt(
+        "full",
+        "lycoris.kohya's target preset (network_args preset=): full (LyCORIS's default: attention, ResNet "
+        "and sampler convs, conv_in/conv_out, time embedding) or attn-mlp (kohya's LoRA targets)",
+    )
+    factor: int = opt(-1, "LoKr: the Kronecker factor (-1 = the most balanced split)")
+    decompose_both: bool = opt(
+        False, "LoKr: also split the small Kronecker factor into two rank-dim matrices"
+    )
+    use_tucker: bool = opt(
+        False, "lycoris.kohya: Tucker-decompose 3x3 convs (lora_mid / hada_t1,t2 / lokr_t2)"
+    )
+    dora_wd: bool = opt(
+        False, "lycoris.kohya: DoRA (weight decomposition; a trainable dora_scale per module)"
+    )
+    wd_on_output: bool = opt(
+        True, "DoRA: norm per output row (LyCORIS >= 3.2's default); false = per input column (older LyCORIS)"
+    )
+    rank_dropout: float = opt(
+        0.0, "lycoris.kohya: while training, drop each output row of a module's ΔW with this probability"
+    )
+    module_dropout: float = opt(
+        0.0, "lycoris.kohya: while training, skip a whole module for a step with this probability"
+    )
     network_train_unet_only: bool = opt(False, "train only the U-Net LoRA")
     network_train_text_encoder_only: bool = opt(False, "train only the text-encoder LoRA")
     network_weights: str | None = opt(None, "start from the weights of this LoRA file")
@@ -145,7 +213,8 @@ class TrainingConfig:
     optimizer_type: str = opt("AdamW", "AdamW, AdamW8bit, Adafactor, Lion or Prodigy")
     masked_loss: bool = opt(
         False,
-        "weigh the loss per pixel by the mask (needs alpha_mask; grey = partial weight); unlike kohya, "
+        "weigh the loss per pixel by the mask (needs alpha_mask or conditioning_data_dir; grey = partial "
+        "weight); unlike kohya, "
         "normalised by the mask's area (sum(mask*err)/sum(mask)), not averaged over all pixels",
     )
     optimizer_args: list[str] = opt([], "optimizer arguments as key=value, e.g. weight_decay=0.1")
@@ -271,18 +340,31 @@ class TrainConfig:
 
     def normalise(self) -> None:
         """Fold kohya's network_args into typed fields."""
+        fields = dict(field_index())
         for item in self.network.network_args:
             if "=" not in item:
                 raise ConfigError(f"network_args: {item!r} is not key=value (e.g. conv_dim=4)")
             k, v = (s.strip() for s in item.split("=", 1))
-            if k == "conv_dim":
-                self.network.conv_dim = int(v)
-            elif k == "conv_alpha":
-                self.network.conv_alpha = float(v)
-            else:
+            if k in UNSUPPORTED_NETWORK_ARGS:
+                try:
+                    off = float(v) == 0
+                except ValueError:
+                    off = False
+                if not off:
+                    raise ConfigError(
+                        f"network_args: {k}={v}: lorakit does not implement {k} (LyCORIS applies it only in "
+                        "bypass_mode); leave it out (or 0), or use rank_dropout / module_dropout"
+                    )
+                continue
+            if k not in NETWORK_ARGS:
                 raise ConfigError(
-                    f"network_args: unsupported key {k!r}; lorakit knows conv_dim and conv_alpha"
+                    f"network_args: unsupported key {k!r}; lorakit knows {', '.join(NETWORK_ARGS)} "
+                    f"({', '.join(UNSUPPORTED_NETWORK_ARGS)} only at 0)"
                 )
+            name = NETWORK_ARGS[k]
+            value = v.lower() if name in ("algo", "lycoris_preset") else v
+            setattr(self.network, name, coerce(name, fields[name][1], value, f"network_args {k}"))
+            self.given.add(name)
         self.network.network_args = []
 
     # --- reading ----------------------------------------------------------
@@ -315,10 +397,7 @@ class TrainConfig:
             raise ConfigError(
                 "network_train_unet_only and network_train_text_encoder_only exclude each other"
             )
-        if self.network.network_module != "networks.lora":
-            raise ConfigError(
-                f"network_module {self.network.network_module!r} is not supported; use networks.lora"
-            )
+        self._validate_network_module()
         at_least_one = {
             "network_dim": self.network.network_dim,
             "train_batch_size": self.dataset.train_batch_size,
@@ -349,11 +428,7 @@ class TrainConfig:
             raise ConfigError("clip_skip must be 1 or more")
         self._validate_learning_rates()
         self._validate_validation()
-        if self.training.masked_loss and not self.dataset.alpha_mask:
-            raise ConfigError(
-                "masked_loss needs a mask source: set alpha_mask = true to use each image's alpha channel "
-                "(kohya's conditioning_data_dir masks are not supported)"
-            )
+        self._validate_masks()
         if self.dataset.cache_text_encoder_outputs_to_disk:  # as kohya: the disk cache implies the cache
             self.dataset.cache_text_encoder_outputs = True
         if self.dataset.cache_text_encoder_outputs and self.trains_text_encoder:
@@ -364,6 +439,67 @@ class TrainConfig:
         if self.dataset.cache_latents_to_disk:
             self.dataset.cache_latents = True
         resolution_of(self.dataset.resolution)
+
+    def _validate_masks(self) -> None:
+        d = self.dataset
+        if self.training.masked_loss and not (d.alpha_mask or d.conditioning_data_dir):
+            raise ConfigError(
+                "masked_loss needs a mask source: set alpha_mask = true to use each image's alpha channel, "
+                "or conditioning_data_dir to a folder of mask images"
+            )
+        if d.alpha_mask and d.conditioning_data_dir:
+            raise ConfigError(
+                "alpha_mask and conditioning_data_dir are two mask sources: use the images' alpha channel "
+                "or the mask images, not both"
+            )
+        if d.conditioning_data_dir and not self.training.masked_loss:
+            raise ConfigError(
+                "conditioning_data_dir holds loss masks: set masked_loss = true to use them (or unset it)"
+            )
+
+    def _validate_network_module(self) -> None:
+        n = self.network
+        if n.network_module not in NETWORK_MODULES:
+            raise ConfigError(
+                f"network_module {n.network_module!r} is not supported; use networks.lora (LoRA/LoCon) or "
+                "lycoris.kohya (LyCORIS: algo=locon/loha/lokr, dora_wd)"
+            )
+        if n.network_module == "networks.lora":
+            defaults = NetworkConfig()
+            lycoris_only = [
+                name
+                for name in (
+                    "algo",
+                    "lycoris_preset",
+                    "factor",
+                    "decompose_both",
+                    "use_tucker",
+                    "dora_wd",
+                    "rank_dropout",
+                    "module_dropout",
+                )
+                if getattr(n, name) != getattr(defaults, name)
+            ]
+            if lycoris_only:
+                raise ConfigError(
+                    f"{', '.join(lycoris_only)} need network_module = lycoris.kohya (kohya's networks.lora has "
+                    "no LoHa/LoKr/DoRA, and lorakit's networks.lora no dropouts): e.g. --network_module "
+                    "lycoris.kohya --network_args algo=locon dora_wd=True"
+                )
+            return
+        for name in ("rank_dropout", "module_dropout"):
+            p = getattr(n, name)
+            if not (math.isfinite(p) and 0 <= p < 1):
+                raise ConfigError(f"{name} = {p}: a probability from 0 to below 1, e.g. 0.1")
+        if n.lycoris_preset == "attn-mlp" and n.conv_dim:
+            raise ConfigError(
+                "preset=attn-mlp trains no 3x3 convs (LyCORIS ignores conv_dim there): drop conv_dim, or use "
+                "preset=full for LoCon-style convs"
+            )
+        if n.algo == "lokr" and (n.factor == 0 or n.factor < -1):
+            raise ConfigError(
+                f"factor = {n.factor}: LoKr's factor is -1 (most balanced split) or above 0, e.g. 8"
+            )
 
     def _validate_learning_rates(self) -> None:
         t = self.training

@@ -1,8 +1,9 @@
 """Latent cache: each unique image encoded once, kept in memory and optionally as .npz beside it.
 
 Unlike kohya (whose disk cache is valid if its keys exist), a cache file here records a key
-over the image bytes, bucket, resize, crop, flip setting, VAE and alpha_mask, and is recomputed
-when any of them change. With alpha_mask the latent-size mask is stored beside the latents.
+over the image bytes, bucket, resize, crop, flip setting, VAE, alpha_mask and the mask file's bytes
+(conditioning_data_dir), and is recomputed when any of them change. With a mask source the
+latent-size mask is stored beside the latents.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from ..atomic import atomic_file
 from ..errors import DatasetError
 from ..hashing import file_sha256
 from .buckets import Placement
-from .images import load_image_and_alpha, mask_tensor, to_tensor
+from .images import mask_tensor, to_tensor
+from .masks import load_image_and_mask
 
 Encode = Callable[[torch.Tensor], torch.Tensor]
 Progress = Callable[[int, int], None]  # (images done, images to encode)
@@ -30,7 +32,7 @@ Progress = Callable[[int, int], None]  # (images done, images to encode)
 class CachedLatents:
     latents: torch.Tensor  # [4, h, w] float32
     latents_flipped: torch.Tensor | None = None
-    mask: torch.Tensor | None = None  # [1, h, w] in [0, 1] with alpha_mask (unflipped; flip it to match)
+    mask: torch.Tensor | None = None  # [1, h, w] in [0, 1] with a mask source (unflipped; flip it to match)
 
 
 def cache_path(image: Path, bucket: tuple[int, int]) -> Path:
@@ -39,8 +41,15 @@ def cache_path(image: Path, bucket: tuple[int, int]) -> Path:
 
 
 def cache_key(
-    image_sha256: str, placement: Placement, vae_fingerprint: str, flip_aug: bool, alpha_mask: bool = False
+    image_sha256: str,
+    placement: Placement,
+    vae_fingerprint: str,
+    flip_aug: bool,
+    alpha_mask: bool = False,
+    mask_id: str | None = None,
 ) -> str:
+    """`mask_id`: the sha256 of the image's mask file from conditioning_data_dir ("ones" for an image
+    without one), None without conditioning_data_dir."""
     parts: list = [
         image_sha256,
         list(placement.bucket),
@@ -51,11 +60,13 @@ def cache_key(
     ]
     if alpha_mask:  # appended only when on, so caches made before the option existed stay valid
         parts.append("alpha_mask")
+    if mask_id is not None:
+        parts.append(f"mask:{mask_id}")
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 
 def load_npz(
-    path: Path, key: str, placement: Placement, flip_aug: bool, alpha_mask: bool = False
+    path: Path, key: str, placement: Placement, flip_aug: bool, with_mask: bool = False
 ) -> CachedLatents | None:
     """The cached latents if the file is there, readable and made for exactly this input."""
     try:
@@ -64,7 +75,7 @@ def load_npz(
                 return None
             latents = torch.from_numpy(np.array(z["latents"], dtype=np.float32))
             flipped = torch.from_numpy(np.array(z["latents_flipped"], dtype=np.float32)) if flip_aug else None
-            mask = torch.from_numpy(np.array(z["alpha_mask"], dtype=np.float32)) if alpha_mask else None
+            mask = torch.from_numpy(np.array(z["alpha_mask"], dtype=np.float32)) if with_mask else None
     except (OSError, ValueError, KeyError, EOFError):  # missing, truncated, foreign or old file
         return None
     w, h = placement.bucket
@@ -112,13 +123,17 @@ def cache_latents(
     flip_aug: bool = False,
     progress: Progress | None = None,
     alpha_mask: bool = False,
+    mask_files: dict[Path, Path] | None = None,
 ) -> dict[Path, CachedLatents]:
     """Latents for every unique image in `samples` (repeats are encoded once).
 
     `encode` maps pixels [B, 3, H, W] in [-1, 1] to latents [B, 4, H/8, W/8]; the trainer
     owns the VAE, its device and dtype, and whether it samples the posterior. With `alpha_mask`
-    each entry also holds the image's alpha as a latent-size mask (ones where there is no alpha).
+    each entry also holds the image's alpha as a latent-size mask (ones where there is no alpha);
+    with `mask_files` ({image: mask image}, conditioning_data_dir) the mask file's red channel
+    (ones for an image not in it).
     """
+    with_mask = alpha_mask or mask_files is not None
     unique: dict[Path, Placement] = {}
     for path, placement in samples:
         unique.setdefault(Path(path), placement)
@@ -128,8 +143,12 @@ def cache_latents(
     for path, placement in unique.items():
         key = ""
         if to_disk:
-            key = cache_key(file_sha256(path), placement, vae_fingerprint, flip_aug, alpha_mask)
-            hit = load_npz(cache_path(path, placement.bucket), key, placement, flip_aug, alpha_mask)
+            mask_id = None
+            if mask_files is not None:
+                mask_file = mask_files.get(path)
+                mask_id = file_sha256(mask_file) if mask_file is not None else "ones"
+            key = cache_key(file_sha256(path), placement, vae_fingerprint, flip_aug, alpha_mask, mask_id)
+            hit = load_npz(cache_path(path, placement.bucket), key, placement, flip_aug, with_mask)
             if hit is not None:
                 out[path] = hit
                 continue
@@ -146,7 +165,8 @@ def cache_latents(
 
     done = 0
     for group in groups:
-        loaded = [load_image_and_alpha(p) for p, _, _ in group]
+        files = mask_files or {}
+        loaded = [load_image_and_mask(p, alpha_mask, files.get(p)) for p, _, _ in group]
         images = [rgb for rgb, _ in loaded]
         pixels = torch.stack(
             [to_tensor(im, pl.bucket, pl.resized, pl.crop_ltrb) for im, (_, pl, _) in zip(images, group)]
@@ -156,7 +176,7 @@ def cache_latents(
             flipped = encode(torch.flip(pixels, dims=[3])).float().cpu() if flip_aug else None
         for i, ((path, placement, key), image) in enumerate(zip(group, images)):
             cached = CachedLatents(latents[i].clone(), None if flipped is None else flipped[i].clone())
-            if alpha_mask:
+            if with_mask:
                 pl = placement
                 cached.mask = mask_tensor(loaded[i][1], pl.bucket, pl.resized, pl.crop_ltrb)
             out[path] = cached

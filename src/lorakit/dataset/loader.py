@@ -24,7 +24,8 @@ from .buckets import BucketManager, Placement
 from .cache import CachedLatents, Encode, Progress, cache_latents
 from .captions import process_caption
 from .folders import DatasetPlan, Sample, scan_dataset
-from .images import has_alpha, load_image, load_image_and_alpha, mask_tensor, to_tensor
+from .images import has_alpha, mask_tensor, to_tensor
+from .masks import load_image_and_mask, mask_files
 
 
 @dataclass
@@ -41,8 +42,9 @@ class Batch:
     # [B, 6] SDXL's size conditioning, as kohya fills it: original (h, w) = the file's size, crop
     # (top, left) by kohya's rule (mirrored when flipped), target (h, w) = the bucket
     size_ids: torch.Tensor | None = None
-    # [B, 1, H/8, W/8] in [0, 1] with alpha_mask: each image's alpha resized, cropped and flipped as its
-    # pixels were, area-averaged to latent size (ones for an image without alpha); None otherwise
+    # [B, 1, H/8, W/8] in [0, 1] with alpha_mask or conditioning_data_dir: each image's alpha (or mask
+    # image's red channel) resized, cropped and flipped as its pixels were, area-averaged to latent size
+    # (ones for an image without one); None otherwise
     masks: torch.Tensor | None = None
 
 
@@ -68,12 +70,17 @@ def stable_seed(*parts: int) -> int:
 
 
 class DreamBoothDataset:
-    def __init__(self, plan: DatasetPlan, cfg: DatasetConfig, seed: int) -> None:
+    def __init__(
+        self, plan: DatasetPlan, cfg: DatasetConfig, seed: int, masks: dict[Path, Path] | None = None
+    ) -> None:
+        """`masks`: {image: mask image} from conditioning_data_dir (dataset.masks.mask_files); an image
+        not in it trains whole. None: no mask images (alpha_mask may still give masks)."""
         if not plan.samples:
             raise DatasetError("the dataset has no samples: add images to the train_data_dir folders")
         self.plan = plan
         self.cfg = cfg
         self.seed = int(seed)
+        self.mask_files = masks
         self.batch_size = max(1, int(cfg.train_batch_size))
         manager = BucketManager.from_config(cfg)
 
@@ -143,7 +150,13 @@ class DreamBoothDataset:
             flip_aug=self.cfg.flip_aug,
             progress=progress,
             alpha_mask=self.cfg.alpha_mask,
+            mask_files=self.mask_files,
         )
+
+    @property
+    def has_masks(self) -> bool:
+        """Whether batches carry loss masks (alpha_mask or conditioning_data_dir)."""
+        return self.cfg.alpha_mask or self.mask_files is not None
 
     # --- epochs -----------------------------------------------------------
     def epoch_order(self, epoch: int) -> list[list[int]]:
@@ -190,23 +203,22 @@ class DreamBoothDataset:
             captions.append(process_caption(s.caption, self.cfg.shuffle_caption, self.cfg.keep_tokens, rng))
         bucket = self.placements[samples[0].image].bucket
         pixels = latents = masks = None
-        alpha_mask = self.cfg.alpha_mask
+        with_mask = self.has_masks
         if self._latents is not None:
             latents = torch.stack([self._pick_latents(s.image, f) for s, f in zip(samples, flips)])
-            if alpha_mask:
+            if with_mask:
                 masks = torch.stack([self._pick_mask(s.image, f) for s, f in zip(samples, flips)])
         else:
             tensors, mask_list = [], []
+            files = self.mask_files or {}
             for s, f in zip(samples, flips):
                 p = self.placements[s.image]
-                if alpha_mask:
-                    rgb, alpha = load_image_and_alpha(s.image)
-                    mask_list.append(mask_tensor(alpha, p.bucket, p.resized, p.crop_ltrb, f))
-                else:
-                    rgb = load_image(s.image)
+                rgb, mask = load_image_and_mask(s.image, self.cfg.alpha_mask, files.get(s.image))
+                if with_mask:
+                    mask_list.append(mask_tensor(mask, p.bucket, p.resized, p.crop_ltrb, f))
                 tensors.append(to_tensor(rgb, p.bucket, p.resized, p.crop_ltrb, f))
             pixels = torch.stack(tensors)
-            masks = torch.stack(mask_list) if alpha_mask else None
+            masks = torch.stack(mask_list) if with_mask else None
         is_reg = torch.tensor([s.is_reg for s in samples], dtype=torch.bool)
         weights = torch.tensor(
             [self.cfg.prior_loss_weight if s.is_reg else 1.0 for s in samples], dtype=torch.float32
@@ -239,7 +251,7 @@ class DreamBoothDataset:
         assert self._latents is not None
         mask = self._latents[image].mask
         if mask is None:
-            raise RuntimeError("alpha_mask is on but the latents were cached without masks")
+            raise RuntimeError("masks are on but the latents were cached without masks")
         # the area average over 8x8 blocks commutes with the flip: the flipped mask is the mask flipped
         return torch.flip(mask, dims=[2]) if flipped else mask
 
@@ -277,12 +289,24 @@ def build_dataset(
                 f"alpha_mask: {len(missing)} image(s) have no alpha channel and are trained on whole "
                 f"(a mask of ones): {shown}"
             )
-    dataset = DreamBoothDataset(plan, cfg, seed)
+    masks = None
+    if cfg.conditioning_data_dir:  # every train image's mask found and checked before any model loads
+        masks = mask_files(plan, cfg.train_data_dir, cfg.conditioning_data_dir)
+        if warn is not None and (cfg.reg_data_dir or cfg.validation_data_dir):
+            warn(
+                "conditioning_data_dir: regularization and validation_data_dir images have no mask "
+                "and count whole"
+            )
+    dataset = DreamBoothDataset(plan, cfg, seed, masks)
     if plan.validation is not None:
-        dataset.validation = validation_dataset(plan.validation, cfg, seed)
+        dataset.validation = validation_dataset(plan.validation, cfg, seed, masks)
     return dataset
 
 
-def validation_dataset(plan: DatasetPlan, cfg: DatasetConfig, seed: int) -> DreamBoothDataset:
+def validation_dataset(
+    plan: DatasetPlan, cfg: DatasetConfig, seed: int, masks: dict[Path, Path] | None = None
+) -> DreamBoothDataset:
     """The validation images in the train buckets and captions, with no random caption shuffle or flip."""
-    return DreamBoothDataset(plan, dataclasses.replace(cfg, shuffle_caption=False, flip_aug=False), seed)
+    return DreamBoothDataset(
+        plan, dataclasses.replace(cfg, shuffle_caption=False, flip_aug=False), seed, masks
+    )

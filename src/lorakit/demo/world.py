@@ -260,14 +260,18 @@ def _draw_frog(d, sc: Scene, cx, cy, s, col):
 _DRAW = {"bear": _draw_bear, "cat": _draw_cat, "rabbit": _draw_rabbit, "bird": _draw_bird, "frog": _draw_frog}
 
 
-def draw_scene(scene: Scene, size: int = 64) -> Image.Image:
-    """Draw `scene` as a size x size RGB image."""
+def draw_scene(scene: Scene, size: int = 64, backdrop: tuple[int, int, int] | None = None) -> Image.Image:
+    """Draw `scene` as a size x size RGB image (on a plain `backdrop` colour instead of its background
+    when given: subject_mask draws it on two)."""
     w = size * _S
     img = Image.new("RGB", (w, w))
     d = ImageDraw.Draw(img)
     s = SIZES[scene.size] * w * (1.15 if scene.animal == "cat" else 1.0)
     cx, cy = scene.x * w, scene.y * w
-    _draw_background(d, scene.background, w, horizon=min(0.75, scene.y + 0.1 * SIZES[scene.size]))
+    if backdrop is None:
+        _draw_background(d, scene.background, w, horizon=min(0.75, scene.y + 0.1 * SIZES[scene.size]))
+    else:
+        d.rectangle((0, 0, w, w), fill=backdrop)
     _DRAW[scene.animal](d, scene, cx, cy, s, COLOURS[scene.colour])
     return img.resize((size, size), Image.LANCZOS)
 
@@ -313,3 +317,45 @@ def make_instance_dataset(
         img, _, _ = instance_sample(i, seed, size)
         img.save(folder / f"usu_{i:02d}.png")
     return folder.parent
+
+
+def subject_mask(scene: Scene, size: int = 64) -> Image.Image:
+    """The animal's silhouette as an 'L' image: 255 on the animal, 0 on the background, grey on its
+    antialiased edge. The scene is drawn on black and on white: where the two agree is the animal."""
+    import numpy as np
+
+    on_black = np.asarray(draw_scene(scene, size, (0, 0, 0)), dtype=np.float32)
+    on_white = np.asarray(draw_scene(scene, size, (255, 255, 255)), dtype=np.float32)
+    background = (on_white - on_black).mean(axis=2) / 255.0  # 1 where the backdrop shows through
+    mask = np.clip(np.rint((1.0 - background) * 255), 0, 255)
+    mask[mask <= 4], mask[mask >= 251] = 0, 255  # the downsampling filter's ringing is no edge
+    return Image.fromarray(mask.astype(np.uint8), "L")
+
+
+def noisy_background(image: Image.Image, mask: Image.Image, seed: int) -> Image.Image:
+    """`image` with its background (where `mask` is 0; blended on grey edges) replaced by random noise."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    a = np.asarray(image, dtype=np.float32)
+    noise = rng.integers(0, 256, a.shape).astype(np.float32)
+    m = np.asarray(mask, dtype=np.float32)[:, :, None] / 255.0
+    return Image.fromarray(np.rint(a * m + noise * (1 - m)).astype(np.uint8), "RGB")
+
+
+def make_masked_instance_dataset(
+    root: str | Path, n: int = 16, repeats: int = 10, seed: int = 0, size: int = 64, noisy: bool = True
+) -> tuple[Path, Path]:
+    """make_instance_dataset's pictures, with (`noisy`) their background replaced by random noise, and
+    a mask per picture: root/train/<repeats>_usu bear/usu_NN.png + root/masks/<repeats>_usu bear/usu_NN.png
+    (white = the bear), the layout of conditioning_data_dir. Returns (root/train, root/masks)."""
+    name = f"{repeats}_{INSTANCE_PROMPT}"
+    folder, masks = Path(root) / "train" / name, Path(root) / "masks" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    masks.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        img, _, sc = instance_sample(i, seed, size)
+        mask = subject_mask(sc, size)
+        (noisy_background(img, mask, seed * 1000 + i) if noisy else img).save(folder / f"usu_{i:02d}.png")
+        mask.save(masks / f"usu_{i:02d}.png")
+    return folder.parent, masks.parent

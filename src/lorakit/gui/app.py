@@ -94,7 +94,7 @@ def build_app(settings: Settings | None = None) -> gr.Blocks:
         # The log box shows its newest line once its tab is shown (it may have filled while hidden).
         train_tab_item.select(None, None, None, js=tr["follow_log_js"])
         # A page (re)opened during a run stays on the tab it opens on; the notice above says where to look.
-        demo.load(*tr["on_load"]).then(*tr["record_model"])
+        demo.load(*tr["on_load"]).then(*tr["record_model"]).then(*tr["memory"])
         demo.load(*gen["refresh"])
     return demo
 

@@ -4,6 +4,7 @@ and a live view of the background job (lorakit.train.job): progress, it/s, ETA, 
 
 from __future__ import annotations
 
+import functools
 import html
 import re
 import typing
@@ -41,6 +42,7 @@ LABELS = {
     "clip_skip": "Clip skip",
     "train_data_dir": "Image folder",
     "reg_data_dir": "Regularisation folder",
+    "conditioning_data_dir": "Mask folder (conditioning_data_dir, for masked loss)",
     "output_dir": "Output folder",
     "output_name": "Output name",
     "logging_dir": "Logging folder (TensorBoard)",
@@ -77,6 +79,8 @@ GROUPS = {
     # kohya_ss GUI's "SDXL Specific Parameters"; opens by itself when an SDXL base is picked
     "SDXL": ["vae", "no_half_vae", "cache_text_encoder_outputs", "text_encoder_lr2"],
     "Samples while training": ["sample_every_n_epochs", "sample_every_n_steps", "sample_at_first", "sample_sampler"],
+    # the validation loss, plotted beside the training loss: is it still learning, or overfitting?
+    "Validation loss": ["validation_split", "validation_data_dir", "validate_every_n_steps", "validate_every_n_epochs"],
 }  # fmt: skip
 CHOICES = {
     "optimizer_type": ["AdamW", "AdamW8bit", "Adafactor", "Lion", "Prodigy"],
@@ -86,7 +90,7 @@ CHOICES = {
     "sample_sampler": ["ddim", "euler_a", "euler", "dpmsolver++", "k_dpm_2", "lms", "heun", "pndm"],
 }  # fmt: skip
 # Set by the GUI itself: save_state is always on (Stop -> Resume), resume is the Resume button,
-# the sample prompts are the text box, network_args is folded into conv_dim/conv_alpha.
+# the sample prompts are the text box, network_args is folded into its typed fields (conv_dim, algo, ...).
 HIDDEN = {"save_state", "resume", "sample_prompts", "network_args", "save_model_as"}
 
 
@@ -156,7 +160,11 @@ def check_folders(cfg: TrainConfig, settings: Settings) -> None:
         if value:  # loaded as weights only, but still never a file outside the model roots
             settings.model_path(value, what)
     data_dirs = (("train_data_dir", d.train_data_dir), ("reg_data_dir", d.reg_data_dir))
-    for what, value in (*data_dirs, ("validation_data_dir", d.validation_data_dir)):
+    more = (
+        ("validation_data_dir", d.validation_data_dir),
+        ("conditioning_data_dir", d.conditioning_data_dir),
+    )
+    for what, value in (*data_dirs, *more):
         if value:
             settings.data_dir(value, what)
     hint = "start `lorakit gui --data_dir FOLDER` to allow another one, or use the LoRA folder"
@@ -297,6 +305,91 @@ def job_notice(job: Job | None) -> str:
     )
 
 
+# --- the memory estimate (lorakit.train.memory_estimate) ------------------------------------
+
+# the options the estimate reads: a change to any of them redraws it
+MEMORY_FIELDS = (
+    "pretrained_model_name_or_path", "resolution", "train_batch_size", "network_dim", "conv_dim",
+    "network_train_unet_only", "network_train_text_encoder_only", "unet_lr", "text_encoder_lr",
+    "text_encoder_lr2", "gradient_checkpointing", "cache_text_encoder_outputs", "cache_latents",
+    "cache_latents_to_disk", "optimizer_type", "mixed_precision",
+)  # fmt: skip
+CARD_SIZES = (4, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 80, 96, 141)
+DETECTED = "the detected GPU"
+
+
+@functools.lru_cache(maxsize=1)
+def detected_gpu_gib() -> float | None:
+    """The first CUDA device's memory in GiB, or None without one (or without torch's CUDA); asked once."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_properties(0).total_memory / 2**30
+    except Exception:  # a broken driver must not break the page: the user picks a card instead
+        return None
+    return None
+
+
+def card_choices() -> list[str]:
+    gpu = detected_gpu_gib()
+    first = f"{DETECTED} ({gpu:.0f} GB)" if gpu else f"{DETECTED} (none found)"
+    return [first, *(f"{n} GB" for n in CARD_SIZES)]
+
+
+def card_gib(choice: str | None) -> float | None:
+    if not choice or choice.startswith(DETECTED):
+        return detected_gpu_gib()
+    return float(choice.split()[0])
+
+
+def estimate_family(model: str) -> tuple[str, str]:
+    """(estimate family, words for the note): SDXL for an SDXL-family base, else SD1.5 (the
+    estimate's models are the full-size ones: a small model such as the demo needs far less)."""
+    d = model_defaults_of(model)
+    family = getattr(getattr(d, "family", None), "key", None)
+    if family == "sdxl":
+        return "sdxl", "SDXL"
+    path = Path(model or "")
+    if path.is_file() and path.stat().st_size < 1_000_000_000:
+        return "sd1", "a full-size SD1.5 model (this base is much smaller: it needs far less)"
+    return "sd1", "SD1.5" if family in ("sd1", None) else f"SD1.5 (the nearest to {d.family.name})"
+
+
+def memory_note(cfg: TrainConfig, model: str, card: str | None) -> str:
+    """'GPU memory: about N GB' for the settings, and a warning when it exceeds the card."""
+    from ..train.memory_estimate import estimate_for_config
+
+    family, words = estimate_family(model)
+    est = estimate_for_config(cfg, family)
+    size = card_gib(card)
+    text = (
+        f"**GPU memory: about {est.device_gib:.1f} GB** for {words} at these settings "
+        f"({est.peak_gib:.1f} GB allocated at the peak: weights {est.weights_gib:.1f}, LoRA + optimizer "
+        f"{est.lora_gib:.2f}, activations {est.activations_gib:.1f}). An estimate, fitted to runs "
+        "measured on an H200."
+    )
+    if size and est.device_gib > size:
+        text += (
+            f"\n\n⚠ More than the {size:.0f} GB card: turn on gradient checkpointing, cache text encoder "
+            "outputs (with U-Net only), AdamW8bit, or lower the batch size or resolution."
+        )
+    elif size:
+        text += f" Fits the {size:.0f} GB card."
+    return text + "\n\n" + scale_note(cfg)
+
+
+def scale_note(cfg: TrainConfig) -> str:
+    """The LoRA's effective scale, alpha / dim (kohya's rule: the learning rate acts through it)."""
+    n = cfg.network
+    text = f"LoRA scale alpha / dim = {n.network_alpha:g} / {n.network_dim} = {n.network_alpha / n.network_dim:.3g}"
+    if n.conv_dim:
+        default = n.network_alpha if n.network_module == "lycoris.kohya" else 1.0  # as each trains
+        conv_alpha = n.conv_alpha if n.conv_alpha is not None else default
+        text += f"; 3x3 convs {conv_alpha:g} / {n.conv_dim} = {conv_alpha / n.conv_dim:.3g}"
+    return text + " (a smaller scale needs a larger learning rate for the same change)."
+
+
 def build(settings: Settings, notice: gr.components.Component | None = None) -> dict:
     index = field_index()
     defaults = TrainConfig().flat()
@@ -376,6 +469,13 @@ def build(settings: Settings, notice: gr.components.Component | None = None) -> 
                 stop_btn = gr.Button("Stop", variant="stop", elem_id="train-stop")
                 resume_btn = gr.Button("Resume", elem_id="train-resume")
             action_msg = gr.Markdown(elem_id="train-action")
+            memory_md = gr.Markdown(elem_id="train-memory")
+            card = gr.Dropdown(
+                card_choices(),
+                value=card_choices()[0],
+                label="GPU memory to compare the estimate with",
+                elem_id="train-card",
+            )
             status = gr.HTML(status_html(None), elem_id="train-status")
             loss_plot = gr.LinePlot(
                 x="step", y="loss", color="series", title="Loss (training and validation)", height=220,
@@ -437,6 +537,20 @@ def build(settings: Settings, notice: gr.components.Component | None = None) -> 
         return auto_defaults(None if d is None or refusal(d.family) else d, precision)
 
     record_model = (record, [model_box, mixed_precision], [applied])
+
+    def show_memory(card_choice, *values):
+        try:
+            cfg = config_from_widgets(names, list(values))
+            return memory_note(
+                cfg, settings.known_model(cfg.model.pretrained_model_name_or_path), card_choice
+            )
+        except (ConfigError, ValueError) as e:  # half-typed settings: say what is wrong
+            return f"GPU memory: no estimate for these settings ({e})."
+
+    memory = (show_memory, [card, *widgets], [memory_md])
+    for name in MEMORY_FIELDS:
+        fields[name].change(*memory, show_progress="hidden")
+    card.change(*memory, show_progress="hidden")
     log_box.change(None, None, None, js=FOLLOW_LOG_JS)
 
     # --- config in and out ------------------------------------------------------------
@@ -577,4 +691,5 @@ def build(settings: Settings, notice: gr.components.Component | None = None) -> 
         "on_load": (on_load, [seen], [*widgets, sample_text, *refresh_outputs]),
         "follow_log_js": FOLLOW_LOG_JS,
         "record_model": record_model,  # after on_load: the loaded run's model is not a new pick
+        "memory": memory,  # after on_load: the estimate of the settings the page shows
     }

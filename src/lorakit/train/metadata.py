@@ -68,8 +68,8 @@ def training_metadata(
 
     family = family or family_spec("sd1")
     m, d, n, t, o = cfg.model, cfg.dataset, cfg.network, cfg.training, cfg.output
-    network_args = {}
-    if n.conv_dim:
+    network_args = lycoris_network_args(n) if n.network_module == "lycoris.kohya" else {}
+    if n.network_module == "networks.lora" and n.conv_dim:
         network_args = {
             "conv_dim": str(n.conv_dim),
             "conv_alpha": str(1.0 if n.conv_alpha is None else n.conv_alpha),
@@ -154,6 +154,31 @@ def training_metadata(
     if o.no_metadata:
         meta = {k: v for k, v in meta.items() if k in MINIMUM_KEYS or k.startswith("modelspec.")}
     return meta
+
+
+def lycoris_network_args(n) -> dict[str, str]:
+    """ss_network_args of a lycoris.kohya run as kohya writes them (the --network_args strings), with the
+    values this run used: {"algo": "lokr", "factor": "-1", "conv_dim": "8", "conv_alpha": "4", ...}."""
+
+    def text(value) -> str:
+        return f"{value:g}" if isinstance(value, float) else str(value)
+
+    args = {"algo": n.algo, "preset": n.lycoris_preset}
+    if n.lycoris_preset == "full":  # LyCORIS: conv_dim/conv_alpha default to network_dim/network_alpha
+        args["conv_dim"] = text(n.conv_dim or n.network_dim)
+        args["conv_alpha"] = text(n.conv_alpha or n.network_alpha)
+    if n.algo == "lokr":
+        args["factor"] = text(n.factor)
+        args["decompose_both"] = text(n.decompose_both)
+    if n.use_tucker:
+        args["use_tucker"] = "True"
+    if n.dora_wd:
+        args["dora_wd"] = "True"
+        args["wd_on_output"] = text(n.wd_on_output)
+    for name in ("rank_dropout", "module_dropout"):
+        if getattr(n, name):
+            args[name] = text(getattr(n, name))
+    return args
 
 
 def kohya_epoch(epochs_done: int, batch_in_epoch: int) -> int:

@@ -24,7 +24,12 @@ STATE_BYTES_PER_PARAM = 16  # fp32 weights + up to three fp32 optimizer buffers 
 
 def estimated_lora_params(cfg: TrainConfig) -> int:
     n = cfg.network
-    return PARAMS_PER_RANK * n.network_dim + CONV_PARAMS_PER_RANK * (n.conv_dim or 0)
+    conv_dim, pairs = n.conv_dim or 0, 1
+    if n.network_module == "lycoris.kohya":
+        if n.lycoris_preset == "full":  # LyCORIS trains the 3x3 convs at network_dim unless told otherwise
+            conv_dim = conv_dim or n.network_dim
+        pairs = 2 if n.algo == "loha" else 1  # LoHa: two low-rank pairs; LoKr is smaller than LoRA
+    return pairs * (PARAMS_PER_RANK * n.network_dim + CONV_PARAMS_PER_RANK * conv_dim)
 
 
 def estimated_output_bytes(cfg: TrainConfig, epochs: int) -> int:

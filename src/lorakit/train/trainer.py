@@ -93,6 +93,18 @@ def _family_from_header(model_path: Path):
         return None
 
 
+def _log_memory_estimate(cfg: TrainConfig, family, model_path: Path) -> None:
+    """The run's estimated peak GPU memory (train/memory_estimate.py), against this GPU's size."""
+    from .memory_estimate import preflight_line
+
+    gpu = None
+    if torch.cuda.is_available():
+        gpu = torch.cuda.get_device_properties(0).total_memory / 2**30
+    line = preflight_line(cfg, getattr(family, "key", None), model_path, gpu)
+    if line is not None:
+        (log.warning if line[1] else log.info)(line[0])
+
+
 def build_trainer(cfg: TrainConfig) -> Trainer:
     """Check the config, the base model path and the dataset (fast), then load the models."""
     cfg.validate()
@@ -120,6 +132,7 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     check_output_folder(cfg, dataset.num_batches_per_rank(1))  # not writable or full: say so now
     if is_main_launch_process():
         log_dataset_summary(cfg, dataset, log)
+        _log_memory_estimate(cfg, family, model_path)
     session_id = run_session_id(cfg)
     lock = claim_output_name(cfg, session_id)  # one run per output name, no other run's files replaced
     try:
@@ -173,7 +186,7 @@ class Trainer:
         from accelerate.utils import InitProcessGroupKwargs, set_seed
 
         from ..models.loader import LoraFileAsBaseModel, load_base_model
-        from ..network.lora import LoRANetwork
+        from ..network.lycoris import build_network
 
         self.cfg, self.dataset, self.seed = cfg, dataset, seed
         self.session_id = session_id  # kohya's ss_session_id; a new run gets a new one in _metadata
@@ -243,12 +256,11 @@ class Trainer:
             m.eval()
         n = cfg.network
         parts = self.train_te_parts | ({"unet"} if self.train_unet else set())
-        targets = self.family.lora_targets(
-            base, n.network_dim, n.network_alpha, n.conv_dim, n.conv_alpha, parts
-        )
-        self.network = LoRANetwork.from_targets({"unet": base.unet, **self.text_encoders}, targets)
+        roots = {"unet": base.unet, **self.text_encoders}
+        self.network = build_network(n, self.family, base, roots, parts)
         te_count, unet_count = self.network.counts
-        log.info("create LoRA for Text Encoder: %d modules. U-Net: %d modules.", te_count, unet_count)
+        kind = "LoRA" if n.network_module == "networks.lora" else f"LyCORIS {n.algo}{' DoRA' * n.dora_wd}"
+        log.info("create %s for Text Encoder: %d modules. U-Net: %d modules.", kind, te_count, unet_count)
 
         # Frozen base in the compute dtype; LoRA weights stay fp32 (autocast does the rest).
         # nn.Module.to: diffusers' own .to() warns about fp32-only modules that SD1 does not have

@@ -60,6 +60,9 @@ class ModelFamily:
     base_model_version: str  # kohya's ss_base_model_version (eps)
     modelspec_architecture: str  # "stable-diffusion-v1", "stable-diffusion-xl-v1-base"
     modelspec_implementation: str
+    # UNet module paths LyCORIS's `full` preset adds by name (lycoris/config.py FULL_UNET_NAMES) where
+    # kohya's UNet for this family has them; trained at network_dim (Linear) / conv_dim (3x3 conv)
+    lycoris_full_unet_paths: tuple[str, ...] = ()
 
     def load(self, path, dtype: torch.dtype, device) -> BaseModel:
         raise NotImplementedError

@@ -15,6 +15,8 @@ class SD1Family(ModelFamily):
     base_model_version = "sd_v1"
     modelspec_architecture = "stable-diffusion-v1"
     modelspec_implementation = "diffusers"
+    # kohya's SD1 UNet keeps diffusers' names, so LyCORIS's name list matches there
+    lycoris_full_unet_paths = ("conv_in", "conv_out", "time_embedding.linear_1", "time_embedding.linear_2")
 
     def load(self, path, dtype, device):
         from lorakit.models.loader import load_base_model

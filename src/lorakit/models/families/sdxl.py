@@ -250,6 +250,9 @@ class SDXLFamily(ModelFamily):
     base_model_version = "sdxl_base_v1-0"  # v-pred shows only in modelspec.prediction_type
     modelspec_architecture = "stable-diffusion-xl-v1-base"
     modelspec_implementation = "https://github.com/Stability-AI/generative-models"
+    # LyCORIS's `full` names (conv_in, conv_out, time_embedding.*) match no module of kohya's SGM-layout
+    # SDXL UNet (input_blocks.0.0, out.2, time_embed.*), so `full` there is the LoCon targets only
+    lycoris_full_unet_paths = ()
 
     def load(self, path, dtype, device):
         return load_sdxl(path, dtype, device)
