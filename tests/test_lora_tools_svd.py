@@ -474,3 +474,22 @@ def test_lycoris_modules_resize_and_svd_merge_into_plain_locon():
     )
     got = deltas(merged)
     torch.testing.assert_close(got[conv], want[conv], atol=1e-5, rtol=1e-4)
+
+
+def test_flat_lycoris_conv_of_a_smaller_unet_takes_the_kernel_of_its_layer_kind():
+    """A LoHa on conv1 of a small UNet (64 channels, as the demo model's): not the real SD1.5 size,
+    but conv1 is a 3x3 conv in every SD UNet, so the resized LoCon gets (r, 64, 3, 3) and the same ΔW."""
+    g = torch.Generator().manual_seed(3)
+    conv = "lora_unet_down_blocks_1_resnets_0_conv1"
+    t = {
+        f"{conv}.hada_w1_a": torch.randn(128, 2, generator=g),
+        f"{conv}.hada_w1_b": torch.randn(2, 64 * 9, generator=g),
+        f"{conv}.hada_w2_a": torch.randn(128, 2, generator=g),
+        f"{conv}.hada_w2_b": torch.randn(2, 64 * 9, generator=g),
+        f"{conv}.alpha": torch.tensor(1.0),
+    }
+    want = deltas(t)[conv]
+    assert want.shape == (128, 64, 3, 3)
+    out, _, _ = resize_lora(t, {}, new_rank=4)  # LoHa rank 2 x 2: ΔW has rank <= 4, kept whole
+    assert out[f"{conv}.lora_down.weight"].shape == (4, 64, 3, 3)
+    torch.testing.assert_close(deltas(out)[conv], want, atol=1e-4, rtol=1e-4)

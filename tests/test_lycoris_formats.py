@@ -420,6 +420,8 @@ def test_inspect_reports_types_ranks_dora_axis_and_narrows_consumers(tiny, tmp_p
     assert info["loads_in"] == ["A1111", "Forge"]  # (IA)³: no ComfyUI; LyCORIS types: no diffusers/kohya
     table = format_table(info)
     assert "LoHa 1, LoKr 1, (IA)³ 1, full (diff) 1, norm 2" in table and "3 / 1.5  (LoHa, 1 modules" in table
+    # the types without a rank are counted too
+    assert "(IA)³, 1 modules, scale 1" in table and "norm, 2 modules, scale 1" in table
 
     # LoHa with output-axis DoRA only: ComfyUI and Forge; A1111 reads the input axis only
     loha = {k: v for k, v in tensors.items() if k.startswith(Q)}

@@ -66,6 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `lorakit inspect x | head`: the reader has what it wanted
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0
     except (MemoryError, OSError, RuntimeError) as e:  # out of RAM, page file or GPU memory: say what to do
         advice = explain_memory_error(e, doing=f"running `lorakit {args.command}`")
         if advice is None:

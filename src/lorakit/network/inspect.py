@@ -214,6 +214,12 @@ def format_table(info: dict) -> str:
             "dim / alpha",
             f"{da['dim']} / {da['alpha']:g}  ({algo}{da['modules']} modules, scale {da['alpha'] / da['dim']:g})",
         )
+    ranked = Counter()
+    for da in info["dim_alpha"]:
+        ranked[da.get("algo", "lora")] += da["modules"]
+    for kind, count in algos.items():  # (IA)3, full, norm, LoKr of two full halves: no rank/alpha
+        if count > ranked[kind]:
+            row("no rank", f"{ALGOS[kind].label}, {count - ranked[kind]} modules, scale 1")
     row("dtype", info["dtype"])
     row("hash (A1111 'Lora hashes')", info["hash"])
     if info["network_args"]:

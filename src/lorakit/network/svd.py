@@ -186,6 +186,10 @@ def module_weight_shape(m) -> torch.Size:
             real = real_unet_shape(m.name)
             if real is not None and ly.fits_weight(natural, real):
                 return torch.Size(real)
+            if real is not None and len(real) == 4 and natural[1] % (real[2] * real[3]) == 0:
+                # another UNet config (sizes differ): the layer kind, and so its kernel, is the same
+                kh, kw = real[2], real[3]
+                return torch.Size((natural[0], natural[1] // (kh * kw), kh, kw))
         return torch.Size(natural)
     out, inp = m.up.shape[0], m.down.shape[1]
     if m.mid is not None:
