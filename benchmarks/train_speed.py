@@ -261,9 +261,26 @@ def machine_info(cuda: bool) -> dict:
     return info
 
 
-def count_step_flops(trainer, cuda: bool) -> float:
-    """FLOPs of one training step (forward and backward of the UNet and text encoders) on the first
-    batch, gradient checkpointing switched off for the count (so its recompute is not counted)."""
+def first_image(batch):
+    """`batch` cut to its first image (tensors and lists along the batch dimension)."""
+    import dataclasses
+
+    import torch
+
+    def cut(v):
+        if isinstance(v, torch.Tensor) and v.ndim >= 1 or isinstance(v, list):
+            return v[:1]
+        return v
+
+    return dataclasses.replace(
+        batch, **{f.name: cut(getattr(batch, f.name)) for f in dataclasses.fields(batch)}
+    )
+
+
+def count_image_flops(trainer, cuda: bool) -> float | None:
+    """FLOPs of one training step (forward and backward of the UNet and text encoders) for one image,
+    gradient checkpointing switched off for the count (its recompute is not model FLOPs); one image,
+    so that this never needs more memory than the timed steps did. None when it does not fit."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -273,13 +290,18 @@ def count_step_flops(trainer, cuda: bool) -> float:
     for te in trainer.text_encoders.values():  # transformers >= 5.24 renames these (the old names go in v6)
         disable = getattr(te, "activation_checkpointing_disable", None) or te.gradient_checkpointing_disable
         disable()
-    batch = next(iter(trainer.dataset.batches(0)))
-    with FlopCounterMode(display=False) as counter:
-        loss = trainer.loss_of(batch, 0)
-        trainer.acc.backward(loss)
-    if cuda:
-        torch.cuda.synchronize()
-    trainer.optimizer.zero_grad(set_to_none=True)
+    batch = first_image(next(iter(trainer.dataset.batches(0))))
+    try:
+        with FlopCounterMode(display=False) as counter:
+            loss = trainer.loss_of(batch, 0)
+            trainer.acc.backward(loss)
+        if cuda:
+            torch.cuda.synchronize()
+    except torch.OutOfMemoryError:
+        say("the FLOP count ran out of GPU memory (checkpointing off, one image): no MFU for this one")
+        return None
+    finally:
+        trainer.optimizer.zero_grad(set_to_none=True)
     return float(counter.get_total_flops())
 
 
@@ -432,7 +454,7 @@ def run_config(spec: Spec, args, work: Path, t_spawn: float) -> dict:
     if spec.compile:  # compiled kernels do not dispatch aten ops one by one: the eager twin's count
         result["flops_per_image"] = None
     else:
-        result["flops_per_image"] = count_step_flops(trainer, cuda) / spec.batch
+        result["flops_per_image"] = count_image_flops(trainer, cuda)
     del trainer
     if cuda:
         torch.cuda.empty_cache()
