@@ -91,8 +91,11 @@ SAY_TAG = "SAY "  # a child's progress line that the parent echoes (the rest onl
 GIB = 2**30
 
 
+IN_CHILD = False  # set by --child: progress lines are tagged for the parent to echo
+
+
 def say(text: str) -> None:
-    print(SAY_TAG + text, flush=True)
+    print((SAY_TAG if IN_CHILD else "") + text, flush=True)
 
 
 # --------------------------------------------------------------------------- configurations
@@ -334,6 +337,7 @@ def run_config(spec: Spec, args, work: Path, t_spawn: float) -> dict:
         flat["optimizer_type"] = "AdamW8bit"
         if problem := bitsandbytes_problem(device):
             flat["optimizer_type"] = "Adafactor"
+            result["note"] = "Adafactor: no working bitsandbytes"
             say(f"{spec.text}: AdamW8bit replaced by Adafactor: bitsandbytes does not work here ({problem})")
     size = image_size(spec, args)
     train_dir, base = make_inputs(work, size)
@@ -462,6 +466,8 @@ def run_config(spec: Spec, args, work: Path, t_spawn: float) -> dict:
 
 
 def run_child(args) -> None:
+    global IN_CHILD
+    IN_CHILD = True
     spec = parse_spec(args.child)
     result = run_config(spec, args, Path(args.work), args.t_spawn)  # the parent's folder: data made once
     import torch
@@ -607,7 +613,7 @@ def table(results: list[dict], cuda: bool) -> str:
             lines.append("| " + " | ".join(cells) + " |" + " |" * (len(head) - len(cells)))
             continue
         row = [
-            r["config"], str(r["batch"]), f"{r['img_per_s']:.2f}",
+            r["config"] + (f" ({r['note']})" if r.get("note") else ""), str(r["batch"]), f"{r['img_per_s']:.2f}",
             f"{r['ms_per_step']:.1f} / {r['ms_per_step_median']:.1f}",
         ]  # fmt: skip
         if cuda:
