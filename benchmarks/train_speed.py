@@ -95,7 +95,8 @@ IN_CHILD = False  # set by --child: progress lines are tagged for the parent to 
 
 
 def say(text: str) -> None:
-    print((SAY_TAG if IN_CHILD else "") + text, flush=True)
+    tag = SAY_TAG if IN_CHILD else ""
+    print("\n".join(tag + line for line in text.splitlines()), flush=True)
 
 
 # --------------------------------------------------------------------------- configurations
@@ -308,6 +309,31 @@ def count_image_flops(trainer, cuda: bool) -> float | None:
     return float(counter.get_total_flops())
 
 
+def step_profiler(args, cuda: bool):
+    """torch.profiler over --profile steps after the timed ones: steps 1..steps wait (not recorded),
+    one warm-up step, then the recorded ones. The trainer calls .step() after each optimizer step."""
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    return profile(activities=activities, schedule=schedule(wait=args.steps, warmup=1, active=args.profile))
+
+
+def profile_summary(profiler, cuda: bool, steps: int, rows: int = 15) -> str:
+    """The ops that take the most time (self time, GPU then host), and the host-device syncs and
+    copies per step: where a step still waits."""
+    averages = profiler.key_averages()
+    tables = []
+    if cuda:
+        tables.append(averages.table(sort_by="self_cuda_time_total", row_limit=rows))
+    tables.append(averages.table(sort_by="self_cpu_time_total", row_limit=rows))
+    waits = [
+        f"{e.key}: {e.count / steps:.1f}/step, {e.cpu_time_total / 1e3 / steps:.2f} ms/step on the host"
+        for e in averages
+        if any(w in e.key for w in ("Synchronize", "Memcpy", "aten::item", "aten::_local_scalar_dense"))
+    ]
+    return "\n".join([*tables, "syncs and copies:", *(waits or ["none"])])
+
+
 def run_config(spec: Spec, args, work: Path, t_spawn: float) -> dict:
     """Train `spec` for args.steps steps through build_trainer -> Trainer.run and measure it."""
     import logging
@@ -349,12 +375,15 @@ def run_config(spec: Spec, args, work: Path, t_spawn: float) -> dict:
         cache_latents=True,
         learning_rate=1e-4,
         max_train_steps=args.steps,
-        progress_every_n_steps=args.steps,  # one host sync, after the timed steps
+        progress_every_n_steps=args.steps,  # one host sync, at the end
         seed=0,
         output_dir=str(out),
         output_name="bench",
         overwrite=True,
     )
+    if args.profile:  # profiled steps after the timed ones (and one profiler warm-up step)
+        flat["max_train_steps"] = args.steps + 1 + args.profile
+        flat["progress_every_n_steps"] = flat["max_train_steps"]
     cfg = TrainConfig.from_dict(flat, source=f"benchmarks/train_speed.py {spec.text}")
     from random_models import arch_of, random_base_loader
 
@@ -365,6 +394,7 @@ def run_config(spec: Spec, args, work: Path, t_spawn: float) -> dict:
         if cuda:
             torch.cuda.synchronize()
 
+    profiler = None
     marks: dict[str, float] = {}
     events: list = []  # one per optimizer step: a CUDA event, or the host clock on the CPU
 
@@ -395,6 +425,8 @@ def run_config(spec: Spec, args, work: Path, t_spawn: float) -> dict:
             marks.setdefault(f"step{step}", time.perf_counter())
             if step == 1:
                 marks["first_step_wall"] = time.time()
+        if profiler is not None:
+            profiler.step()
 
     class QuietBar(tqdm.auto.tqdm):  # the trainer imports tqdm.auto.tqdm when it runs
         def __init__(self, *a, **k):
@@ -422,9 +454,13 @@ def run_config(spec: Spec, args, work: Path, t_spawn: float) -> dict:
             torch.cuda.reset_peak_memory_stats()
         result["optimizer"] = trainer.optimizer_repr.split("(")[0].rsplit(".", 1)[-1]
         result["lora_params_M"] = sum(p.numel() for p in trainer.network.parameters()) / 1e6
+        profiler = stack.enter_context(step_profiler(args, cuda)) if args.profile else None
         t_run = time.perf_counter()
         trainer.run()
         sync()
+    if profiler is not None:
+        result["profile"] = profile_summary(profiler, cuda, args.profile)
+        say(f"{spec.text}: profile of {args.profile} steps after the timed ones\n{result['profile']}")
     timed = args.steps - args.warmup
     t_timed = marks[f"step{args.steps}"] - marks[f"step{args.warmup}"]
     if cuda:
@@ -482,7 +518,7 @@ def run_child(args) -> None:
 
 def child_argv(args) -> list[str]:
     argv = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--rank", str(args.rank)]
-    argv += ["--resolution", str(args.resolution)]
+    argv += ["--resolution", str(args.resolution), "--profile", str(args.profile)]
     if args.mixed_precision:
         argv += ["--mixed_precision", args.mixed_precision]
     argv += [
@@ -674,6 +710,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--peak_tflops", type=float, help="the GPU's peak dense bf16 TFLOP/s for MFU (default: by name)"
     )
     ap.add_argument("--no_calibrate", action="store_true", help="skip the bf16 matmul calibration")
+    ap.add_argument(
+        "--profile", type=int, default=0, metavar="N",
+        help="also profile N steps after the timed ones (torch.profiler): top ops, syncs and copies per step",
+    )  # fmt: skip
     ap.add_argument("--json", metavar="FILE", help="also write the results, machine and command as JSON")
     ap.add_argument("--verbose", action="store_true", help="echo the trainer's own lines")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -787,8 +827,5 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 if __name__ == "__main__":
     done = main()
-    if any(
-        r.get("status") not in ("ok",) and not str(r.get("status", "")).startswith("not available")
-        for r in done
-    ):
+    if any(str(r.get("status")).startswith(("failed", "timed out")) for r in done):
         sys.exit(1)

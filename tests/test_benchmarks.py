@@ -73,6 +73,15 @@ def test_tiny_run_prints_the_columns_and_writes_json(ts, tmp_path, capsys):
     assert results == report["results"]
 
 
+def test_profile_summarises_the_steps_after_the_timed_ones(ts, capsys):
+    (r,) = ts.main(
+        ["--tiny", "--in_process", "--steps", "2", "--warmup", "1", "--configs", "sd15:b1", "--profile", "1"]
+    )
+    assert r["status"] == "ok" and r["options"]["max_train_steps"] == 2 + 1 + 1
+    assert "aten::" in r["profile"] and "syncs and copies:" in r["profile"]
+    assert "syncs and copies:" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_script_runs_each_configuration_in_a_child_process(tmp_path):
     out_json = tmp_path / "speed.json"
