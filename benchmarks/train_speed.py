@@ -86,6 +86,14 @@ PEAK_BF16_TFLOPS = (
     ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0), ("RTX 4090", 165.2),
 )  # fmt: skip
 
+# options that change how the step runs, not what it computes: a compiled run's eager twin may differ in them
+HOW_IT_RUNS = (
+    "torch_compile",
+    "dynamo_backend",
+    "deterministic",
+    "gradient_checkpointing",
+    "max_data_loader",
+)
 RESULT_TAG = "RESULT "
 SAY_TAG = "SAY "  # a child's progress line that the parent echoes (the rest only with --verbose)
 GIB = 2**30
@@ -116,7 +124,8 @@ class Spec:
 
     def twin_key(self) -> tuple:
         """What the FLOPs per image depend on: a compiled run takes its eager twin's count."""
-        return (self.family, self.te, self.cte, tuple(sorted(self.extra.items())))
+        model = {k: v for k, v in self.extra.items() if not k.startswith(HOW_IT_RUNS)}
+        return (self.family, self.te, self.cte, tuple(sorted(model.items())))
 
 
 def parse_spec(text: str) -> Spec:

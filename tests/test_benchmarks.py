@@ -133,10 +133,13 @@ def test_peak_table_and_mfu(ts):
     assert ts.peak_tflops("NVIDIA H200")[0] == 989.0
     assert ts.peak_tflops("NVIDIA L40S")[0] == 362.0 and ts.peak_tflops("NVIDIA L4")[0] == 121.0
     assert ts.peak_tflops("CPU")[0] is None
-    specs = {t: ts.parse_spec(t) for t in ("sd15:b1", "sd15:b8:compile", "sdxl:b1:compile")}
+    specs = {
+        t: ts.parse_spec(t)
+        for t in ("sd15:b1", "sd15:b8:compile:torch_compile_mode=max-autotune", "sdxl:b1:compile")
+    }
     results = [
         {"config": "sd15:b1", "status": "ok", "img_per_s": 10.0, "flops_per_image": 2e12},
-        {"config": "sd15:b8:compile", "status": "ok", "img_per_s": 100.0, "flops_per_image": None},
+        {"config": "sd15:b8:compile:torch_compile_mode=max-autotune", "status": "ok", "img_per_s": 100.0},
         {"config": "sdxl:b1:compile", "status": "ok", "img_per_s": 1.0, "flops_per_image": None},
     ]
     ts.fill_mfu(results, specs, 1000.0)
