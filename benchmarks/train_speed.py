@@ -33,7 +33,8 @@ What is measured (each configuration in a fresh process unless --in_process):
     TFLOP/img        the FLOPs of one training step (UNet and text-encoder forward and backward, as
                      torch.utils.flop_counter.FlopCounterMode counts them at the real architecture,
                      gradient checkpointing's recompute not counted) per image. A compiled
-                     configuration takes its eager twin's count.
+                     configuration takes its eager twin's count. On the CPU torch counts no
+                     attention FLOPs (its CPU attention kernel has no formula): a GPU figure only.
     MFU              TFLOP/img x img/s / the GPU's peak dense bf16 TFLOP/s from its spec sheet
                      (PEAK_BF16_TFLOPS; --peak_tflops overrides); a bf16 matmul calibration on the
                      same GPU is printed beside it
