@@ -291,10 +291,16 @@ def test_auto_backups_go_to_the_cpu_only_when_the_card_would_run_short(monkeypat
     checked = [("x", {"lora_unet_a": None, "lora_te_b": None}, 1.0, 1.0)]
     gib, card = 2**30, 24 * 2**30
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free[0], card))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: cached[0] + 5 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 5 * gib)
+    cached = [0]
     free = [14 * gib]  # 14 - 4 = 10 GiB left >= 20% of 24 GiB
     assert merger._backups_on_host(checked) is False
     free = [8 * gib]  # 4 GiB left < 4.8 GiB
     assert merger._backups_on_host(checked) is True
+    cached = [2 * gib]  # unless torch's allocator holds 2 GiB it does not use (backups just restored)
+    assert merger._backups_on_host(checked) is False
+    cached = [0]
     checked = [("x", {"lora_unet_a": None, "lora_te_b": None}, 1.0, 0.0)]  # UNet multiplier 0: not backed up
     assert merger._backups_on_host(checked) is False
     merger.backup_device = "cpu"

@@ -131,6 +131,8 @@ class LoraMerger:
                     by_device[t.device] = by_device.get(t.device, 0) + t.numel() * t.element_size()
         for device, need in by_device.items():
             free, total = torch.cuda.mem_get_info(device)
+            # memory torch's allocator holds but does not use (the backups restore() just dropped) is free too
+            free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
             if free - need < max(self.RESERVE_BYTES, self.RESERVE_FRACTION * total):
                 return True
         return False
