@@ -429,7 +429,7 @@ def test_k_sampler_loop_never_waits_for_the_gpu(sampler):
     cond, uncond = torch.randn(1, 77, 8, device="cuda"), torch.randn(1, 77, 8, device="cuda")
     p = GenerationParams(steps=6, sampler=sampler, width=64, height=64)
     done = []
-    k_sample(unet, cond, uncond, [1, 2], (4, 8, 8), p)  # warm-up: first copies of the schedule
+    k_sample(unet, cond, uncond, [1, 2], (4, 8, 8), p)  # warm-up: CUDA kernels loaded
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:

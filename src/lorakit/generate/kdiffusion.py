@@ -50,10 +50,11 @@ class DiscreteSchedule:
         return ((1 - w) * self.log_sigmas[low] + w * self.log_sigmas[high]).exp()
 
     def log_sigmas_on(self, device) -> torch.Tensor:
-        """log_sigmas on `device`, copied there once (a copy per step would block the GPU every step)."""
+        """log_sigmas on `device`, copied there once (a copy per step would block the GPU every step);
+        non_blocking: the host keeps queueing work (the source lives as long as this schedule)."""
         device = torch.device(device)
         if device not in self._on_device:
-            self._on_device[device] = self.log_sigmas.to(device)
+            self._on_device[device] = self.log_sigmas.to(device, non_blocking=True)
         return self._on_device[device]
 
     def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
