@@ -14,6 +14,9 @@ configs at 64 px: a check that it works, not a figure.
     PYTHONPATH=src python benchmarks/generate_speed.py --compile inductor   # the UNet torch.compiled
     PYTHONPATH=src python benchmarks/generate_speed.py --tiny --steps 2     # CPU check (seconds)
 
+Checked on a CPU (no GPU in that session): --tiny, and --full --families sd1 --size 64 --steps 1
+--batches 1 --repeats 1 (the SD1.5 architecture, two rank-32 LoRAs merged).
+
 Figures count only from a GPU; write them, with the machine, versions and command, in docs/benchmarks.md.
 """
 
@@ -144,7 +147,7 @@ def bench_family(family: str, args, device, dtype) -> list[dict]:
     from lorakit.generate.params import GenerationParams
     from lorakit.generate.pipeline import Generator
 
-    tiny = args.tiny or device.type != "cuda"
+    tiny = args.tiny or (device.type != "cuda" and not args.full)
     size = args.size or (64 if tiny else 1024 if family == "sdxl" else 512)
     with tempfile.TemporaryDirectory() as tmp:
         lora_dir = Path(tmp) / "Lora"
@@ -202,6 +205,9 @@ def _format(r: dict) -> str:
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiny", action="store_true", help="the tiny test configs (the default without CUDA)")
+    ap.add_argument(
+        "--full", action="store_true", help="the shipped configs even on a CPU (slow: a path check)"
+    )
     ap.add_argument("--families", nargs="+", default=["sd1", "sdxl"], choices=["sd1", "sdxl"])
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 4])
     ap.add_argument("--steps", type=int, default=20)
