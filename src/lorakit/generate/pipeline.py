@@ -263,9 +263,12 @@ class Generator:
         last pair is kept: drawing it again (another seed, sampler or batch) does not run the text
         encoders again. The key holds the text encoders' weight versions, so a merged or restored LoRA
         (or any in-place change of their weights) encodes anew."""
-        versions = tuple(p._version for te in self.base.text_encoders for p in te.parameters())
+        try:
+            versions = tuple(p._version for te in self.base.text_encoders for p in te.parameters())
+        except RuntimeError:  # weights made under torch.inference_mode keep no version: never kept
+            versions = None
         key = (text, negative, clip_skip, versions)
-        if self._encoded is None or self._encoded[0] != key:
+        if versions is None or self._encoded is None or self._encoded[0] != key:
             self._encoded = (key, *self.family.encode_prompts(self.base, text, negative, clip_skip))
         return self._encoded[1], self._encoded[2]
 
