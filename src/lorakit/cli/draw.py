@@ -25,11 +25,13 @@ GENERATION_HELP = {
     "schedule_type": "schedule type (A1111 >= 1.9): Automatic, Karras, Uniform",
     "clip_skip": "CLIP skip (1 = last layer, 2 = skip one, as A1111; SDXL keeps its penultimate layers)",
     "cfg_rescale": "CFG rescale phi, 0 to 1 (reForge/Forge's 'Rescale CFG'; ~0.7 for v-prediction bases)",
+    "rng": "where a seed's noise is drawn, as A1111's 'Random number generator source': gpu (A1111's "
+    "default; the CPU on a machine without a GPU) or cpu (A1111's 'RNG: CPU', the same image on any device)",
 }
 
 
 def add_generation_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
-    from ..generate.params import GenerationParams  # torch-free, so --help stays instant
+    from ..generate.params import RNG_SOURCES, GenerationParams  # torch-free, so --help stays instant
 
     for f in dataclasses.fields(GenerationParams):
         if f.name in skip:
@@ -38,6 +40,9 @@ def add_generation_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ())
         help_text = GENERATION_HELP[f.name]
         if "default" not in help_text:  # width/height name theirs: the model's
             help_text += f" (default: {f.default})"
+        if f.name == "rng":
+            p.add_argument("--rng", type=str.lower, choices=RNG_SOURCES, default=None, help=help_text)
+            continue
         p.add_argument(f"--{f.name}", type=kind, default=None, help=help_text)
 
 
@@ -49,6 +54,17 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
         "--lora_dir", default="models/Lora", help="folder searched (recursively) for <lora:NAME> files"
     )
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
+    p.add_argument(
+        "--channels_last",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the UNet's weights in channels_last (NHWC) memory format (default: on for CUDA)",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the UNet (faster steps; the first image of each size waits for the compile)",
+    )
 
 
 def params_from_args(args: argparse.Namespace, base=None):
@@ -83,8 +99,15 @@ def size_from_model(args: argparse.Namespace, params, keep_size: bool = False):
     return params
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
+def _generator(args: argparse.Namespace):
     from ..generate.pipeline import Generator
+
+    return Generator.from_path(
+        args.model, args.lora_dir, device=args.device, channels_last=args.channels_last, compile=args.compile
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
     from ..generate.pnginfo import parse_parameters, read_png_parameters
     from ..generate.txt2img import check_request, params_from_png, run_txt2img
 
@@ -94,7 +117,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ConfigError("--prompt is empty: say what to draw (or give --from_png IMAGE)")
     params = size_from_model(args, params, keep_size=bool(args.from_png))
     check_request(params, args.lora_dir)
-    gen = Generator.from_path(args.model, args.lora_dir, device=args.device)
+    gen = _generator(args)
     if args.from_png:
         wanted = parse_parameters(read_png_parameters(args.from_png))[2].get("Model hash")
         if wanted and gen.model_hash() and not gen.model_hash().startswith(wanted):
@@ -115,7 +138,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_reg_images(args: argparse.Namespace) -> int:
-    from ..generate.pipeline import Generator
     from ..generate.reg_images import class_prompt_from_folder, make_reg_images, reg_folder
 
     class_prompt = args.class_prompt or (
@@ -125,7 +147,7 @@ def cmd_reg_images(args: argparse.Namespace) -> int:
         raise ConfigError("give --class_prompt (e.g. bear) or --from_train_folder 'train/20_usu bear'")
     params = size_from_model(args, params_from_args(args))
     params.check()
-    gen = Generator.from_path(args.model, args.lora_dir, device=args.device)
+    gen = _generator(args)
     folder = reg_folder(args.out, class_prompt)
     print(f"drawing {args.count} images of {class_prompt!r} into {folder}")
     make_reg_images(gen, class_prompt, args.count, args.out, params, show_progress=True)

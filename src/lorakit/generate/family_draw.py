@@ -22,24 +22,41 @@ class FamilyPredictor:
     def __init__(self, base, cond: Conditioning, uncond: Conditioning, size_ids: torch.Tensor):
         self.base, self.family = base, base.spec
         self.cond, self.uncond, self.size_ids = cond, uncond, size_ids
+        self._inputs: tuple | None = None  # (n, device, conditioning...) made on the first step
 
     def _rows(self, c: Conditioning, n: int, device, dtype) -> Conditioning:
         pooled = None if c.pooled is None else c.pooled.expand(n, -1)
         return Conditioning(c.context.expand(n, -1, -1), pooled).to(device, dtype)
 
+    def inputs(self, n: int, device) -> tuple:
+        """(n, device, joint, cond, uncond, ids): the model's conditioning for n images, moved to the
+        device once per draw (a host-to-device copy per step would block the GPU every step). joint: cond
+        and uncond rows with their size ids as one batch, None when their token lengths differ."""
+        if self._inputs is None or self._inputs[:2] != (n, device):
+            dtype = self.base.unet.dtype
+            ids = self.size_ids.expand(n, -1).to(device)
+            cond = self._rows(self.cond, n, device, dtype)
+            uncond = self._rows(self.uncond, n, device, dtype)
+            joint = None
+            if cond.context.shape[1] == uncond.context.shape[1]:
+                pooled = None if cond.pooled is None else torch.cat([cond.pooled, uncond.pooled])
+                joint = (
+                    Conditioning(torch.cat([cond.context, uncond.context]), pooled),
+                    torch.cat([ids, ids]),
+                )
+            self._inputs = (n, device, joint, cond, uncond, ids)
+        return self._inputs
+
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         n, device, dtype = x.shape[0], x.device, self.base.unet.dtype
         t = torch.as_tensor(t, device=device)
         t = t.expand(n) if t.ndim == 0 else t
-        ids = self.size_ids.expand(n, -1).to(device)
-        cond = self._rows(self.cond, n, device, dtype)
-        uncond = self._rows(self.uncond, n, device, dtype)
+        _, _, joint, cond, uncond, ids = self.inputs(n, device)
         x = x.to(dtype)
         predict = self.family.predict
-        if cond.context.shape[1] == uncond.context.shape[1]:
-            pooled = None if cond.pooled is None else torch.cat([cond.pooled, uncond.pooled])
-            both = Conditioning(torch.cat([cond.context, uncond.context]), pooled)
-            out = predict(self.base, torch.cat([x, x]), torch.cat([t, t]), both, torch.cat([ids, ids]))
+        if joint is not None:
+            both, both_ids = joint
+            out = predict(self.base, torch.cat([x, x]), torch.cat([t, t]), both, both_ids)
         else:
             out = torch.cat([predict(self.base, x, t, cond, ids), predict(self.base, x, t, uncond, ids)])
         return out.float()
@@ -73,21 +90,24 @@ def scheduler_sample(
     alphas_cumprod,
     device,
     on_step=None,
+    scheduler=None,
 ) -> torch.Tensor:
     """Latents for one batch of seeds with DDIM, PLMS or UniPC (diffusers' schedulers), in float32;
-    the first latents are A1111's per-seed CPU noise, as on the k-diffusion route."""
+    the first latents are A1111's per-seed noise (p.rng's source), as on the k-diffusion route."""
     from .kdiffusion import SeededNoise
     from .samplers import make_scheduler
 
-    scheduler = make_scheduler(p.sampler, p.schedule_type, prediction_type, alphas_cumprod)
+    if scheduler is None:  # a Generator passes the one it keeps; set_timesteps resets its state
+        scheduler = make_scheduler(p.sampler, p.schedule_type, prediction_type, alphas_cumprod)
     scheduler.set_timesteps(p.steps, device=device)
-    latents = SeededNoise(seeds, shape, device).next() * scheduler.init_noise_sigma
+    latents = SeededNoise(seeds, shape, device, getattr(p, "rng", "gpu")).next() * scheduler.init_noise_sigma
     timesteps = scheduler.timesteps
+    # each step's alpha_bar (for CFG rescale), looked up once: int(t) per step would wait for the GPU
+    alpha_bars = scheduler.alphas_cumprod[timesteps.cpu().long()].to(device)
     for i, t in enumerate(timesteps):
         x_in = scheduler.scale_model_input(latents, t)
         out = predict(x_in, t)
-        alpha_bar = scheduler.alphas_cumprod.to(device)[int(t)]
-        guided = _guide(out, x_in, alpha_bar, p, prediction_type)
+        guided = _guide(out, x_in, alpha_bars[i], p, prediction_type)
         latents = scheduler.step(guided, t, latents).prev_sample
         if on_step is not None:
             on_step(i + 1, len(timesteps))

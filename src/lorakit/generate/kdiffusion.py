@@ -7,7 +7,8 @@ dependency: importing any part of it imports torchvision, clean-fid, kornia, wan
 
 Each sampler is a plain function over (model, x, sigmas, noise): `model(x, sigma)` returns the
 denoised x; `noise(sigma, sigma_next)` returns fresh unit noise shaped like x. Noise never comes
-from torch's global RNG: A1111's seeded per-image CPU generators, or its seeded Brownian tree.
+from torch's global RNG: A1111's seeded per-image generators, or its seeded Brownian trees, on the
+device A1111's "RNG source" names (noise_device). `callback(steps_done)` after each step.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from __future__ import annotations
 import warnings
 
 import torch
+
+from .params import RNG_SOURCES  # A1111's "Random number generator source" (its "NV" is not drawn here)
 
 # --- sigma schedules ----------------------------------------------------------------------------
 
@@ -26,6 +29,7 @@ class DiscreteSchedule:
     def __init__(self, alphas_cumprod: torch.Tensor):
         self.sigmas = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
         self.log_sigmas = self.sigmas.log()
+        self._on_device: dict[torch.device, torch.Tensor] = {}
 
     @property
     def sigma_min(self) -> float:
@@ -45,8 +49,16 @@ class DiscreteSchedule:
         low, high, w = t.floor().long(), t.ceil().long(), t.frac()
         return ((1 - w) * self.log_sigmas[low] + w * self.log_sigmas[high]).exp()
 
+    def log_sigmas_on(self, device) -> torch.Tensor:
+        """log_sigmas on `device`, copied there once (a copy per step would block the GPU every step);
+        non_blocking: the host keeps queueing work (the source lives as long as this schedule)."""
+        device = torch.device(device)
+        if device not in self._on_device:
+            self._on_device[device] = self.log_sigmas.to(device, non_blocking=True)
+        return self._on_device[device]
+
     def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
-        log_sigmas = self.log_sigmas.to(sigma.device)
+        log_sigmas = self.log_sigmas_on(sigma.device)
         log_sigma = sigma.log()
         dists = log_sigma - log_sigmas[:, None]
         low_idx = dists.ge(0).cumsum(dim=0).argmax(dim=0).clamp(max=log_sigmas.shape[0] - 2)
@@ -77,34 +89,52 @@ def _append_zero(x: torch.Tensor) -> torch.Tensor:
 # --- noise sources ------------------------------------------------------------------------------
 
 
-class SeededNoise:
-    """A1111's ImageRNG with "RNG source: CPU": one CPU generator per image seed. Its first draw is
-    the image's initial latent, later draws are an ancestral sampler's noise, so an image depends
-    only on its seed: not on the batch, the device or torch's global RNG."""
+def noise_device(device, rng: str = "gpu") -> torch.device:
+    """Where A1111 (modules/rng.py) draws a seed's noise: on the drawing device for its default "GPU"
+    source, on the CPU for "CPU" (and always on Apple's MPS). On a CPU-only machine both are the CPU,
+    so the two sources give the same images there."""
+    if rng not in RNG_SOURCES:
+        raise ValueError(f"RNG source {rng!r}: use one of {', '.join(RNG_SOURCES)}")
+    device = torch.device(device)
+    return torch.device("cpu") if rng == "cpu" or device.type == "mps" else device
 
-    def __init__(self, seeds: list[int], shape: tuple[int, ...], device):
-        self.generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-        self.shape, self.device = tuple(shape), device
+
+class SeededNoise:
+    """A1111's ImageRNG: one generator per image seed, on the device its RNG source names
+    (noise_device). Its first draw is the image's initial latent, later draws are an ancestral
+    sampler's noise, so an image depends only on its seed (and the RNG source): not on the batch or
+    torch's global RNG. With the "GPU" source on CUDA nothing is drawn on the host during sampling."""
+
+    def __init__(self, seeds: list[int], shape: tuple[int, ...], device, rng: str = "gpu"):
+        self.source = noise_device(device, rng)
+        self.generators = [torch.Generator(self.source).manual_seed(int(s)) for s in seeds]
+        self.shape, self.device = tuple(shape), torch.device(device)
 
     def next(self) -> torch.Tensor:
-        return torch.stack([torch.randn(self.shape, generator=g) for g in self.generators]).to(self.device)
+        x = torch.stack([torch.randn(self.shape, generator=g, device=self.source) for g in self.generators])
+        return x.to(self.device)
 
     def __call__(self, sigma, sigma_next) -> torch.Tensor:
         return self.next()
 
 
 class BrownianNoise:
-    """k-diffusion's BrownianTreeNoiseSampler with one tree per image seed (as A1111 builds it),
-    kept on the CPU in float32 so the noise is the same on every device."""
+    """k-diffusion's BrownianTreeNoiseSampler with one tree per image seed (as A1111 builds it), in
+    float32. The trees live where the RNG source draws (noise_device): with A1111's "GPU" source on
+    CUDA they are CUDA trees seeded on the GPU (as A1111's randn_local), with "CPU" they are CPU trees,
+    so the noise is the same on every device."""
 
-    def __init__(self, seeds: list[int], shape: tuple[int, ...], sigmas: torch.Tensor, device):
+    def __init__(
+        self, seeds: list[int], shape: tuple[int, ...], sigmas: torch.Tensor, device, rng: str = "gpu"
+    ):
         import torchsde
 
+        self.source = noise_device(device, rng)
         sigmas = sigmas.detach().cpu().float()
         t0, t1 = sigmas[sigmas > 0].min(), sigmas.max()
-        w0 = torch.zeros(shape)
+        w0 = torch.zeros(shape, device=self.source)
         self.trees = [torchsde.BrownianTree(t0, w0, t1, entropy=int(s)) for s in seeds]
-        self.device = device
+        self.device = torch.device(device)
 
     def __call__(self, sigma, sigma_next) -> torch.Tensor:
         t0, t1 = torch.as_tensor(sigma).cpu().float(), torch.as_tensor(sigma_next).cpu().float()
@@ -137,15 +167,17 @@ def _ones(x):
     return x.new_ones([x.shape[0]])
 
 
-def sample_euler(model, x, sigmas, noise=None):
+def sample_euler(model, x, sigmas, noise=None, callback=None):
     s_in = _ones(x)
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i] * s_in)
         x = x + to_d(x, sigmas[i], denoised) * (sigmas[i + 1] - sigmas[i])
+        if callback is not None:  # after each step, from host values: no GPU sync
+            callback(i + 1)
     return x
 
 
-def sample_euler_ancestral(model, x, sigmas, noise):
+def sample_euler_ancestral(model, x, sigmas, noise, callback=None):
     s_in = _ones(x)
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i] * s_in)
@@ -153,10 +185,12 @@ def sample_euler_ancestral(model, x, sigmas, noise):
         x = x + to_d(x, sigmas[i], denoised) * (sigma_down - sigmas[i])
         if sigmas[i + 1] > 0:
             x = x + noise(sigmas[i], sigmas[i + 1]) * sigma_up
+        if callback is not None:  # after each step, from host values: no GPU sync
+            callback(i + 1)
     return x
 
 
-def sample_heun(model, x, sigmas, noise=None):
+def sample_heun(model, x, sigmas, noise=None, callback=None):
     s_in = _ones(x)
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i] * s_in)
@@ -168,10 +202,12 @@ def sample_heun(model, x, sigmas, noise=None):
             x_2 = x + d * dt
             d_2 = to_d(x_2, sigmas[i + 1], model(x_2, sigmas[i + 1] * s_in))
             x = x + (d + d_2) / 2 * dt
+        if callback is not None:  # after each step, from host values: no GPU sync
+            callback(i + 1)
     return x
 
 
-def sample_dpm_2(model, x, sigmas, noise=None):
+def sample_dpm_2(model, x, sigmas, noise=None, callback=None):
     s_in = _ones(x)
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i] * s_in)
@@ -183,10 +219,12 @@ def sample_dpm_2(model, x, sigmas, noise=None):
             x_2 = x + d * (sigma_mid - sigmas[i])
             d_2 = to_d(x_2, sigma_mid, model(x_2, sigma_mid * s_in))
             x = x + d_2 * (sigmas[i + 1] - sigmas[i])
+        if callback is not None:  # after each step, from host values: no GPU sync
+            callback(i + 1)
     return x
 
 
-def sample_dpm_2_ancestral(model, x, sigmas, noise):
+def sample_dpm_2_ancestral(model, x, sigmas, noise, callback=None):
     s_in = _ones(x)
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i] * s_in)
@@ -200,6 +238,8 @@ def sample_dpm_2_ancestral(model, x, sigmas, noise):
             d_2 = to_d(x_2, sigma_mid, model(x_2, sigma_mid * s_in))
             x = x + d_2 * (sigma_down - sigmas[i])
             x = x + noise(sigmas[i], sigmas[i + 1]) * sigma_up
+        if callback is not None:  # after each step, from host values: no GPU sync
+            callback(i + 1)
     return x
 
 
@@ -216,7 +256,7 @@ def _lms_coeff(order: int, t, i: int, j: int) -> float:
     return integrate.quad(fn, t[i], t[i + 1], epsrel=1e-4)[0]
 
 
-def sample_lms(model, x, sigmas, noise=None, order: int = 4):
+def sample_lms(model, x, sigmas, noise=None, order: int = 4, callback=None):
     s_in = _ones(x)
     sigmas_np = sigmas.detach().cpu().numpy()
     ds = []
@@ -226,6 +266,8 @@ def sample_lms(model, x, sigmas, noise=None, order: int = 4):
         cur_order = min(i + 1, order)
         coeffs = [_lms_coeff(cur_order, sigmas_np, i, j) for j in range(cur_order)]
         x = x + sum(c * d for c, d in zip(coeffs, reversed(ds)))
+        if callback is not None:  # after each step, from host values: no GPU sync
+            callback(i + 1)
     return x
 
 
@@ -237,7 +279,7 @@ def _t_fn(sigma):
     return sigma.log().neg()
 
 
-def sample_dpmpp_2s_ancestral(model, x, sigmas, noise):
+def sample_dpmpp_2s_ancestral(model, x, sigmas, noise, callback=None):
     s_in = _ones(x)
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i] * s_in)
@@ -253,15 +295,19 @@ def sample_dpmpp_2s_ancestral(model, x, sigmas, noise):
             x = (_sigma_fn(t_next) / _sigma_fn(t)) * x - (-h).expm1() * denoised_2
         if sigmas[i + 1] > 0:
             x = x + noise(sigmas[i], sigmas[i + 1]) * sigma_up
+        if callback is not None:  # after each step, from host values: no GPU sync
+            callback(i + 1)
     return x
 
 
-def sample_dpmpp_sde(model, x, sigmas, noise, eta: float = 1.0, r: float = 0.5):
+def sample_dpmpp_sde(model, x, sigmas, noise, eta: float = 1.0, r: float = 0.5, callback=None):
     s_in = _ones(x)
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i] * s_in)
         if sigmas[i + 1] == 0:
             x = x + to_d(x, sigmas[i], denoised) * (sigmas[i + 1] - sigmas[i])
+            if callback is not None:
+                callback(i + 1)
             continue
         t, t_next = _t_fn(sigmas[i]), _t_fn(sigmas[i + 1])
         h = t_next - t
@@ -279,10 +325,12 @@ def sample_dpmpp_sde(model, x, sigmas, noise, eta: float = 1.0, r: float = 0.5):
         denoised_d = (1 - fac) * denoised + fac * denoised_2
         x = (_sigma_fn(t_next_) / _sigma_fn(t)) * x - (t - t_next_).expm1() * denoised_d
         x = x + noise(_sigma_fn(t), _sigma_fn(t_next)) * su
+        if callback is not None:  # after each step, from host values: no GPU sync
+            callback(i + 1)
     return x
 
 
-def sample_dpmpp_2m(model, x, sigmas, noise=None):
+def sample_dpmpp_2m(model, x, sigmas, noise=None, callback=None):
     s_in = _ones(x)
     old_denoised = None
     for i in range(len(sigmas) - 1):
@@ -296,10 +344,12 @@ def sample_dpmpp_2m(model, x, sigmas, noise=None):
             denoised_d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
             x = (_sigma_fn(t_next) / _sigma_fn(t)) * x - (-h).expm1() * denoised_d
         old_denoised = denoised
+        if callback is not None:  # after each step, from host values: no GPU sync
+            callback(i + 1)
     return x
 
 
-def sample_dpmpp_2m_sde(model, x, sigmas, noise, eta: float = 1.0):
+def sample_dpmpp_2m_sde(model, x, sigmas, noise, eta: float = 1.0, callback=None):
     """DPM-Solver++(2M) SDE, midpoint variant (A1111's 'DPM++ 2M SDE')."""
     s_in = _ones(x)
     old_denoised, h_last = None, None
@@ -319,4 +369,6 @@ def sample_dpmpp_2m_sde(model, x, sigmas, noise, eta: float = 1.0):
                 x = x + noise(sigmas[i], sigmas[i + 1]) * sigmas[i + 1] * (-2 * eta_h).expm1().neg().sqrt()
             h_last = h
         old_denoised = denoised
+        if callback is not None:  # after each step, from host values: no GPU sync
+            callback(i + 1)
     return x

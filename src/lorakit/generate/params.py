@@ -9,6 +9,9 @@ from ..errors import ConfigError
 
 MAX_SIDE = 2048  # A1111's largest size; SD1.x draws poorly far above its 512 training size
 MAX_SEED = 2**32 - 1  # A1111's seed range; torch's generators overflow a little above 2**64
+# A1111's "Random number generator source" (Settings > Sampler parameters): where a seed's noise is
+# drawn. "gpu" (its default) draws on the drawing device, "cpu" on the CPU; kdiffusion.noise_device.
+RNG_SOURCES = ("gpu", "cpu")
 
 
 class ParamError(ConfigError):
@@ -36,6 +39,7 @@ class GenerationParams:
     schedule_type: str | None = None  # "Karras"; or fold it into the name ("DPM++ 2M Karras")
     clip_skip: int = 1
     cfg_rescale: float = 0.0  # reForge/Forge's "Rescale CFG" phi, 0 to 1 (0.7 for v-prediction bases)
+    rng: str = "gpu"  # A1111's RNG source: "gpu" (default) or "cpu"; PNG info says "RNG: CPU" for cpu
 
     def check(self, images: str = "images") -> None:
         """ConfigError (a ParamError naming the field where one field is wrong) for a request that
@@ -58,6 +62,10 @@ class GenerationParams:
         if not (math.isfinite(self.cfg_rescale) and 0 <= self.cfg_rescale <= 1):
             raise ParamError(
                 "cfg_rescale", self.cfg_rescale, "CFG rescale is 0 (off) to 1; 0.7 is usual for v-prediction"
+            )
+        if self.rng not in RNG_SOURCES:
+            raise ParamError(
+                "rng", self.rng, "the RNG source is gpu (A1111's default) or cpu (A1111's 'RNG: CPU' setting)"
             )
         if not math.isfinite(self.cfg_scale) or self.cfg_scale < 0:
             raise ParamError(

@@ -5,6 +5,12 @@ encode_prompts), the model is called through ModelFamily.predict (family_draw.py
 rescale or zero terminal SNR keeps its original route: k-diffusion over the UNet, or diffusers'
 StableDiffusionPipeline fed with A1111-weighted embeddings. LoRAs are merged into the weights (and
 restored afterwards), so they cost nothing per step.
+
+A Generator is built once per model and reused: its models, the diffusers pipeline and schedulers of
+the SD1.x route and the last prompt's text encoding are kept between batches and calls, so a new
+sampler or request never rebuilds or reloads a model. On CUDA, `optimize` puts the UNet in
+channels_last and can compile it (torch.compile); attention runs through torch's SDPA (diffusers'
+AttnProcessor2_0, its default). The noise is drawn where A1111's "RNG source" says (p.rng).
 """
 
 from __future__ import annotations
@@ -56,6 +62,10 @@ class Generator:
     _merger: object = field(default=None, repr=False)
     _lora_cache: dict = field(default_factory=dict, repr=False)
     _model_hash: str | None = field(default=None, repr=False)
+    _pipe: object = field(default=None, repr=False)  # the SD1.x route's diffusers pipeline, built once
+    _schedulers: dict = field(default_factory=dict, repr=False)  # (sampler, schedule, ...) -> scheduler
+    _encoded: tuple | None = field(default=None, repr=False)  # (key, cond, uncond) of the last prompt
+    compiled: str | None = field(default=None, repr=False)  # the torch.compile backend of the UNet, if any
 
     def __post_init__(self):
         if self.base is None:
@@ -89,15 +99,48 @@ class Generator:
         )  # fmt: skip
 
     @classmethod
-    def from_path(cls, model_path: str | Path, lora_dir: str | Path = "models/Lora", device=None, dtype=None):
-        """Load an SD1.x or SDXL base (any file or folder load_base_model reads) to draw with."""
+    def from_path(
+        cls,
+        model_path: str | Path,
+        lora_dir: str | Path = "models/Lora",
+        device=None,
+        dtype=None,
+        channels_last: bool | None = None,
+        compile: str | bool | None = None,
+    ):
+        """Load an SD1.x or SDXL base (any file or folder load_base_model reads) to draw with.
+        channels_last / compile: see `optimize` (channels_last defaults to on for CUDA)."""
         from ..models.loader import load_base_model
 
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
         base = load_base_model(model_path, dtype=dtype, device=device)
         base.vae.float()  # SD's and SDXL's VAEs overflow in fp16 (NaN images); fp32 costs ~160 MB
-        return cls.from_base(base, model_path, lora_dir)
+        gen = cls.from_base(base, model_path, lora_dir)
+        return gen.optimize(channels_last=channels_last, compile=compile)
+
+    def optimize(
+        self,
+        channels_last: bool | None = None,
+        compile: str | bool | None = None,
+        compile_mode: str | None = None,
+    ) -> Generator:
+        """Speed settings for a Generator that owns its models (not for the training UNet: from_base
+        leaves it alone). channels_last (None: on CUDA only): the UNet's conv weights in NHWC, which
+        cuDNN's fp16 convolutions prefer; the same image within float tolerance. compile: torch.compile
+        the UNet in place (module names, weights and LoRA merging unchanged; True = "inductor", or a
+        backend name such as "aot_eager"); the first step of each new image size pays the compile.
+        compile_mode: torch.compile's mode ("reduce-overhead": CUDA graphs)."""
+        unet = self.unet
+        if channels_last is None:
+            channels_last = unet.device.type == "cuda"
+        if channels_last:
+            unet.to(memory_format=torch.channels_last)
+        if compile and self.compiled is None:
+            backend = "inductor" if compile is True else str(compile)
+            unet.compile(backend=backend, mode=compile_mode)
+            self.compiled = backend
+        return self
 
     @property
     def family(self):
@@ -179,6 +222,8 @@ class Generator:
             params.update({"Batch size": p.batch_size, "Batch pos": batch_pos})
         if p.clip_skip > 1:
             params["Clip skip"] = p.clip_skip
+        if p.rng != "gpu":
+            params["RNG"] = p.rng.upper()  # A1111 writes its RNG source only when not its default GPU
         hashes = [f"{lr.name}: {lr.short_hash}" for lr in loras if lr.short_hash]
         if hashes:
             params["Lora hashes"] = ", ".join(hashes)
@@ -200,7 +245,7 @@ class Generator:
         text, loras = self.apply_loras(p.prompt)
         neg_text, _ = extract_loras(p.negative_prompt)  # LoRA tags there are ignored, as in A1111
         clip_skip = p.clip_skip if p.clip_skip > 1 else None
-        cond, uncond = self.family.encode_prompts(self.base, text, neg_text, clip_skip)
+        cond, uncond = self.encode(text, neg_text, clip_skip)
         out: list[GeneratedImage] = []
         for b in range(p.batch_count):
             seeds = [seed + b * p.batch_size + i for i in range(p.batch_size)]
@@ -212,6 +257,20 @@ class Generator:
                 if on_image:
                     on_image(item)
         return out
+
+    def encode(self, text: str, negative: str, clip_skip: int | None):
+        """(cond, uncond) for a prompt pair (without LoRA tags), encoded by the family as A1111 does. The
+        last pair is kept: drawing it again (another seed, sampler or batch) does not run the text
+        encoders again. The key holds the text encoders' weight versions, so a merged or restored LoRA
+        (or any in-place change of their weights) encodes anew."""
+        try:
+            versions = tuple(p._version for te in self.base.text_encoders for p in te.parameters())
+        except RuntimeError:  # weights made under torch.inference_mode keep no version: never kept
+            versions = None
+        key = (text, negative, clip_skip, versions)
+        if versions is None or self._encoded is None or self._encoded[0] != key:
+            self._encoded = (key, *self.family.encode_prompts(self.base, text, negative, clip_skip))
+        return self._encoded[1], self._encoded[2]
 
     def alphas_cumprod(self) -> torch.Tensor:
         """The noise schedule drawing uses: SD's own, or A1111's zero-terminal-SNR one."""
@@ -245,8 +304,9 @@ class Generator:
                 alphas_cumprod=ac, predict=predict,
             )  # fmt: skip
         else:
+            scheduler = self._scheduler(p.sampler, p.schedule_type, ac)
             latents = scheduler_sample(
-                predict, seeds, shape, p, self.prediction_type, ac, self.unet.device, on_step
+                predict, seeds, shape, p, self.prediction_type, ac, self.unet.device, on_step, scheduler
             )
         return decode_latents(self.vae, latents, seeds)
 
@@ -255,16 +315,16 @@ class Generator:
     ) -> list:
         """SD1.x's own route (k-diffusion over the UNet, or diffusers' StableDiffusionPipeline)."""
         from .kdiffusion import SeededNoise
-        from .samplers import is_k_sampler, k_sample, make_scheduler
+        from .samplers import is_k_sampler, k_sample
 
         shape = (4, p.height // 8, p.width // 8)
         if is_k_sampler(p.sampler, p.schedule_type):
             latents = k_sample(self.unet, cond, uncond, seeds, shape, p, self.prediction_type, on_step)
             return decode_latents(self.vae, latents, seeds)
-        pipe = self._pipeline(make_scheduler(p.sampler, p.schedule_type, self.prediction_type))
+        pipe = self._pipeline(self._scheduler(p.sampler, p.schedule_type))
         device, dtype = self.unet.device, self.unet.dtype
-        # CPU noise per seed: the same image for a seed whatever the batch or device (A1111's "CPU" RNG)
-        latents = SeededNoise(seeds, shape, device).next().to(dtype)
+        # noise per seed, where A1111's RNG source draws it: the same image for a seed in any batch
+        latents = SeededNoise(seeds, shape, device, p.rng).next().to(dtype)
         n = len(seeds)
 
         def step_end(pipe, i, t, kwargs):
@@ -285,15 +345,34 @@ class Generator:
         ).images
         return decode_latents(self.vae, latents, seeds)
 
-    def _pipeline(self, scheduler):
-        StableDiffusionPipeline = import_sd_pipeline()
+    def _scheduler(self, sampler: str, schedule_type: str | None, alphas_cumprod=None):
+        """The diffusers scheduler for DDIM, PLMS or UniPC, made once per (sampler, schedule, noise
+        schedule): set_timesteps resets its state at the start of every draw. alphas_cumprod: the
+        family route's schedule (make_scheduler's); None: SD's own config (the SD1.x pipeline route)."""
+        from .samplers import make_scheduler, split_name
 
-        pipe = StableDiffusionPipeline(
-            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
-            scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )  # fmt: skip
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
+        route = None if alphas_cumprod is None else self.zero_terminal_snr
+        key = (*split_name(sampler, schedule_type), self.prediction_type, route)
+        if key not in self._schedulers:
+            self._schedulers[key] = make_scheduler(
+                sampler, schedule_type, self.prediction_type, alphas_cumprod
+            )
+        return self._schedulers[key]
+
+    def _pipeline(self, scheduler):
+        """The SD1.x route's StableDiffusionPipeline over this generator's models, built on first use;
+        another sampler only swaps its scheduler (the models are never rebuilt or copied)."""
+        if self._pipe is None:
+            StableDiffusionPipeline = import_sd_pipeline()
+
+            self._pipe = StableDiffusionPipeline(
+                vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
+                scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            )  # fmt: skip
+            self._pipe.set_progress_bar_config(disable=True)
+        elif self._pipe.scheduler is not scheduler:
+            self._pipe.scheduler = scheduler
+        return self._pipe
 
 
 def import_sd_pipeline():

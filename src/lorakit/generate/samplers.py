@@ -1,7 +1,8 @@
 """A1111 sampler names -> how lorakit draws them, as A1111 (>= 1.9) does.
 
 The k-diffusion samplers (Euler a ... DPM++ 2S a) run k-diffusion's algorithms (`kdiffusion.py`)
-over A1111's sigma schedules, with A1111's CPU noise: an image depends only on its seed. DDIM,
+over A1111's sigma schedules, with A1111's per-seed noise (on the GPU or the CPU as its "RNG
+source" says): an image depends only on its seed. DDIM,
 PLMS and UniPC run diffusers' schedulers (A1111 runs its own ports of the original code).
 
 A1111 >= 1.9 writes the schedule apart ("Sampler: DPM++ 2M, Schedule type: Karras"); older
@@ -192,6 +193,15 @@ class CFGDenoiser:
         self.schedule = DiscreteSchedule(sd_alphas_cumprod() if alphas_cumprod is None else alphas_cumprod)
         self.cond, self.uncond = cond, uncond
         self.cfg_rescale, self.predict = cfg_rescale, predict
+        self._context: torch.Tensor | None = None  # cond + uncond rows on the UNet's device, made once
+
+    def context(self, n: int, device) -> torch.Tensor:
+        """[2n] context rows (cond, then uncond) in the UNet's dtype on `device`, built on the first step
+        only: a host-to-device copy per step would block the GPU every step."""
+        if self._context is None or self._context.shape[0] != 2 * n or self._context.device != device:
+            context = torch.cat([self.cond.expand(n, -1, -1), self.uncond.expand(n, -1, -1)])
+            self._context = context.to(device, self.unet.dtype)
+        return self._context
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
@@ -202,10 +212,10 @@ class CFGDenoiser:
             out = self.predict(x * c_in[:, None, None, None], t)
         else:
             x_in = torch.cat([x * c_in[:, None, None, None]] * 2)
-            dtype = self.unet.dtype
-            context = torch.cat([self.cond.expand(n, -1, -1), self.uncond.expand(n, -1, -1)])
-            context = context.to(x.device, dtype)
-            out = self.unet(x_in.to(dtype), torch.cat([t, t]), encoder_hidden_states=context).sample.float()
+            context = self.context(n, x.device)
+            out = self.unet(
+                x_in.to(context.dtype), torch.cat([t, t]), encoder_hidden_states=context
+            ).sample.float()
         s, xx = torch.cat([sigma, sigma])[:, None, None, None], torch.cat([x, x])
         if self.prediction_type == "v_prediction":
             denoised = out * (-s * (s**2 + 1) ** -0.5) + xx / (s**2 + 1)
@@ -249,18 +259,20 @@ def k_sample(
     alphas_cumprod=None,
     predict=None,
 ) -> torch.Tensor:
-    """Latents for one batch of seeds with a k-diffusion sampler, as A1111 draws them.
-    on_step(done, total) is called after each model evaluation with the sampling steps done.
+    """Latents for one batch of seeds with a k-diffusion sampler, as A1111 draws them, the noise from
+    p.rng (A1111's RNG source, kdiffusion.noise_device). on_step(done, total) after each sampling step
+    (from host values, so reporting progress never waits for the GPU).
     alphas_cumprod / predict: see CFGDenoiser (a zero-terminal-SNR schedule, a family's model call)."""
     from . import kdiffusion as K
 
     base, _ = split_name(p.sampler, p.schedule_type)
     spec = K_SAMPLERS[base]
     device = unet.device
+    rng_source = getattr(p, "rng", "gpu")
     sigmas = k_sigmas(p.sampler, p.schedule_type, p.steps, alphas_cumprod)
-    rng = K.SeededNoise(seeds, shape, device)
+    rng = K.SeededNoise(seeds, shape, device, rng_source)
     x = rng.next() * sigmas[0]
-    noise = K.BrownianNoise(seeds, shape, sigmas, device) if spec.brownian_noise else rng
+    noise = K.BrownianNoise(seeds, shape, sigmas, device, rng_source) if spec.brownian_noise else rng
     model = CFGDenoiser(
         unet,
         cond,
@@ -271,23 +283,6 @@ def k_sample(
         cfg_rescale=getattr(p, "cfg_rescale", 0.0),
         predict=predict,
     )
-    if on_step is not None:
-        model = _counting(model, sigmas, on_step)
-    return getattr(K, spec.function)(model, x, sigmas, noise)
-
-
-def _counting(model, sigmas: torch.Tensor, on_step):
-    """`model`, reporting the steps done: an evaluation at sigma s ends step i where sigmas[i] >= s
-    (second-order samplers also evaluate between sigmas; the count never goes back)."""
-    starts, total = sigmas[:-1].tolist(), len(sigmas) - 1
-    best = 0
-
-    def counted(x, sigma):
-        nonlocal best
-        out = model(x, sigma)
-        s = float(sigma.max())
-        best = max(best, min(total, sum(1 for v in starts if v >= s * (1 - 1e-6))))
-        on_step(best, total)
-        return out
-
-    return counted
+    total = len(sigmas) - 1
+    callback = (lambda done: on_step(done, total)) if on_step is not None else None
+    return getattr(K, spec.function)(model, x, sigmas, noise, callback=callback)

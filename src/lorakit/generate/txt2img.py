@@ -44,10 +44,27 @@ def params_from_png(path: str | Path, base: GenerationParams | None = None) -> G
             p.width, p.height = (int(v) for v in kv["Size"].split("x"))
         p.clip_skip = int(kv.get("Clip skip", 1))
         p.cfg_rescale = _cfg_rescale(kv)
+        p.rng = _rng(kv, path)
     except ValueError as e:
         raise ConfigError(f"{path}: unreadable generation parameters ({e})") from None
     p.batch_size = 1  # redraw this one image: its own seed is in the chunk
     return p
+
+
+def _rng(kv: dict[str, str], path) -> str:
+    """A1111's RNG source from an infotext: "RNG: CPU" -> cpu; none written -> gpu (A1111's default,
+    as its infotext reader assumes). "NV" (A1111's imitation of NVIDIA's Philox generator) is not drawn
+    here: said, and redrawn with the GPU source (another image for the same seed)."""
+    source = kv.get("RNG", "GPU").strip().lower()
+    if source in ("gpu", "cpu"):
+        return source
+    log.warning(
+        "%s was drawn with A1111's RNG source %r, which lorakit does not draw: redrawn with the GPU "
+        "source, so the same seed gives another image (--rng cpu picks the CPU source)",
+        path,
+        kv["RNG"],
+    )
+    return "gpu"
 
 
 def _cfg_rescale(kv: dict[str, str]) -> float:
