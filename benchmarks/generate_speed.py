@@ -34,66 +34,20 @@ NEGATIVE = "lowres, blurry"
 
 
 def random_base(family: str, tiny: bool, device, dtype):
-    """A BaseModel of `family` ("sd1"/"sdxl") with random weights: the tiny test models (seeded init),
-    or the shipped full-size configs built on the meta device and materialised on `device` in `dtype`
-    (no checkpoint written or read, no fp32 copy on the CPU)."""
-    import torch
+    """A BaseModel of `family` ("sd1"/"sdxl") with random weights (benchmarks/random_models.py: the
+    shipped full-size configs, or the tiny test ones, built on the meta device and materialised on
+    `device` in `dtype`; no checkpoint written or read, no fp32 copy on the CPU)."""
+    import sys
 
-    from lorakit.models.families.detect import Family
-    from lorakit.models.loader import BaseModel
-    from lorakit.models.tokenizer import load_tokenizer
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    from random_models import arch_of, random_base_loader
 
-    if family == "sdxl":
-        from lorakit.models.families.sdxl import build_sdxl_empty, sdxl_arch, sdxl_tokenizers
-        from lorakit.models.tiny import build_sdxl_models, tiny_sdxl_arch
-
-        arch = tiny_sdxl_arch() if tiny else sdxl_arch()
-        models = build_sdxl_models(arch, seed=0) if tiny else build_sdxl_empty(arch)
-        tokenizers, extra = sdxl_tokenizers(), {"family": Family("sdxl", "SDXL base")}
-    else:
-        from accelerate import init_empty_weights
-
-        from lorakit.models.loader import build_from_arch, sd15_arch
-        from lorakit.models.tiny import build_models, tiny_arch
-
-        arch = tiny_arch() if tiny else sd15_arch()
-        if tiny:
-            models = build_models(arch, seed=0)
-        else:
-            with init_empty_weights():
-                models = build_from_arch(arch)
-        tokenizers, extra = (load_tokenizer(),), {}
-    if not tiny:
-        g = torch.Generator(device=device).manual_seed(0)
-        for m in models:
-            torch.nn.Module.to(m, dtype=dtype)  # on meta: free
-            buffers = {n: b.clone() for n, b in m.named_buffers()}  # real ones (CLIP's position_ids)
-            m.to_empty(device=device)
-            for n, b in m.named_buffers():
-                b.copy_(buffers[n])
-            _init_random_(m, g)
-    models = [m.to(device, dtype).eval() for m in models]
-    unet, vae, *encoders = models
-    vae.float()  # as Generator.from_path: SD's VAE overflows in fp16
-    return BaseModel(
-        unet, vae, tuple(encoders), tokenizers, source=Path(f"random-{family}.safetensors"), arch=arch,
-        kind="single_file", **extra,
-    )  # fmt: skip
-
-
-def _init_random_(module, generator) -> None:
-    """Weights ~ N(0, 1/fan_in) (embeddings 0.02), norm scales 1, biases 0: activations stay O(1) in fp16."""
-    import torch
-
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim >= 2:
-                std = 0.02 if "embedding" in name else p[0].numel() ** -0.5
-                p.normal_(0.0, std, generator=generator)
-            elif name.endswith("weight"):
-                p.fill_(1.0)
-            else:
-                p.zero_()
+    key = "sdxl" if family == "sdxl" else "sd15"
+    base = random_base_loader(key, arch_of(key, tiny), device, dtype)(f"random-{family}.safetensors")
+    base.vae.float()  # as Generator.from_path: SD's VAE overflows in fp16
+    return base
 
 
 def write_random_lora(base, path: Path, rank: int, seed: int) -> Path:
