@@ -500,8 +500,11 @@ def test_a_model_in_a_model_dir_draws(site):
     model = site["root"] / "models" / "tiny.safetensors"
     out = api("generate", [str(model), "usu bear", "", "Euler", 1, 64, 64, 7, 1, 1, 1])
     assert "error" not in out or not out["error"], out
-    assert "Steps: 1" in out["data"][1]
+    assert "Steps: 1" in out["data"][1] and "RNG:" not in out["data"][1]  # GPU noise: A1111's default
     assert len(_files(outputs) - before) == 1
+    # A1111's "Random number generator source" setting: CPU noise, said in the PNG info as A1111 says it
+    out = api("generate", [str(model), "usu bear", "", "Euler", 1, 64, 64, 7, 0, 1, 1, 1, "CPU"])
+    assert "RNG: CPU" in out["data"][1], out
 
 
 def test_settings_model_path_follows_symlinks_and_wants_a_model(tmp_path, monkeypatch):

@@ -95,6 +95,13 @@ def build(settings: Settings) -> dict:
                 seed = gr.Number(value=-1, precision=0, label="Seed (-1 = random)", elem_id="gen-seed")
                 batch_count = gr.Number(value=1, precision=0, minimum=1, label="Batch count")
                 batch_size = gr.Number(value=1, precision=0, minimum=1, label="Batch size")
+                rng = gr.Dropdown(
+                    ["GPU", "CPU"],
+                    value="GPU",
+                    label="Random number source",
+                    info="as A1111's setting: GPU (its default) or CPU; a seed means the same image",
+                    elem_id="gen-rng",
+                )
             with gr.Row():
                 gr.Markdown(f"**LoRAs** in `{settings.lora_dir}` — click a card to add it to the prompt")
                 show_all = gr.Checkbox(
@@ -153,7 +160,7 @@ def build(settings: Settings) -> dict:
         slider.change(size_changed, [model, width, height], [size_md], show_progress="hidden")
 
     @user_errors
-    def do_generate(model_path, p, n, smp, st, w, h, c, rs, sd, bc, bs, progress=gr.Progress()):
+    def do_generate(model_path, p, n, smp, st, w, h, c, rs, sd, bc, bs, rg="GPU", progress=gr.Progress()):
         from ..generate.txt2img import check_request, run_txt2img
 
         if not p.strip():
@@ -165,7 +172,7 @@ def build(settings: Settings) -> dict:
             prompt=p, negative_prompt=n, sampler=smp, steps=int(st), width=int(w), height=int(h),
             cfg_scale=float(c), cfg_rescale=float(rs or 0), seed=int(sd if sd is not None else -1),
             batch_count=int(bc or 1),
-            batch_size=int(bs or 1),
+            batch_size=int(bs or 1), rng="cpu" if rg == "CPU" else "gpu",
         )  # fmt: skip
         check_request(params, settings.lora_dir)
         progress(0, desc="loading the model")
@@ -177,7 +184,21 @@ def build(settings: Settings) -> dict:
 
     go.click(
         do_generate,
-        [model, prompt, negative, sampler, steps, width, height, cfg, rescale, seed, batch_count, batch_size],
+        [
+            model,
+            prompt,
+            negative,
+            sampler,
+            steps,
+            width,
+            height,
+            cfg,
+            rescale,
+            seed,
+            batch_count,
+            batch_size,
+            rng,
+        ],
         [images, info, infos],
         api_name="generate",
     )
