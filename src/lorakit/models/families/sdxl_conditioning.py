@@ -54,9 +54,21 @@ def encode_sdxl_captions(
     tokenizer_1/2, text_encoder_1/2). `clip_skip` is ignored, as kohya ignores it for SDXL (it only
     warns, sdxl_train_util.verify_sdxl_training_args): SDXL always takes the penultimate layers."""
     del clip_skip
+    return encode_sdxl_ids(model, *tokenize_sdxl(model, captions, max_token_length))
+
+
+def tokenize_sdxl(
+    model, captions: Sequence[str], max_token_length: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both encoders' token ids [B, k, 77]: TE1's padded with EOS, TE2's with 0."""
     captions = list(captions)
-    ids1 = tokenize(model.tokenizer_1, captions, max_token_length)  # [B, k, 77], padded with EOS
-    ids2 = tokenize(model.tokenizer_2, captions, max_token_length)  # [B, k, 77], padded with 0
+    return tokenize(model.tokenizer_1, captions, max_token_length), tokenize(
+        model.tokenizer_2, captions, max_token_length
+    )
+
+
+def encode_sdxl_ids(model, ids1: torch.Tensor, ids2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """encode_sdxl_captions from tokenize_sdxl's ids (on the encoders' device: no copy here)."""
     b, k, n = ids1.shape
     hidden1, _ = _penultimate(model.text_encoder_1, ids1.reshape(b * k, n))
     hidden2, last2 = _penultimate(model.text_encoder_2, ids2.reshape(b * k, n))
