@@ -25,14 +25,20 @@ def noise_scheduler(v_parameterization: bool = False, zero_terminal_snr: bool = 
     )
 
 
-def step_seed(seed: int, step: int, rank: int) -> int:
-    return (seed * 1_000_003 + step * 7919 + rank) % (2**63)
+NOISE, POSTERIOR = 0, 1  # a step's streams: diffusion noise and timesteps; the VAE posterior sample
 
 
-def reseed(generator: torch.Generator, seed: int, step: int, rank: int) -> torch.Generator:
-    """The run's one generator set to the stream of (seed, step, rank): the same numbers as a new
-    generator with that seed, without creating one per step (a reseed is host-side: no GPU sync)."""
-    generator.manual_seed(step_seed(seed, step, rank))
+def step_seed(seed: int, step: int, rank: int, stream: int = NOISE) -> int:
+    return (seed * 1_000_003 + step * 7919 + rank + stream * 0x9E3779B97F4A7C15) % (2**63)
+
+
+def reseed(
+    generator: torch.Generator, seed: int, step: int, rank: int, stream: int = NOISE
+) -> torch.Generator:
+    """A run's generator set to the stream of (seed, step, rank): the same numbers as a new generator
+    with that seed, without creating one per step (a reseed is host-side: no GPU sync). The posterior
+    sample of an uncached run has its own stream, so its noise and timesteps are a cached run's."""
+    generator.manual_seed(step_seed(seed, step, rank, stream))
     return generator
 
 

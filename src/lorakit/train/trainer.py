@@ -217,6 +217,7 @@ class Trainer:
         self.device = self.acc.device
         # the run's one noise generator, on the device, reseeded before each step (never one per step)
         self._noise = torch.Generator(device=self.device)
+        self._posterior = torch.Generator(device=self.device)  # uncached runs' VAE samples
         self._validation_noise = torch.Generator(device=self.device)
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
             t.mixed_precision, torch.float32
@@ -532,24 +533,38 @@ class Trainer:
         return batch.to(self.device)
 
     def loss_of(
-        self, batch, step: int, generator: torch.Generator | None = None, timestep: int | None = None
+        self,
+        batch,
+        step: int,
+        generator: torch.Generator | None = None,
+        timestep: int | None = None,
+        posterior: torch.Generator | None = None,
     ) -> torch.Tensor:
         """The batch's mean loss; noise (and timesteps) from the run's generator reseeded for `step`, or
-        from `generator` at one fixed `timestep` (the validation loss)."""
-        return self._loss(self.device_batch(batch), step, generator, timestep)
+        from `generator` at one fixed `timestep` (the validation loss). An uncached batch's VAE sample
+        comes from `posterior`, or the step's own posterior stream: the noise and timesteps are those a
+        run with cached latents draws."""
+        return self._loss(self.device_batch(batch), step, generator, timestep, posterior)
 
     def _loss(
-        self, batch, step: int, generator: torch.Generator | None = None, timestep: int | None = None
+        self,
+        batch,
+        step: int,
+        generator: torch.Generator | None = None,
+        timestep: int | None = None,
+        posterior: torch.Generator | None = None,
     ) -> torch.Tensor:
         """loss_of for a batch already on the device (device_batch): no host work, no host->device copy."""
         cfg = self.cfg
-        g = generator or N.reseed(self._noise, self.seed, step, self.acc.process_index)
+        rank = self.acc.process_index
+        g = generator or N.reseed(self._noise, self.seed, step, rank)
         if self._unet_compiled is not None and cfg.training.torch_compile_mode == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are done with
         if batch.latents is not None:
             latents = batch.latents
         else:
-            latents = self._encode_pixels(batch.pixels, g)
+            posterior = posterior or N.reseed(self._posterior, self.seed, step, rank, N.POSTERIOR)
+            latents = self._encode_pixels(batch.pixels, posterior)
         cond = self._conditioning(batch).to(dtype=self.weight_dtype)
         noisy, noise, t = N.noisy_latents(self.scheduler, latents, g, cfg.training.noise_offset, timestep)
         with self.acc.autocast(), self._compiled_unet():
@@ -597,7 +612,8 @@ class Trainer:
             batch = self.device_batch(batch)
             for t in VALIDATION_TIMESTEPS:
                 g = self._validation_noise.manual_seed(stable_seed(self.validation_seed, i, t) % (2**63))
-                total += self._loss(batch, 0, generator=g, timestep=t).double() * n
+                vae = self._posterior.manual_seed(stable_seed(self.validation_seed, i, t, 1) % (2**63))
+                total += self._loss(batch, 0, generator=g, timestep=t, posterior=vae).double() * n
                 count += n
         return (total / max(count, 1)).item()
 

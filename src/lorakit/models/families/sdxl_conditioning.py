@@ -34,14 +34,18 @@ SIZE_EMBED_DIM = 256  # kohya get_size_embeddings / diffusers addition_time_embe
 
 def _penultimate(text_encoder, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(hidden_states[-2] [N, 77, D], final-LN last_hidden_state [N, 77, D]) for ids [N, 77]."""
-    out = text_encoder(ids.to(text_encoder.device), output_hidden_states=True, return_dict=True)
+    if ids.device != text_encoder.device:  # the training step's ids are there already
+        ids = ids.to(text_encoder.device)
+    out = text_encoder(ids, output_hidden_states=True, return_dict=True)
     return out.hidden_states[-2], out.last_hidden_state
 
 
 def pooled_at_eos(text_encoder_2, last_hidden: torch.Tensor, ids: torch.Tensor, eos_id: int) -> torch.Tensor:
     """kohya's pool_workaround: final-LN state at the first EOS of each row, through text_projection
     (transformers' own pooling takes argmax(ids), which is the same token for plain CLIP vocab)."""
-    eos_index = (ids == eos_id).int().argmax(dim=1).to(last_hidden.device)
+    eos_index = (ids == eos_id).int().argmax(dim=1)
+    if eos_index.device != last_hidden.device:
+        eos_index = eos_index.to(last_hidden.device)
     pooled = last_hidden[torch.arange(last_hidden.shape[0], device=last_hidden.device), eos_index]
     projection = text_encoder_2.text_projection
     return projection(pooled.to(projection.weight.dtype)).to(last_hidden.dtype)
