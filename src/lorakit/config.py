@@ -264,8 +264,8 @@ class TrainingConfig:
     )
     torch_compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = opt(
         "default",
-        "inductor mode for torch_compile: default, reduce-overhead (CUDA graphs: less launch overhead, "
-        "more memory) or max-autotune (longer compile)",
+        "inductor's mode for torch_compile: the default, the reduce overhead mode (CUDA graphs: less "
+        "launch overhead, more memory) or the max autotune mode (longer compile)",
     )
     deterministic: bool = opt(
         False,

@@ -712,10 +712,10 @@ class Trainer:
                 epoch = pos.epoch
                 for batch in self._batches(epoch, skip=pos.batch_in_epoch):
                     micro = epoch * self.batches_per_epoch + pos.batch_in_epoch  # seeds this batch's noise
-                    batch = self.device_batch(batch)
+                    batch = self.device_batch(batch)  # before the step (loss_of's own call is then free)
                     compiling = self._compiles_now(batch)
                     started = time.perf_counter()
-                    loss = self._loss(batch, micro)
+                    loss = self.loss_of(batch, micro)
                     self._note_finite(loss)
                     acc.backward(loss / accum)
                     if compiling:
