@@ -103,8 +103,33 @@ def test_pinned_batch_keeps_its_values(train_config):
     moved = tr.device_batch(batch)
     assert torch.equal(moved.pixels.cpu(), batch.pixels)
     assert moved.token_ids is not None and moved.token_ids[0].shape == (len(batch.paths), 1, 77)
-    assert tr.device_batch(moved) is not moved  # a copy of the record, not of its tensors
-    assert tr.device_batch(moved).pixels is moved.pixels
+    assert tr.device_batch(moved).pixels is moved.pixels  # already there: not copied again
+
+
+@CUDA
+def test_cuda_copies_to_the_gpu_are_pinned_and_non_blocking(train_config, monkeypatch):
+    """On CUDA every copy lorakit makes to the GPU during the run (device_batch's) is from pinned memory
+    and non-blocking; cached latents and text-encoder outputs live on the GPU (they fit its share)."""
+    cached = build_trainer(
+        train_config(cache_latents=True, cache_text_encoder_outputs=True, network_train_unet_only=True)
+    )
+    assert {t.device.type for t in cached.dataset.cached_tensors()} == {"cuda"}
+    assert {row.context.device.type for row in cached.te_cache.values()} == {"cuda"}
+    tr = build_trainer(train_config(max_train_steps=3))
+    blocking = []
+    real_to = torch.Tensor.to
+
+    def to(self, *args, **kwargs):
+        caller = sys._getframe(1).f_code.co_filename
+        moved = real_to(self, *args, **kwargs)
+        if LORAKIT_SOURCE in caller and self.device.type == "cpu" and moved.device.type == "cuda":
+            if not (kwargs.get("non_blocking") and self.is_pinned()):
+                blocking.append(f"{caller}:{sys._getframe(1).f_lineno}")
+        return moved
+
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    tr.run()
+    assert blocking == []
 
 
 # --- DataLoader workers ---------------------------------------------------------------------------
