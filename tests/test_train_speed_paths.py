@@ -346,8 +346,11 @@ def restore_determinism(monkeypatch):
         torch.backends.cudnn.benchmark,
         torch.backends.cudnn.deterministic,
     )
-    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    workspace = os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
     yield
+    os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+    if workspace is not None:
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = workspace
     torch.use_deterministic_algorithms(before[0])
     torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = before[1:]
 
