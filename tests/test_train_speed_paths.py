@@ -303,6 +303,9 @@ def test_compiled_step_learns_what_the_eager_step_learns(train_config, tmp_path,
 
     common = dict(max_train_steps=3, cache_latents=True, save_precision="float", reg_data_dir=None)
     eager, _ = step_losses(train_config(output_dir=str(tmp_path / "e"), **common))
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
     with caplog.at_level(logging.INFO, logger="lorakit"):
         compiled, tr = step_losses(
             train_config(
@@ -317,7 +320,8 @@ def test_compiled_step_learns_what_the_eager_step_learns(train_config, tmp_path,
     )
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=k)
-    assert "torch_compile: the first step at 64x64" in caplog.text
+    assert caplog.text.count("torch_compile: the first step at 64x64 (batch 2)") == 1
+    assert counters["stats"]["unique_graphs"] - graphs == 1  # one bucket shape: compiled once, 3 steps
 
 
 def test_inductor_modes_need_inductor(train_config):
