@@ -171,6 +171,18 @@ def test_batches_survive_pickling_for_spawned_workers(train_config):
         assert mine.captions == theirs.captions and mine.flipped == theirs.flipped
 
 
+def test_spawned_workers_make_the_same_batches(train_config):
+    """Windows (and macOS) start workers by spawning: a fresh interpreter unpickles the batch maker."""
+    from lorakit.dataset.loader import BatchLoader
+
+    tr = build_trainer(train_config(max_data_loader_n_workers=0, flip_aug=True, shuffle_caption=True))
+    spawned = list(BatchLoader(tr.dataset, 1, context="spawn").batches(1))
+    here = list(tr.dataset.batches(1))
+    assert [b.index for b in spawned] == [b.index for b in here] and len(here) > 1
+    for a, b in zip(spawned, here):
+        assert torch.equal(a.pixels, b.pixels) and a.captions == b.captions and a.flipped == b.flipped
+
+
 def test_worker_count_is_kohyas_rule():
     assert data_loader_workers(8, cpu_count=2) == 2
     assert data_loader_workers(8, cpu_count=16) == 8

@@ -411,8 +411,14 @@ class BatchLoader:
     `DreamBoothDataset.batches` gives them and with the same contents; pinned for a GPU."""
 
     def __init__(
-        self, dataset: DreamBoothDataset, workers: int, persistent: bool = False, pin_memory: bool = False
+        self,
+        dataset: DreamBoothDataset,
+        workers: int,
+        persistent: bool = False,
+        pin_memory: bool = False,
+        context: str | None = None,
     ) -> None:
+        """`context`: the multiprocessing start method (None: the platform's; Windows and macOS spawn)."""
         self.dataset = dataset
         self.keys = EpochKeys()
         self.loader = torch.utils.data.DataLoader(
@@ -422,6 +428,7 @@ class BatchLoader:
             num_workers=workers,
             persistent_workers=persistent and workers > 0,
             pin_memory=pin_memory,
+            multiprocessing_context=context if workers > 0 else None,
             # its own generator: a DataLoader otherwise draws its workers' base seed from the global
             # one, which would shift the LoRA's dropout draws against a run without workers
             generator=torch.Generator().manual_seed(dataset.seed),

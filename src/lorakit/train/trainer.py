@@ -420,6 +420,7 @@ class Trainer:
         workers = data_loader_workers(t.max_data_loader_n_workers)
         if workers == 0 or self.cfg.dataset.cache_latents:
             return None
+        log.info("images are read in %d DataLoader worker process(es) (max_data_loader_n_workers)", workers)
         return BatchLoader(
             self.dataset, workers, t.persistent_data_loader_workers, pin_memory=self.device.type == "cuda"
         )
