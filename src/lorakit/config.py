@@ -246,6 +246,32 @@ class TrainingConfig:
     scale_v_pred_loss_like_noise_pred: bool = opt(
         False, "v-prediction: weight the loss by SNR/(SNR+1), as an epsilon-prediction loss would be"
     )
+    max_data_loader_n_workers: int = opt(
+        8,
+        "processes that read and decode images while the GPU trains, capped to the CPU count "
+        "(0 = in the training process); used when latents are not cached",
+    )
+    persistent_data_loader_workers: bool = opt(
+        False, "keep the data loader's processes between epochs (faster epoch starts, more memory)"
+    )
+    torch_compile: bool = opt(
+        False,
+        "compile the U-Net with its LoRA (torch.compile): faster steps after a first step that compiles "
+        "(each bucket shape compiles once)",
+    )
+    dynamo_backend: str = opt(
+        "inductor", "torch.compile backend for torch_compile: inductor (default), aot_eager, cudagraphs, ..."
+    )
+    torch_compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = opt(
+        "default",
+        "inductor's mode for torch_compile: the default, the reduce overhead mode (CUDA graphs: less "
+        "launch overhead, more memory) or the max autotune mode (longer compile)",
+    )
+    deterministic: bool = opt(
+        False,
+        "bit-identical runs on CUDA too (deterministic algorithms, a fixed cuBLAS workspace): slower; "
+        "CPU runs are always bit-identical",
+    )
 
     # kohya: an unset part lr falls back to learning_rate; a part lr of 0 drops that part (None is not 0)
     @property
@@ -405,6 +431,11 @@ class TrainConfig:
             "max_train_steps": self.training.max_train_steps,
             "progress_every_n_steps": self.output.progress_every_n_steps,
         }
+        if self.training.max_data_loader_n_workers < 0:
+            raise ConfigError(
+                f"max_data_loader_n_workers must be 0 (read images in the training process) or more "
+                f"(got {self.training.max_data_loader_n_workers})"
+            )
         for name, value in at_least_one.items():
             if value < 1:
                 raise ConfigError(f"{name} must be at least 1 (got {value})")

@@ -12,7 +12,7 @@ import dataclasses
 import hashlib
 import math
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +46,37 @@ class Batch:
     # image's red channel) resized, cropped and flipped as its pixels were, area-averaged to latent size
     # (ones for an image without one); None otherwise
     masks: torch.Tensor | None = None
+    # the captions' token ids (one tensor per text encoder), made before the step so that the step's
+    # copy of them to the GPU is a non-blocking one; None: the step encodes `captions` itself
+    token_ids: tuple[torch.Tensor, ...] | None = None
+    # the captions' cached text-encoder outputs (a models.families.base.Conditioning), set on the
+    # device by the trainer before the step; None: the step encodes the captions
+    conditioning: object | None = None
+
+    def _tensor_fields(self) -> list[str]:
+        return ["pixels", "latents", "is_reg", "loss_weights", "size_ids", "masks"]
+
+    def pin_memory(self) -> Batch:
+        """The batch in page-locked memory (torch's DataLoader calls this with pin_memory=True): its copy
+        to the GPU can then be non-blocking."""
+        moved = {k: _pinned(getattr(self, k)) for k in self._tensor_fields()}
+        ids = None if self.token_ids is None else tuple(_pinned(t) for t in self.token_ids)
+        return dataclasses.replace(self, **moved, token_ids=ids)
+
+    def to(self, device: torch.device | str) -> Batch:
+        """The batch's tensors on `device`, copied without blocking the host (a real overlap when the
+        source is pinned; a no-op for tensors already there)."""
+        moved = {k: _moved(getattr(self, k), device) for k in self._tensor_fields()}
+        ids = None if self.token_ids is None else tuple(_moved(t, device) for t in self.token_ids)
+        return dataclasses.replace(self, **moved, token_ids=ids)
+
+
+def _pinned(t: torch.Tensor | None) -> torch.Tensor | None:
+    return t if t is None or t.device.type != "cpu" or t.is_pinned() else t.pin_memory()
+
+
+def _moved(t: torch.Tensor | None, device) -> torch.Tensor | None:
+    return None if t is None else t.to(device, non_blocking=True)
 
 
 def size_numbers(image_size: tuple[int, int], bucket: tuple[int, int], flipped: bool) -> list[float]:
@@ -61,6 +92,9 @@ def size_numbers(image_size: tuple[int, int], bucket: tuple[int, int], flipped: 
         float(bucket[1]),
         float(bucket[0]),
     ]
+
+
+BatchKey = tuple[int, int, tuple[int, ...]]  # (epoch, batch index in the epoch, sample ids)
 
 
 def stable_seed(*parts: int) -> int:
@@ -153,6 +187,21 @@ class DreamBoothDataset:
             mask_files=self.mask_files,
         )
 
+    def cached_tensors(self) -> list[torch.Tensor]:
+        """Every cached latent (and flipped latent, and mask) tensor; none before cache_latents."""
+        out = []
+        for c in (self._latents or {}).values():
+            out += [t for t in (c.latents, c.latents_flipped, c.mask) if t is not None]
+        return out
+
+    def move_cached_latents(self, move: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Apply `move` to every cached tensor: onto the GPU (batches are then stacked there, with no
+        copy in the step), or into pinned memory (copied to it without blocking)."""
+        for c in (self._latents or {}).values():
+            c.latents = move(c.latents)
+            c.latents_flipped = None if c.latents_flipped is None else move(c.latents_flipped)
+            c.mask = None if c.mask is None else move(c.mask)
+
     @property
     def has_masks(self) -> bool:
         """Whether batches carry loss masks (alpha_mask or conditioning_data_dir)."""
@@ -176,12 +225,17 @@ class DreamBoothDataset:
         Rank r takes batch indices i with i % world_size == r, the epoch truncated to a
         multiple of world_size so all ranks step the same number of times.
         """
+        for key in self.batch_keys(epoch, rank, world_size, skip):
+            yield self.make_batch(*key)
+
+    def batch_keys(self, epoch: int, rank: int = 0, world_size: int = 1, skip: int = 0) -> list[BatchKey]:
+        """(epoch, batch index, sample ids) of this rank's batches, as `batches` makes them: what a
+        DataLoader's sampler hands its workers (each key fixes its batch, whichever process makes it)."""
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
         order = self.epoch_order(epoch)
         usable = len(order) - len(order) % world_size
-        for i in list(range(rank, usable, world_size))[skip:]:
-            yield self.make_batch(epoch, i, order[i])
+        return [(epoch, i, tuple(order[i])) for i in list(range(rank, usable, world_size))[skip:]]
 
     def fixed_batches(self) -> Iterator[Batch]:
         """Every sample once, buckets in order and samples in plan order: the validation batches, the
@@ -192,7 +246,7 @@ class DreamBoothDataset:
                 yield self.make_batch(0, index, bucket[i : i + self.batch_size])
                 index += 1
 
-    def make_batch(self, epoch: int, index: int, sample_ids: list[int]) -> Batch:
+    def make_batch(self, epoch: int, index: int, sample_ids: Sequence[int]) -> Batch:
         rng = random.Random(stable_seed(self.seed, epoch, index, 1))
         samples: list[Sample] = [self.plan.samples[j] for j in sample_ids]
         flips, captions = [], []
@@ -310,3 +364,76 @@ def validation_dataset(
     return DreamBoothDataset(
         plan, dataclasses.replace(cfg, shuffle_caption=False, flip_aug=False), seed, masks
     )
+
+
+# --- a DataLoader over the batches ----------------------------------------------------------
+
+
+def data_loader_workers(requested: int, cpu_count: int | None = None) -> int:
+    """kohya's rule: max_data_loader_n_workers capped to the CPU count (0: the training process)."""
+    import os
+
+    return max(0, min(int(requested), cpu_count if cpu_count is not None else (os.cpu_count() or 1)))
+
+
+class BatchMaker(torch.utils.data.Dataset):
+    """A map-style dataset whose items are whole batches, keyed by `BatchKey`. Picklable (the
+    dataset's plan, config and placements; never cached latents): Windows' spawned workers get a copy."""
+
+    def __init__(self, dataset: DreamBoothDataset) -> None:
+        if dataset._latents is not None:
+            raise ValueError("cached latents are read in the training process, not by DataLoader workers")
+        self.dataset = dataset
+
+    def __getitem__(self, key: BatchKey) -> Batch:
+        return self.dataset.make_batch(*key)
+
+    def __len__(self) -> int:
+        return self.dataset.num_batches_per_epoch
+
+
+class EpochKeys(torch.utils.data.Sampler):
+    """The keys of the epoch under way, set before each pass; iterated in the main process, so a
+    persistent worker needs no word of the epoch."""
+
+    def __init__(self) -> None:
+        self.keys: list[BatchKey] = []
+
+    def __iter__(self):
+        return iter(list(self.keys))
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+class BatchLoader:
+    """Batches made by `workers` processes (PIL decoding off the training process), in the order
+    `DreamBoothDataset.batches` gives them and with the same contents; pinned for a GPU."""
+
+    def __init__(
+        self,
+        dataset: DreamBoothDataset,
+        workers: int,
+        persistent: bool = False,
+        pin_memory: bool = False,
+        context: str | None = None,
+    ) -> None:
+        """`context`: the multiprocessing start method (None: the platform's; Windows and macOS spawn)."""
+        self.dataset = dataset
+        self.keys = EpochKeys()
+        self.loader = torch.utils.data.DataLoader(
+            BatchMaker(dataset),
+            sampler=self.keys,
+            batch_size=None,  # items are batches already
+            num_workers=workers,
+            persistent_workers=persistent and workers > 0,
+            pin_memory=pin_memory,
+            multiprocessing_context=context if workers > 0 else None,
+            # its own generator: a DataLoader otherwise draws its workers' base seed from the global
+            # one, which would shift the LoRA's dropout draws against a run without workers
+            generator=torch.Generator().manual_seed(dataset.seed),
+        )
+
+    def batches(self, epoch: int, rank: int = 0, world_size: int = 1, skip: int = 0) -> Iterator[Batch]:
+        self.keys.keys = self.dataset.batch_keys(epoch, rank, world_size, skip)
+        yield from self.loader

@@ -49,7 +49,9 @@ def tokenize(tokenizer, prompts: list[str], max_token_length: int | None = None)
 def encode_tokens(text_encoder, ids: torch.Tensor, clip_skip: int | None = None) -> torch.Tensor:
     """Hidden states [B, 77, D] (k == 1) or [B, 2 + k*75, D] for ids [B, k, 77] from tokenize()."""
     b, k, n = ids.shape
-    flat = ids.reshape(b * k, n).to(text_encoder.device)
+    flat = ids.reshape(b * k, n)
+    if flat.device != text_encoder.device:  # the training step's ids are there already
+        flat = flat.to(text_encoder.device)
     if clip_skip is None or clip_skip <= 1:
         hidden = text_encoder(flat)[0]  # last_hidden_state, already final-layer-normed
     else:

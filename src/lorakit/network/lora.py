@@ -113,16 +113,17 @@ class LoRANetwork:
     def kohya_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """`<name>.lora_down.weight`, `<name>.lora_up.weight`, `<name>.alpha` for every module."""
 
-        def cpu(w: torch.Tensor) -> torch.Tensor:
-            w = w.detach().to(dtype or w.dtype)
-            return w if w.is_meta else w.to("cpu").contiguous()  # meta: shapes only, for checks
+        from ..transfer import tensors_to_cpu
+
+        def cast(w: torch.Tensor) -> torch.Tensor:
+            return w.detach().to(dtype or w.dtype)
 
         out = {}
         for name, a, b in self._pairs():
-            out[f"{name}.lora_down.weight"] = cpu(a.weight)
-            out[f"{name}.lora_up.weight"] = cpu(b.weight)
+            out[f"{name}.lora_down.weight"] = cast(a.weight)
+            out[f"{name}.lora_up.weight"] = cast(b.weight)
             out[f"{name}.alpha"] = torch.tensor(float(self.by_name[name].alpha), dtype=dtype or torch.float32)
-        return out
+        return tensors_to_cpu(out)  # one copy from the GPU, not one per tensor; meta (shapes only) kept
 
     def load_kohya_state_dict(self, sd: dict[str, torch.Tensor], source: str = "network_weights") -> None:
         """Load a kohya file's weights into this network; every key must match in name and shape."""

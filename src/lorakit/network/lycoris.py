@@ -350,12 +350,14 @@ class LycorisNetwork:
 
     def kohya_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """`<kohya name>.<LyCORIS tensor name>` and `<kohya name>.alpha` for every module."""
+        from ..transfer import tensors_to_cpu
+
         out = {}
         for name, m in self.modules.items():
             for key, p in m.tensors().items():
-                out[f"{name}.{key}"] = p.detach().to(dtype or p.dtype).to("cpu").contiguous()
+                out[f"{name}.{key}"] = p.detach().to(dtype or p.dtype)
             out[f"{name}.alpha"] = torch.tensor(m.alpha, dtype=dtype or torch.float32)
-        return out
+        return tensors_to_cpu(out)  # one copy from the GPU, not one per tensor
 
     def load_kohya_state_dict(self, sd: dict[str, torch.Tensor], source: str = "network_weights") -> None:
         """Load a LyCORIS file written for this network; every key must match in name and shape."""

@@ -1,7 +1,7 @@
 """kohya's noise schedule, timestep sampling, targets and loss weights.
 
-All randomness of a step is drawn from one generator seeded by (seed, step, rank), so a
-resumed run draws exactly what the uninterrupted run drew.
+All randomness of a step is drawn from the run's one generator (on the device), reseeded by
+(seed, step, rank) before each step, so a resumed run draws exactly what the uninterrupted run drew.
 """
 
 from __future__ import annotations
@@ -25,10 +25,25 @@ def noise_scheduler(v_parameterization: bool = False, zero_terminal_snr: bool = 
     )
 
 
+NOISE, POSTERIOR = 0, 1  # a step's streams: diffusion noise and timesteps; the VAE posterior sample
+
+
+def step_seed(seed: int, step: int, rank: int, stream: int = NOISE) -> int:
+    return (seed * 1_000_003 + step * 7919 + rank + stream * 0x9E3779B97F4A7C15) % (2**63)
+
+
+def reseed(
+    generator: torch.Generator, seed: int, step: int, rank: int, stream: int = NOISE
+) -> torch.Generator:
+    """A run's generator set to the stream of (seed, step, rank): the same numbers as a new generator
+    with that seed, without creating one per step (a reseed is host-side: no GPU sync). The posterior
+    sample of an uncached run has its own stream, so its noise and timesteps are a cached run's."""
+    generator.manual_seed(step_seed(seed, step, rank, stream))
+    return generator
+
+
 def step_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
-    g = torch.Generator(device=device)
-    g.manual_seed((seed * 1_000_003 + step * 7919 + rank) % (2**63))
-    return g
+    return reseed(torch.Generator(device=device), seed, step, rank)
 
 
 def noisy_latents(
@@ -70,7 +85,7 @@ def min_snr_weights(
     snr: torch.Tensor, t: torch.Tensor, gamma: float, v_parameterization: bool
 ) -> torch.Tensor:
     """kohya's apply_snr_weight: min(snr, gamma) / snr (v-prediction: / (snr + 1))."""
-    s = snr.to(t.device)[t]
+    s = _on(snr, t.device)[t]
     clipped = torch.clamp(s, max=gamma)
     if v_parameterization:
         return clipped / (s + 1)
@@ -80,7 +95,7 @@ def min_snr_weights(
 
 def v_pred_like_noise_pred_weights(snr: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """kohya's scale_v_prediction_loss_like_noise_prediction: SNR / (SNR + 1)."""
-    s = snr.to(t.device)[t]
+    s = _on(snr, t.device)[t]
     return s / (s + 1)
 
 
@@ -97,6 +112,11 @@ def per_sample_loss(
         return err.mean(dim=(1, 2, 3))
     from ..dataset.images import mask_to_latent_size
 
-    m = mask_to_latent_size(mask.to(err.device, torch.float32), tuple(err.shape[2:]))
+    m = mask_to_latent_size(_on(mask, err.device).float(), tuple(err.shape[2:]))
     area = m.sum(dim=(1, 2, 3)) * err.shape[1]  # the mask covers every channel
     return (err * m).sum(dim=(1, 2, 3)) / area.clamp(min=torch.finfo(torch.float32).tiny)
+
+
+def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t` on `device`; the step's tensors are there already (moved before the step), so no copy."""
+    return t if t.device == device else t.to(device)

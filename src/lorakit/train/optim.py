@@ -84,19 +84,22 @@ def build_optimizer(cfg: TrainingConfig, param_groups: list[dict]) -> tuple[torc
             )
     except ImportError as e:
         raise ConfigError(missing_package_message(cfg.optimizer_type, e.name)) from None
-    if (
-        cls is torch.optim.AdamW
-        and torch.cuda.is_available()
-        and "fused" not in kwargs
-        and "foreach" not in kwargs
-    ):
-        kwargs["fused"] = True  # one kernel for the whole update instead of several per tensor
+    args = ",".join(f"{k}={v}" for k, v in kwargs.items())  # ss_optimizer: what the user chose
+    if cls is torch.optim.AdamW and "fused" not in kwargs and "foreach" not in kwargs:
+        kwargs.update(adamw_speed_flags(param_groups))
     try:
         opt = cls(param_groups, lr=cfg.learning_rate, **kwargs)
     except TypeError as e:
         raise ConfigError(f"optimizer_args {cfg.optimizer_args}: {e}") from None
-    args = ",".join(f"{k}={v}" for k, v in kwargs.items())
     return opt, f"{cls.__module__}.{cls.__name__}({args})"
+
+
+def adamw_speed_flags(param_groups: list[dict]) -> dict[str, bool]:
+    """AdamW over all LoRA tensors at once: `fused` (one kernel for the whole update) where every tensor
+    is on a CUDA device, else `foreach` (a few multi-tensor ops, not several per tensor; on the CPU
+    the same numbers as the per-tensor loop)."""
+    devices = {p.device.type for g in param_groups for p in g["params"]}
+    return {"fused": True} if devices == {"cuda"} else {"foreach": True}
 
 
 def warmup_steps(cfg: TrainingConfig, total_steps: int) -> int:

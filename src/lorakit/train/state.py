@@ -107,7 +107,10 @@ def save_state(folder: str | Path, network, optimizer, lr_scheduler, pos: Positi
     recover_state(folder)  # an aside state from a killed swap must not be lost below
     tmp = make_temp_dir(folder, suffix=".tmp")  # 0o777 less the umask, not mkdtemp's 0700
     aside = _aside(folder)
-    opt = {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict()}
+    from ..transfer import nested_to_cpu
+
+    # the optimizer's moments come off the GPU in one copy (torch.save would wait once per tensor)
+    opt = {"optimizer": nested_to_cpu(optimizer.state_dict()), "lr_scheduler": lr_scheduler.state_dict()}
     if scaler is not None:  # fp16: the loss scale and its growth tracker
         opt["scaler"] = scaler.state_dict()
     try:

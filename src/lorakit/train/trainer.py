@@ -107,7 +107,11 @@ def _log_memory_estimate(cfg: TrainConfig, family, model_path: Path) -> None:
 
 def build_trainer(cfg: TrainConfig) -> Trainer:
     """Check the config, the base model path and the dataset (fast), then load the models."""
+    from .speed import apply_deterministic, check_compile_options
+
     cfg.validate()
+    check_compile_options(cfg.training)
+    apply_deterministic(cfg.training.deterministic)  # before anything starts CUDA (the memory estimate)
     if cfg.dataset.cache_text_encoder_outputs and cfg.dataset.shuffle_caption:
         raise ConfigError(
             f"{cfg.dataset.te_cache_option} cannot be used with shuffle_caption (captions change per step)"
@@ -187,6 +191,9 @@ class Trainer:
 
         from ..models.loader import LoraFileAsBaseModel, load_base_model
         from ..network.lycoris import build_network
+        from .speed import apply_deterministic
+
+        apply_deterministic(cfg.training.deterministic)  # before the Accelerator starts CUDA
 
         self.cfg, self.dataset, self.seed = cfg, dataset, seed
         self.session_id = session_id  # kohya's ss_session_id; a new run gets a new one in _metadata
@@ -208,6 +215,10 @@ class Trainer:
             kwargs_handlers=[InitProcessGroupKwargs(backend=b)] if (b := collective_backend()) else None,
         )
         self.device = self.acc.device
+        # the run's one noise generator, on the device, reseeded before each step (never one per step)
+        self._noise = torch.Generator(device=self.device)
+        self._posterior = torch.Generator(device=self.device)  # uncached runs' VAE samples
+        self._validation_noise = torch.Generator(device=self.device)
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
             t.mixed_precision, torch.float32
         )
@@ -312,6 +323,10 @@ class Trainer:
         self._validated_at = -1  # the step of the last validation
 
         self._prepare_caches()
+        self._keep_caches_on_device()
+        self._loader = self._batch_loader()
+        self._unet_compiled = self._compile()
+        self._compiled_shapes: set = set()
         self._metadata_cache: dict[str, str] | None = None
         self.session_id = self.session_id or new_session_id()
         self.pos.session_id = self.session_id  # the states it saves keep it for the resumed run
@@ -365,6 +380,83 @@ class Trainer:
             self._park(list(self.text_encoders.values()), True)  # for good: SDXL's are 1.6 GB in bf16
         self._unpark([self.base.unet])
 
+    def _keep_caches_on_device(self) -> None:
+        """Cached latents and text-encoder outputs on the GPU when together they fit in
+        speed.DEVICE_CACHE_SHARE of its memory (a batch is then stacked there: no copy in the step);
+        otherwise in pinned memory, copied to it without blocking. Nothing to do on a CPU run."""
+        if self.device.type != "cuda":
+            return
+        from .speed import device_cache_budget
+
+        te_rows = [(c, row) for c, row in self.te_cache.items()]
+        te_tensors = [t for _, row in te_rows for t in (row.context, row.pooled) if t is not None]
+        latents = [t for ds in self._datasets() for t in ds.cached_tensors()]
+        size = sum(t.numel() * t.element_size() for t in latents)
+        size += sum(t.numel() * self.weight_dtype.itemsize for t in te_tensors)
+        fits = size <= device_cache_budget(self.device)
+        log.info(
+            "cached latents / text-encoder outputs (%.1f MiB) kept %s", size / 2**20,
+            "on the GPU" if fits else "in pinned CPU memory (too large for the GPU's share)",
+        )  # fmt: skip
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(self.device, non_blocking=True) if fits else t.cpu().pin_memory()
+
+        for ds in self._datasets():
+            ds.move_cached_latents(move)
+        self.te_cache = {
+            c: Conditioning(
+                *(None if t is None else move(t.to(self.weight_dtype)) for t in (row.context, row.pooled))
+            )
+            for c, row in te_rows
+        }
+
+    def _batch_loader(self):
+        """A DataLoader with worker processes for runs that decode images each step (latents not cached);
+        None: batches are made in this process (cached latents are only stacked)."""
+        from ..dataset.loader import BatchLoader, data_loader_workers
+
+        t = self.cfg.training
+        workers = data_loader_workers(t.max_data_loader_n_workers)
+        if workers == 0 or self.cfg.dataset.cache_latents:
+            return None
+        log.info("images are read in %d DataLoader worker process(es) (max_data_loader_n_workers)", workers)
+        return BatchLoader(
+            self.dataset, workers, t.persistent_data_loader_workers, pin_memory=self.device.type == "cuda"
+        )
+
+    def _compile(self):
+        """The compiled U-Net for the step (torch_compile), or None."""
+        t = self.cfg.training
+        if not t.torch_compile:
+            return None
+        from .speed import compile_unet
+
+        buckets = sum(len(ds.bucket_resos) for ds in self._datasets())
+        log.info(
+            "torch_compile: U-Net compiled with %s (mode %s) for static shapes: each bucket shape compiles "
+            "once, on its first step", t.dynamo_backend, t.torch_compile_mode,
+        )  # fmt: skip
+        return compile_unet(self.base.unet, t, shapes=max(64, 4 * buckets + 8))
+
+    @contextlib.contextmanager
+    def _compiled_unet(self):
+        """The step's U-Net call goes through the compiled module; everything else (sampling, saving,
+        state dicts) sees the plain one."""
+        if self._unet_compiled is None:
+            yield
+            return
+        eager = self.base.unet
+        self.base.unet = self._unet_compiled
+        try:
+            yield
+        finally:
+            self.base.unet = eager
+
+    def _batches(self, epoch: int, skip: int):
+        source = self._loader or self.dataset
+        return source.batches(epoch, self.acc.process_index, self.acc.num_processes, skip=skip)
+
     def _datasets(self) -> list:
         """The train dataset and, with validation_split / validation_data_dir, the validation one."""
         val = getattr(self.dataset, "validation", None)
@@ -396,7 +488,9 @@ class Trainer:
     @torch.no_grad()
     def _encode_pixels(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         vae = self.base.vae
-        dist = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist
+        if pixels.device != self.device:  # the step's pixels are on the device already
+            pixels = pixels.to(self.device)
+        dist = vae.encode(pixels.to(dtype=vae.dtype)).latent_dist
         latents = dist.sample(generator=generator).to(torch.float32) * vae.config.scaling_factor
         if vae.dtype == torch.float16 and not torch.isfinite(latents).all():
             raise TrainingError(
@@ -410,26 +504,71 @@ class Trainer:
         with torch.set_grad_enabled(self.train_te and torch.is_grad_enabled()), self.acc.autocast():
             return self.family.encode(self.base, captions, m.clip_skip, m.max_token_length)
 
-    def _conditioning(self, captions: list[str]) -> Conditioning:
-        if self.te_cache:
-            return Conditioning.stack([self.te_cache[c] for c in captions])
-        return self._encode_captions(captions)
+    def _conditioning(self, batch) -> Conditioning:
+        if batch.conditioning is not None:  # the text-encoder cache's rows, stacked before the step
+            return batch.conditioning
+        if batch.token_ids is not None:
+            m = self.cfg.model
+            with torch.set_grad_enabled(self.train_te and torch.is_grad_enabled()), self.acc.autocast():
+                return self.family.encode_ids(self.base, batch.token_ids, m.clip_skip)
+        return self._encode_captions(batch.captions)
 
     # --- the step -----------------------------------------------------------------
+    def device_batch(self, batch):
+        """Everything the step reads, on the device before it starts: the text-encoder cache's rows
+        stacked (or the captions' token ids made here), then pinned and copied without blocking the
+        host. Already on the device: returned as it is."""
+        if self.te_cache and batch.conditioning is None:
+            cond = Conditioning.stack([self.te_cache[c] for c in batch.captions])
+            batch = replace(batch, conditioning=cond)
+        elif not self.te_cache and batch.token_ids is None:
+            ids = self.family.tokenize(self.base, batch.captions, self.cfg.model.max_token_length)
+            batch = replace(batch, token_ids=ids)
+        if self.device.type == "cuda":
+            batch = batch.pin_memory()
+            if batch.conditioning is not None and batch.conditioning.context.device != self.device:
+                # a text-encoder cache too large for the GPU is pinned: its rows come over without blocking
+                moved = (None if t is None else t.pin_memory().to(self.device, non_blocking=True)
+                         for t in (batch.conditioning.context, batch.conditioning.pooled))  # fmt: skip
+                batch = replace(batch, conditioning=Conditioning(*moved))
+        return batch.to(self.device)
+
     def loss_of(
-        self, batch, step: int, generator: torch.Generator | None = None, timestep: int | None = None
+        self,
+        batch,
+        step: int,
+        generator: torch.Generator | None = None,
+        timestep: int | None = None,
+        posterior: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """The batch's mean loss; noise (and timesteps) from the step's generator, or from `generator`
-        at one fixed `timestep` (the validation loss)."""
+        """The batch's mean loss; noise (and timesteps) from the run's generator reseeded for `step`, or
+        from `generator` at one fixed `timestep` (the validation loss). An uncached batch's VAE sample
+        comes from `posterior`, or the step's own posterior stream: the noise and timesteps are those a
+        run with cached latents draws."""
+        return self._loss(self.device_batch(batch), step, generator, timestep, posterior)
+
+    def _loss(
+        self,
+        batch,
+        step: int,
+        generator: torch.Generator | None = None,
+        timestep: int | None = None,
+        posterior: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """loss_of for a batch already on the device (device_batch): no host work, no host->device copy."""
         cfg = self.cfg
-        g = generator or N.step_generator(self.seed, step, self.acc.process_index, self.device)
+        rank = self.acc.process_index
+        g = generator or N.reseed(self._noise, self.seed, step, rank)
+        if self._unet_compiled is not None and cfg.training.torch_compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are done with
         if batch.latents is not None:
-            latents = batch.latents.to(self.device)
+            latents = batch.latents
         else:
-            latents = self._encode_pixels(batch.pixels, g)
-        cond = self._conditioning(batch.captions).to(self.device, self.weight_dtype)
+            posterior = posterior or N.reseed(self._posterior, self.seed, step, rank, N.POSTERIOR)
+            latents = self._encode_pixels(batch.pixels, posterior)
+        cond = self._conditioning(batch).to(dtype=self.weight_dtype)
         noisy, noise, t = N.noisy_latents(self.scheduler, latents, g, cfg.training.noise_offset, timestep)
-        with self.acc.autocast():
+        with self.acc.autocast(), self._compiled_unet():
             pred = self.family.predict(self.base, noisy.to(self.weight_dtype), t, cond, batch.size_ids)
         v_pred = cfg.model.v_parameterization
         target = N.target_of(self.scheduler, latents, noise, t, v_pred)
@@ -437,7 +576,7 @@ class Trainer:
             per_sample = N.per_sample_loss(pred, target, batch.masks)
         else:
             per_sample = N.per_sample_loss(pred, target)
-        loss = per_sample * batch.loss_weights.to(self.device)
+        loss = per_sample * batch.loss_weights
         if cfg.training.min_snr_gamma:
             loss = loss * N.min_snr_weights(self.snr, t, cfg.training.min_snr_gamma, v_pred)
         if v_pred and cfg.training.scale_v_pred_loss_like_noise_pred:
@@ -471,10 +610,11 @@ class Trainer:
             if cap is not None and i >= cap:
                 break
             n = len(batch.paths)
+            batch = self.device_batch(batch)
             for t in VALIDATION_TIMESTEPS:
-                g = torch.Generator(device=self.device)
-                g.manual_seed(stable_seed(self.validation_seed, i, t) % (2**63))
-                total += self.loss_of(batch, 0, generator=g, timestep=t).double() * n
+                g = self._validation_noise.manual_seed(stable_seed(self.validation_seed, i, t) % (2**63))
+                vae = self._posterior.manual_seed(stable_seed(self.validation_seed, i, t, 1) % (2**63))
+                total += self._loss(batch, 0, generator=g, timestep=t, posterior=vae).double() * n
                 count += n
         return (total / max(count, 1)).item()
 
@@ -571,14 +711,16 @@ class Trainer:
         try:
             while pos.step < self.total_steps:
                 epoch = pos.epoch
-                batches = self.dataset.batches(
-                    epoch, acc.process_index, acc.num_processes, skip=pos.batch_in_epoch
-                )
-                for batch in batches:
+                for batch in self._batches(epoch, skip=pos.batch_in_epoch):
                     micro = epoch * self.batches_per_epoch + pos.batch_in_epoch  # seeds this batch's noise
+                    batch = self.device_batch(batch)  # before the step (loss_of's own call is then free)
+                    compiling = self._compiles_now(batch)
+                    started = time.perf_counter()
                     loss = self.loss_of(batch, micro)
                     self._note_finite(loss)
                     acc.backward(loss / accum)
+                    if compiling:
+                        self._log_compile_time(batch, started)
                     loss_sum += loss.detach()
                     loss_n += 1
                     pos.batch_in_epoch += 1
@@ -629,6 +771,27 @@ class Trainer:
         final = self.save(cfg.output.output_name)
         acc.end_training()
         return final
+
+    def _compiles_now(self, batch) -> bool:
+        """Whether this step meets a shape the compiled U-Net has not seen (its first step compiles)."""
+        if self._unet_compiled is None:
+            return False
+        x = batch.latents if batch.latents is not None else batch.pixels
+        shape = tuple(x.shape)
+        if shape in self._compiled_shapes:
+            return False
+        self._compiled_shapes.add(shape)
+        return True
+
+    def _log_compile_time(self, batch, started: float) -> None:
+        """Log how long the first step of a new shape took, compile included (one sync, once per shape)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        w, h = batch.bucket
+        log.info(
+            "torch_compile: the first step at %dx%d (batch %d) took %.1f s, compiling included; later steps "
+            "of this shape reuse it", w, h, len(batch.paths), time.perf_counter() - started,
+        )  # fmt: skip
 
     def _save_interrupted(self, boundary: Position) -> None:
         """Ctrl-C: keep what was trained, and say how to go on. The weights are those of the last

@@ -76,6 +76,20 @@ class ModelFamily:
     ) -> Conditioning:
         raise NotImplementedError
 
+    def tokenize(
+        self, base: BaseModel, captions: Sequence[str], max_token_length: int | None
+    ) -> tuple[torch.Tensor, ...] | None:
+        """`encode` in two halves, for the training step: token ids (CPU, one tensor per text encoder),
+        made before the step so that their copy to the GPU does not block; None where the family has
+        no such split (the step then calls `encode`)."""
+        return None
+
+    def encode_ids(
+        self, base: BaseModel, ids: tuple[torch.Tensor, ...], clip_skip: int | None
+    ) -> Conditioning:
+        """`encode` from `tokenize`'s ids, already on the text encoders' device."""
+        raise NotImplementedError
+
     def encode_prompts(
         self, base: BaseModel, prompt: str, negative: str, clip_skip: int | None
     ) -> tuple[Conditioning, Conditioning]:

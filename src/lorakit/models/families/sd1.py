@@ -30,6 +30,16 @@ class SD1Family(ModelFamily):
         ids = tokenize(base.tokenizer, list(captions), max_token_length).to(te.device)
         return Conditioning(encode_tokens(te, ids, clip_skip))
 
+    def tokenize(self, base, captions, max_token_length):
+        from lorakit.models.text import tokenize
+
+        return (tokenize(base.tokenizer, list(captions), max_token_length),)
+
+    def encode_ids(self, base, ids, clip_skip):
+        from lorakit.models.text import encode_tokens
+
+        return Conditioning(encode_tokens(base.text_encoder, ids[0], clip_skip))
+
     def encode_prompts(self, base, prompt, negative, clip_skip):
         from lorakit.generate.prompt import encode_pair
 

@@ -263,6 +263,17 @@ class SDXLFamily(ModelFamily):
         context, pooled = encode_sdxl_captions(base, captions, max_token_length, clip_skip)
         return Conditioning(context, pooled)
 
+    def tokenize(self, base, captions, max_token_length):
+        from lorakit.models.families.sdxl_conditioning import tokenize_sdxl
+
+        return tokenize_sdxl(base, captions, max_token_length)
+
+    def encode_ids(self, base, ids, clip_skip):
+        from lorakit.models.families.sdxl_conditioning import encode_sdxl_ids
+
+        del clip_skip  # as in encode: SDXL always takes the penultimate layers
+        return Conditioning(*encode_sdxl_ids(base, *ids))
+
     def encode_prompts(self, base, prompt, negative, clip_skip):
         from lorakit.generate.sdxl_prompt import encode_sdxl_pair
 

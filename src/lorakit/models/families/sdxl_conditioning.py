@@ -34,14 +34,18 @@ SIZE_EMBED_DIM = 256  # kohya get_size_embeddings / diffusers addition_time_embe
 
 def _penultimate(text_encoder, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(hidden_states[-2] [N, 77, D], final-LN last_hidden_state [N, 77, D]) for ids [N, 77]."""
-    out = text_encoder(ids.to(text_encoder.device), output_hidden_states=True, return_dict=True)
+    if ids.device != text_encoder.device:  # the training step's ids are there already
+        ids = ids.to(text_encoder.device)
+    out = text_encoder(ids, output_hidden_states=True, return_dict=True)
     return out.hidden_states[-2], out.last_hidden_state
 
 
 def pooled_at_eos(text_encoder_2, last_hidden: torch.Tensor, ids: torch.Tensor, eos_id: int) -> torch.Tensor:
     """kohya's pool_workaround: final-LN state at the first EOS of each row, through text_projection
     (transformers' own pooling takes argmax(ids), which is the same token for plain CLIP vocab)."""
-    eos_index = (ids == eos_id).int().argmax(dim=1).to(last_hidden.device)
+    eos_index = (ids == eos_id).int().argmax(dim=1)
+    if eos_index.device != last_hidden.device:
+        eos_index = eos_index.to(last_hidden.device)
     pooled = last_hidden[torch.arange(last_hidden.shape[0], device=last_hidden.device), eos_index]
     projection = text_encoder_2.text_projection
     return projection(pooled.to(projection.weight.dtype)).to(last_hidden.dtype)
@@ -54,9 +58,21 @@ def encode_sdxl_captions(
     tokenizer_1/2, text_encoder_1/2). `clip_skip` is ignored, as kohya ignores it for SDXL (it only
     warns, sdxl_train_util.verify_sdxl_training_args): SDXL always takes the penultimate layers."""
     del clip_skip
+    return encode_sdxl_ids(model, *tokenize_sdxl(model, captions, max_token_length))
+
+
+def tokenize_sdxl(
+    model, captions: Sequence[str], max_token_length: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both encoders' token ids [B, k, 77]: TE1's padded with EOS, TE2's with 0."""
     captions = list(captions)
-    ids1 = tokenize(model.tokenizer_1, captions, max_token_length)  # [B, k, 77], padded with EOS
-    ids2 = tokenize(model.tokenizer_2, captions, max_token_length)  # [B, k, 77], padded with 0
+    return tokenize(model.tokenizer_1, captions, max_token_length), tokenize(
+        model.tokenizer_2, captions, max_token_length
+    )
+
+
+def encode_sdxl_ids(model, ids1: torch.Tensor, ids2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """encode_sdxl_captions from tokenize_sdxl's ids (on the encoders' device: no copy here)."""
     b, k, n = ids1.shape
     hidden1, _ = _penultimate(model.text_encoder_1, ids1.reshape(b * k, n))
     hidden2, last2 = _penultimate(model.text_encoder_2, ids2.reshape(b * k, n))
