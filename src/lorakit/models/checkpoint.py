@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -124,6 +125,46 @@ def _read_torch(path: Path, mmap: bool = False) -> tuple[dict[str, torch.Tensor]
         obj = obj["state_dict"]
     state_dict = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     return state_dict, metadata
+
+
+def place_tensor(tensor: torch.Tensor, dtype: torch.dtype, device) -> torch.Tensor:
+    """`tensor` on `device`, in `dtype` if it is floating point (ids and masks keep theirs). Already
+    there, it is returned as it is: from a mapped file, a private (copy-on-write) mapping."""
+    return tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+
+
+def read_tensors(
+    path: str | Path,
+    dtype_of: Callable[[str], torch.dtype | None],
+    device="cpu",
+    loaded: tuple[dict, dict] | None = None,
+) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint for which `dtype_of(key)` gives a dtype, each cast to it and moved
+    to `device` as it is read, so the file is never whole in RAM in another dtype (or at all, for a
+    .safetensors or zip .ckpt, which are mapped). `loaded`: the (state_dict, metadata) already read."""
+    if loaded is not None:
+        source = loaded[0]
+    elif is_safetensors(path):
+        from safetensors import SafetensorError, safe_open
+
+        out = {}
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    dtype = dtype_of(key)
+                    if dtype is not None:
+                        out[key] = place_tensor(f.get_tensor(key), dtype, device)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise _unreadable_safetensors(path, e) from e
+        return out
+    else:
+        source = read_state_dict(path, mmap=True)[0]
+    out = {}
+    for key in list(source):
+        dtype = dtype_of(key)
+        if dtype is not None:
+            out[key] = place_tensor(source[key], dtype, device)
+    return out
 
 
 def read_state_dict(path: str | Path, mmap: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
