@@ -224,7 +224,10 @@ class Trainer:
 
         set_seed(seed)  # the LoRA's random init comes from the global generators
         try:
-            base = load_base_model(cfg.model.pretrained_model_name_or_path)
+            # straight into the compute dtype on the device (the .to() calls below are then no-ops)
+            base = load_base_model(
+                cfg.model.pretrained_model_name_or_path, self.weight_dtype, self.device, self._vae_dtype()
+            )
         except LoraFileAsBaseModel as e:
             raise ModelError(
                 f"pretrained_model_name_or_path: {e.path} is a LoRA file, not a base model. To start "
