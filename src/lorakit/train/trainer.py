@@ -343,7 +343,7 @@ class Trainer:
             self._park(list(self.text_encoders.values()), True)
             for dataset in self._datasets():
                 dataset.cache_latents(
-                    self._encode_pixels, self._vae_fingerprint(), d.cache_latents_to_disk, 1
+                    self._encode_pixels, self._vae_fingerprint(), d.cache_latents_to_disk, d.vae_batch_size
                 )
             self._unpark(list(self.text_encoders.values()))
             if not self.sample_prompts:
@@ -400,7 +400,13 @@ class Trainer:
     def _encode_pixels(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         vae = self.base.vae
         dist = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist
-        latents = dist.sample(generator=generator).to(torch.float32) * vae.config.scaling_factor
+        if generator is None:  # caching: one draw per image, so vae_batch_size leaves the latents alone
+            one = (1, *dist.mean.shape[1:])  # as diffusers draws it: contiguous, in the VAE's dtype
+            noise = torch.cat([torch.randn(one, device=dist.mean.device, dtype=dist.mean.dtype) for _ in dist.mean])
+            sampled = dist.mean + dist.std * noise
+        else:
+            sampled = dist.sample(generator=generator)
+        latents = sampled.to(torch.float32) * vae.config.scaling_factor
         if vae.dtype == torch.float16 and not torch.isfinite(latents).all():
             raise TrainingError(
                 "the VAE made nan/inf latents in fp16 (SDXL's VAE overflows there): add no_half_vae = true, "
