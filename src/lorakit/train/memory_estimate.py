@@ -114,6 +114,7 @@ def estimate_memory(
     optimizer: str = "AdamW",
     mixed_precision: str = "bf16",
     conv_dim: int | None = None,
+    vae_batch_size: int = 1,
 ) -> MemoryEstimate:
     """Peak GPU memory of a LoRA run with these settings, in GiB (see the module's docstring)."""
     if family not in ARCH:
@@ -150,9 +151,9 @@ def estimate_memory(
         unet_step = max(unet_step, vae_encode * batch_size)
     activations_gib = unet_step * act_scale
 
-    # setup: the models arrive on the GPU together, then latents are encoded one image at a time
+    # setup: the models arrive on the GPU together, then latents are encoded vae_batch_size at a time
     all_weights = (arch["unet"] + arch["text_encoders"] + arch["vae"]) * weight_bytes / GIB
-    setup_gib = all_weights + (vae_encode * act_scale if cache_latents else 0.0)
+    setup_gib = all_weights + (vae_encode * act_scale * vae_batch_size if cache_latents else 0.0)
     return MemoryEstimate(
         weights_gib=weights_gib,
         lora_gib=lora_gib,
@@ -183,6 +184,7 @@ def estimate_for_config(cfg, family: str) -> MemoryEstimate:
         optimizer=cfg.training.optimizer_type,
         mixed_precision=cfg.training.mixed_precision,
         conv_dim=cfg.network.conv_dim,
+        vae_batch_size=cfg.dataset.vae_batch_size,
     )
 
 

@@ -235,6 +235,9 @@ class Trainer:
                 "give the SD1.x/SDXL checkpoint it was trained on as --pretrained_model_name_or_path."
             ) from None
         self.base, self.family = base, base.spec
+        model_path = Path(cfg.model.pretrained_model_name_or_path)
+        if is_main_launch_process() and _family_from_header(model_path) is None:  # a .ckpt: known only now
+            _log_memory_estimate(cfg, self.family, model_path)
         check_family_options(cfg, self.family)
         log.info("base model: %s (%s)", base.family.label, base.kind.replace("_", " "))
         if base.family.v_pred and not cfg.model.v_parameterization:
