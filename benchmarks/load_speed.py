@@ -140,7 +140,18 @@ def main(argv=None) -> int:
         model = str(path)
     print(f"model {model}, target {a.dtype} on {a.device}")
     for mode in a.modes.split(","):
-        cmd = [sys.executable, __file__, "--model", model, "--dtype", a.dtype, "--device", a.device, "--one", mode]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--model",
+            model,
+            "--dtype",
+            a.dtype,
+            "--device",
+            a.device,
+            "--one",
+            mode,
+        ]
         run = subprocess.run(cmd, capture_output=True, text=True)
         if run.returncode != 0:
             print(run.stderr[-2000:], file=sys.stderr)

@@ -92,7 +92,9 @@ def test_sdxl_single_file_and_ckpt_in_the_asked_dtypes(tmp_path):
         old = _old_path(path, torch.bfloat16, torch.float32)
         for got, want in zip(_parts(base), _parts(old)):
             a, b = got.state_dict(), want.state_dict()
-            assert {v.dtype for v in got.parameters()} == {torch.float32 if got is base.vae else torch.bfloat16}
+            assert {v.dtype for v in got.parameters()} == {
+                torch.float32 if got is base.vae else torch.bfloat16
+            }
             for k in a:
                 assert torch.equal(a[k], b[k]), k
 

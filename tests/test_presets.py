@@ -92,7 +92,9 @@ def test_the_4gb_sd15_profile_is_within_2_5_gib_by_the_estimate():
     from lorakit.train.memory_estimate import estimate_for_config
 
     flat = load_preset("sd15-4gb-character")
-    cfg = TrainConfig.from_dict({"pretrained_model_name_or_path": "b.safetensors", "train_data_dir": "d", **flat})
+    cfg = TrainConfig.from_dict(
+        {"pretrained_model_name_or_path": "b.safetensors", "train_data_dir": "d", **flat}
+    )
     cfg.validate()
     est = estimate_for_config(cfg, "sd1")
     assert est.peak_gib <= 2.5 and est.train_gib <= 2.5

@@ -405,7 +405,9 @@ class Trainer:
         dist = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist
         if generator is None:  # caching: one draw per image, so vae_batch_size leaves the latents alone
             one = (1, *dist.mean.shape[1:])  # as diffusers draws it: contiguous, in the VAE's dtype
-            noise = torch.cat([torch.randn(one, device=dist.mean.device, dtype=dist.mean.dtype) for _ in dist.mean])
+            noise = torch.cat(
+                [torch.randn(one, device=dist.mean.device, dtype=dist.mean.dtype) for _ in dist.mean]
+            )
             sampled = dist.mean + dist.std * noise
         else:
             sampled = dist.sample(generator=generator)
