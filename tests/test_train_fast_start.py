@@ -59,3 +59,25 @@ def test_the_trainer_loads_the_base_in_its_compute_dtypes(train_config):
 
 def _frozen_dtypes(model) -> set:
     return {p.dtype for p in model.parameters() if not p.requires_grad}
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
+def test_the_memory_estimate_is_logged_once_before_training_for_every_base(
+    suffix, train_config, tiny_base, tmp_path, monkeypatch, caplog
+):
+    """A .safetensors or folder tells its family from the header (logged before the load); a .ckpt's
+    family is known once it is loaded, and is logged then."""
+    import logging
+
+    from lorakit.models.checkpoint import read_state_dict
+    from lorakit.train import memory_estimate
+
+    base = tiny_base
+    if suffix == ".ckpt":
+        sd, metadata = read_state_dict(tiny_base)
+        base = tmp_path / "tiny.ckpt"
+        torch.save({"state_dict": sd, **metadata}, base)
+    monkeypatch.setattr(memory_estimate, "FULL_SIZE_BYTES", 0)  # the tiny base counts as full-size
+    with caplog.at_level(logging.INFO):
+        _cached(train_config, pretrained_model_name_or_path=str(base))
+    assert caplog.text.count("GPU memory estimate: about") == 1
