@@ -135,3 +135,30 @@ def test_cuda_the_weights_arrive_on_the_gpu(sd1_files):
     for got, want in zip(_parts(base), _parts(old)):
         for k, v in want.state_dict().items():
             assert torch.equal(got.state_dict()[k].cpu(), v), k
+
+
+def test_read_tensors_reads_safetensors_as_the_library_does(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from lorakit.errors import ModelError
+
+    tensors = {
+        "a.f16": torch.randn(3, 5).half(),
+        "a.bf16": torch.randn(7).bfloat16(),
+        "a.f32": torch.randn(2, 2, 1, 1),
+        "a.i64": torch.arange(77)[None],
+        "a.bool": torch.tensor([True, False]),
+        "a.empty": torch.tensor([]),
+        "skipped": torch.ones(4),
+    }
+    path = tmp_path / "mixed.safetensors"
+    save_file(tensors, path, metadata={"x": "y"})
+    got = read_tensors(path, lambda k: None if k == "skipped" else torch.float32)
+    want = load_file(path)
+    assert set(got) == set(tensors) - {"skipped"}
+    for k, v in got.items():
+        expected = want[k].float() if want[k].is_floating_point() else want[k]
+        assert v.dtype == expected.dtype and torch.equal(v, expected), k
+    path.write_bytes(path.read_bytes()[:-8])  # the last tensor cut short
+    with pytest.raises(ModelError, match="not a readable .safetensors"):
+        read_tensors(path, lambda k: torch.float32)
