@@ -92,3 +92,16 @@ def test_the_preflight_line_only_for_full_size_bases(tmp_path):
     small.write_bytes(b"x" * 1000)  # the demo and test models: nothing fitted for them
     assert preflight_line(cfg, "sdxl", small, 8.0) is None
     assert preflight_line(cfg, "flux1_dev", folder, 8.0) is None
+
+
+def test_the_vae_counts_in_float32_under_fp16_and_vae_batches_raise_the_setup():
+    def est(**kw):
+        return estimate_memory("sd1", 512, 512, cache_latents=True, **kw)
+
+    vae_gib = 83_653_863 * 2 / 2**30  # the fp32 VAE's extra two bytes per parameter
+    fp16, bf16 = est(mixed_precision="fp16"), est(mixed_precision="bf16")
+    assert fp16.setup_gib - bf16.setup_gib == pytest.approx(vae_gib)
+    assert est(mixed_precision="fp16", vae_fp32=False).setup_gib == pytest.approx(bf16.setup_gib)
+    assert est(mixed_precision="bf16", vae_fp32=True).setup_gib == pytest.approx(fp16.setup_gib)
+    assert est(vae_batch_size=4).setup_gib > est(vae_batch_size=1).setup_gib
+    assert est(vae_batch_size=4).train_gib == est(vae_batch_size=1).train_gib

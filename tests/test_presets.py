@@ -86,3 +86,19 @@ def test_an_unknown_preset_names_the_known_ones(capsys):
     assert main(["train", "--preset", "sdxl-16gb", "--dump_config"]) != 0
     err = capsys.readouterr().err
     assert "unknown preset 'sdxl-16gb'" in err and "sd15-8gb-character" in err
+
+
+def test_the_4gb_sd15_profile_is_within_2_5_gib_by_the_estimate():
+    from lorakit.train.memory_estimate import estimate_for_config
+
+    flat = load_preset("sd15-4gb-character")
+    cfg = TrainConfig.from_dict(
+        {"pretrained_model_name_or_path": "b.safetensors", "train_data_dir": "d", **flat}
+    )
+    cfg.validate()
+    est = estimate_for_config(cfg, "sd1")
+    assert est.peak_gib <= 2.5 and est.train_gib <= 2.5
+    assert (cfg.training.gradient_checkpointing, cfg.dataset.cache_latents) == (True, True)
+    assert cfg.dataset.cache_text_encoder_outputs and not cfg.trains_text_encoder  # the TE can leave the GPU
+    cfg.training.optimizer_type = "AdamW"  # without bitsandbytes it still fits
+    assert estimate_for_config(cfg, "sd1").peak_gib <= 2.5

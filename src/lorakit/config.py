@@ -87,6 +87,11 @@ class DatasetConfig:
     cache_latents_to_disk: bool = opt(
         False, "cache latents as .npz beside the images (implies cache_latents)"
     )
+    vae_batch_size: int = opt(
+        1,
+        "images the VAE encodes at once when caching latents (same-bucket images only; 4-8 is faster "
+        "on a GPU with memory to spare, the latents are the same)",
+    )
     cache_text_encoder_outputs: bool = opt(
         False, "encode captions once (only when the text encoder is not trained)"
     )
@@ -427,6 +432,7 @@ class TrainConfig:
         at_least_one = {
             "network_dim": self.network.network_dim,
             "train_batch_size": self.dataset.train_batch_size,
+            "vae_batch_size": self.dataset.vae_batch_size,
             "gradient_accumulation_steps": self.training.gradient_accumulation_steps,
             "max_train_steps": self.training.max_train_steps,
             "progress_every_n_steps": self.output.progress_every_n_steps,

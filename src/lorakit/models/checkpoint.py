@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -124,6 +125,77 @@ def _read_torch(path: Path, mmap: bool = False) -> tuple[dict[str, torch.Tensor]
         obj = obj["state_dict"]
     state_dict = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     return state_dict, metadata
+
+
+def place_tensor(tensor: torch.Tensor, dtype: torch.dtype, device) -> torch.Tensor:
+    """`tensor` on `device`, in `dtype` if it is floating point (ids and masks keep theirs). Already
+    there, it is returned as it is: from a mapped file, a private (copy-on-write) mapping."""
+    return tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+
+
+_SAFETENSORS_DTYPES = {  # the format's names -> torch's (as torch names them; F8 kinds need torch >= 2.1)
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+    "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+}  # fmt: skip
+
+
+def _read_safetensors_one_by_one(path: Path, dtype_of, device) -> dict[str, torch.Tensor]:
+    """read_tensors for a .safetensors: each tensor read with a plain file read into its own buffer,
+    placed, and its buffer freed, so the host holds the placed model plus one tensor (a mapped file
+    would keep every page read so far counted against the process until the end)."""
+    import json
+    import struct
+
+    import torch
+
+    try:
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+            start = 8 + size
+            out = {}
+            for key, info in header.items():
+                dtype = None if key == "__metadata__" else dtype_of(key)
+                if dtype is None:
+                    continue
+                stored = getattr(torch, _SAFETENSORS_DTYPES[info["dtype"]])
+                begin, end = info["data_offsets"]
+                if end == begin:
+                    tensor = torch.empty(info["shape"], dtype=stored)
+                else:
+                    f.seek(start + begin)
+                    buffer = bytearray(end - begin)
+                    if f.readinto(buffer) != len(buffer):
+                        raise ValueError(f"'{key}' is cut short")
+                    tensor = torch.frombuffer(buffer, dtype=stored).reshape(info["shape"])
+                out[key] = place_tensor(tensor, dtype, device)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError, struct.error) as e:
+        raise _unreadable_safetensors(path, e) from e
+    return out
+
+
+def read_tensors(
+    path: str | Path,
+    dtype_of: Callable[[str], torch.dtype | None],
+    device="cpu",
+    loaded: tuple[dict, dict] | None = None,
+) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint for which `dtype_of(key)` gives a dtype, each cast to it and moved
+    to `device` as it is read, so the file is never whole in RAM in another dtype (or at all, for a
+    .safetensors or zip .ckpt, which are mapped). `loaded`: the (state_dict, metadata) already read."""
+    if loaded is not None:
+        source = loaded[0]
+    elif is_safetensors(path):
+        return _read_safetensors_one_by_one(Path(path), dtype_of, device)
+    else:
+        source = read_state_dict(path, mmap=True)[0]
+    out = {}
+    for key in list(source):
+        dtype = dtype_of(key)
+        if dtype is not None:
+            out[key] = place_tensor(source[key], dtype, device)
+    return out
 
 
 def read_state_dict(path: str | Path, mmap: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

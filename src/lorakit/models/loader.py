@@ -11,7 +11,7 @@ import torch
 from lorakit.atomic import atomic_path
 from lorakit.errors import ModelError
 from lorakit.models import ldm_layout
-from lorakit.models.checkpoint import is_safetensors, read_state_dict
+from lorakit.models.checkpoint import is_safetensors, read_state_dict, read_tensors, safetensors_header
 from lorakit.models.families.detect import (
     SHAPE_KEYS,
     UNET_IN,
@@ -171,11 +171,11 @@ def _squeeze(shape) -> tuple:
     return shape
 
 
-def _check_layout(path: Path, ldm_sd: dict, expected: dict, arch_name: str) -> None:
+def _check_layout(path: Path, shapes: dict, expected: dict, arch_name: str) -> None:
     """Compare the file's LDM keys/shapes with those of the architecture; name the first difference."""
     got = {
         k: v
-        for k, v in ldm_sd.items()
+        for k, v in shapes.items()
         if k.startswith(ldm_layout.PREFIXES) and k not in ldm_layout.IGNORED_LDM_KEYS
     }
     for key, tensor in expected.items():
@@ -183,9 +183,9 @@ def _check_layout(path: Path, ldm_sd: dict, expected: dict, arch_name: str) -> N
             raise ModelError(
                 f"{path}: key '{key}' is missing, so this is not a complete {arch_name} checkpoint."
             )
-        if _squeeze(got[key].shape) != _squeeze(tensor.shape):
+        if _squeeze(got[key]) != _squeeze(tensor.shape):
             raise ModelError(
-                f"{path}: '{key}' has shape {list(got[key].shape)} but {arch_name} expects "
+                f"{path}: '{key}' has shape {list(got[key])} but {arch_name} expects "
                 f"{list(tensor.shape)}: the file is a different architecture (SD2.x, an inpainting model, ...). "
                 "lorakit supports SD1.x bases for now."
             )
@@ -210,22 +210,49 @@ def _assign(model: torch.nn.Module, sd: dict, dtype: torch.dtype) -> None:
     model.load_state_dict(fit_state_dict(model, sd, dtype), strict=True, assign=True)
 
 
-def _load_single_file(path: Path, dtype: torch.dtype, loaded: tuple | None = None):
+def file_header(path: Path, loaded: tuple | None = None) -> tuple[list[str], dict, dict[str, str]]:
+    """(keys, shapes of every key, metadata) of a single file without reading its weights: the
+    header of a .safetensors, the (mapped) tensors of a .ckpt, or the `loaded` (state_dict, metadata)."""
+    if loaded is None and is_safetensors(path):
+        header = safetensors_header(path)
+        return header.keys, header.shapes, header.metadata
+    state_dict, metadata = loaded or read_state_dict(path, mmap=True)
+    return list(state_dict), {k: tuple(v.shape) for k, v in state_dict.items()}, metadata
+
+
+def part_dtypes(prefixes: tuple[str, ...], dtype: torch.dtype, vae_dtype: torch.dtype, vae_prefix: str):
+    """`dtype_of` for checkpoint.read_tensors: the VAE's keys in `vae_dtype`, the other parts' in
+    `dtype`, keys outside every part (EMA copies, optimizer leftovers) not read at all."""
+
+    def dtype_of(key: str) -> torch.dtype | None:
+        if key.startswith(vae_prefix):
+            return vae_dtype
+        return dtype if key.startswith(prefixes) else None
+
+    return dtype_of
+
+
+def _load_single_file(
+    path: Path, dtype: torch.dtype, loaded: tuple | None = None, device="cpu", vae_dtype=None
+):
+    vae_dtype = vae_dtype or dtype
     if is_safetensors(path):  # from the header: no need to read 7 GB of weights to refuse a file
         _refuse_other_families(path, *read_keys_and_shapes(path))
-    state_dict, metadata = loaded or read_state_dict(path)
-    _check_kind(path, list(state_dict), {k: state_dict[k].shape for k in SHAPE_KEYS if k in state_dict})
+    keys, shapes, metadata = file_header(path, loaded)
+    _check_kind(path, keys, {k: shapes[k] for k in SHAPE_KEYS if k in shapes})
     arch = _arch_from_metadata(path, metadata)
     arch_name = "this file's own (lorakit.arch) architecture" if ARCH_METADATA_KEY in metadata else "SD1.5"
-    state_dict = ldm_layout.fix_te_keys(state_dict)
     unet, vae, te = _build_empty(arch)
     expected = ldm_layout.to_ldm_state_dict(unet.state_dict(), vae.state_dict(), te.state_dict())
-    _check_layout(path, state_dict, expected, arch_name)
+    _check_layout(path, ldm_layout.fix_te_keys(shapes), expected, arch_name)
+    # every tensor goes to its dtype and device as it is read: no float32 copy of the model on the CPU
+    dtype_of = part_dtypes(ldm_layout.PREFIXES, dtype, vae_dtype, ldm_layout.VAE_PREFIX)
+    state_dict = ldm_layout.fix_te_keys(read_tensors(path, dtype_of, device, loaded))
     unet_sd, vae_sd, te_sd = ldm_layout.from_ldm_state_dict(state_dict, arch["unet"], arch["vae"])
     del state_dict
     try:
-        for model, sd in ((unet, unet_sd), (vae, vae_sd), (te, te_sd)):
-            _assign(model, sd, dtype)
+        for model, sd, part_dtype in ((unet, unet_sd, dtype), (vae, vae_sd, vae_dtype), (te, te_sd, dtype)):
+            _assign(model, sd, part_dtype)
     except RuntimeError as e:  # a converter/layout disagreement: should not happen after _check_layout
         raise ModelError(f"{path}: the weights do not fit the {arch_name} model: {str(e)[:500]}") from e
     return unet, vae, te, arch
@@ -234,7 +261,7 @@ def _load_single_file(path: Path, dtype: torch.dtype, loaded: tuple | None = Non
 # --------------------------------------------------------------------------- diffusers folder
 
 
-def _load_diffusers(path: Path, dtype: torch.dtype):
+def _load_diffusers(path: Path, dtype: torch.dtype, vae_dtype: torch.dtype):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
@@ -253,7 +280,7 @@ def _load_diffusers(path: Path, dtype: torch.dtype):
     try:
         kw = {"local_files_only": True, "torch_dtype": dtype}
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **{**kw, "torch_dtype": vae_dtype})
         te = CLIPTextModel.from_pretrained(path / "text_encoder", **kw)
     except (OSError, ValueError, RuntimeError) as e:
         raise ModelError(f"{path}: could not load the diffusers model: {str(e)[:500]}") from e
@@ -308,26 +335,36 @@ def base_family(path: Path, kind: str) -> Family | None:
 
 
 def load_base_model(
-    path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    vae_dtype: torch.dtype | None = None,
 ) -> BaseModel:
     """Load an SD1.x or SDXL base model: LDM/SGM .safetensors, .ckpt/.pt, or a diffusers folder.
-    Other families are refused by name. Never downloads."""
+    Other families are refused by name. Never downloads.
+
+    The models arrive in `dtype` (the VAE in `vae_dtype`, default `dtype`) on `device`: a single
+    file's tensors are cast and moved one by one as they are read, into models built on the meta
+    device, so no float32 copy of the model is ever made on the CPU for an fp16/bf16 run."""
     path = Path(path).expanduser()
+    vae_dtype = vae_dtype or dtype
     kind = model_kind(path)
     family = base_family(path, kind)
     loaded = None
-    if family is None:  # a pickle checkpoint: read it once (weights only), detect from its keys
-        loaded = read_state_dict(path)
+    if family is None:  # a pickle checkpoint: map it once (weights only), detect from its keys
+        loaded = read_state_dict(path, mmap=True)
         family = detect_family(loaded[0], {k: v.shape for k, v in loaded[0].items() if k in SHAPE_KEYS})
     if family.key == "sdxl" and not family.inpainting:
         from lorakit.models.families.sdxl import load_sdxl
 
-        return load_sdxl(path, dtype, device, loaded=loaded)
+        return load_sdxl(path, dtype, device, loaded=loaded, vae_dtype=vae_dtype)
     if kind == "diffusers":
-        unet, vae, te, arch = _load_diffusers(path, dtype)
+        unet, vae, te, arch = _load_diffusers(path, dtype, vae_dtype)
     else:
-        unet, vae, te, arch = _load_single_file(path, dtype, loaded)
-    unet, vae, te = (move_model(m, device, dtype).eval() for m in (unet, vae, te))
+        unet, vae, te, arch = _load_single_file(path, dtype, loaded, device, vae_dtype)
+    unet, vae, te = (
+        move_model(m, device, d).eval() for m, d in ((unet, dtype), (vae, vae_dtype), (te, dtype))
+    )
     return BaseModel(
         unet=unet,
         vae=vae,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Iterable, Mapping
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -19,6 +20,21 @@ from ..errors import ModelError
 from .targets import Target, sd1_targets
 
 ADAPTER = "lorakit"
+
+
+@contextmanager
+def _adapters_stay_fp32_on_cpu():
+    """peft casts a new adapter to its base layer's dtype and device. The base arrives in the compute
+    dtype on the GPU (models/loader.py), and A's random init rounded to bf16 would differ from an fp32
+    base's (kohya's); so the adapters stay as made (fp32, CPU) and the trainer moves them with .to()."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    move = BaseTunerLayer._move_adapter_to_device_of_base_layer
+    BaseTunerLayer._move_adapter_to_device_of_base_layer = lambda self, *args, **kwargs: None
+    try:
+        yield
+    finally:
+        BaseTunerLayer._move_adapter_to_device_of_base_layer = move
 
 
 class LoRANetwork:
@@ -76,7 +92,8 @@ class LoRANetwork:
                 lora_dropout=0.0,
                 init_lora_weights=True,
             )
-            inject_adapter_in_model(config, model, adapter_name=ADAPTER)
+            with _adapters_stay_fp32_on_cpu():
+                inject_adapter_in_model(config, model, adapter_name=ADAPTER)
         self.layers = {t.name: self._root(t).get_submodule(t.path) for t in self.targets}
         for layer in self.layers.values():
             for p in layer.parameters():

@@ -18,7 +18,9 @@ Not measured, so rougher: SD1 with gradient checkpointing (SDXL's checkpointed/p
 is used), fp32 (mixed_precision = "no": weights and activations twice as large), without
 cache_latents (the VAE's weights, and its encoder's activations when they exceed the U-Net's),
 optimizers other than AdamW/AdamW8bit (bytes of state per parameter: Adafactor without a first
-moment ~0.5, Lion 4, Prodigy 16), conv_dim (its LoRA parameters only, not the convs' activations).
+moment ~0.5, Lion 4, Prodigy 16), conv_dim (its LoRA parameters only, not the convs' activations),
+vae_batch_size > 1 (the VAE encoder's activations times the batch). The VAE's weights count in
+float32 where the trainer keeps it there (fp16 precision with the base's own VAE, no_half_vae).
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ ARCH = {
 # Activations of one image at the family's reference size, in GiB (bf16/fp16), fitted to the
 # measurements above: the U-Net's forward + backward without / with gradient checkpointing, a
 # batch-independent part (cuBLAS workspace, the loss, temporaries), a trained text encoder's share,
-# and the VAE encoder's peak (latent caching encodes one image at a time).
+# and the VAE encoder's peak per image (latent caching encodes vae_batch_size images at a time).
 ACTIVATIONS = {
     "sd1": {"reference_pixels": 512 * 512, "plain": 1.273, "checkpointed": 0.107, "fixed": 0.235},
     "sdxl": {"reference_pixels": 1024 * 1024, "plain": 8.66, "checkpointed": 0.727, "fixed": 0.0},
@@ -114,21 +116,26 @@ def estimate_memory(
     optimizer: str = "AdamW",
     mixed_precision: str = "bf16",
     conv_dim: int | None = None,
+    vae_batch_size: int = 1,
+    vae_fp32: bool | None = None,
 ) -> MemoryEstimate:
-    """Peak GPU memory of a LoRA run with these settings, in GiB (see the module's docstring)."""
+    """Peak GPU memory of a LoRA run with these settings, in GiB (see the module's docstring).
+    `vae_fp32`: whether the VAE runs in float32; None: the trainer's rule for the base's own VAE
+    (float32 under fp16, where SD's VAE overflows)."""
     if family not in ARCH:
         raise ValueError(f"no memory model for family {family!r}: use one of {', '.join(ARCH)}")
     arch, act = ARCH[family], ACTIVATIONS[family]
     half = mixed_precision in ("fp16", "bf16")
     weight_bytes = 2 if half else 4
+    if vae_fp32 is None:
+        vae_fp32 = mixed_precision == "fp16"
+    vae_bytes = 4 if vae_fp32 or not half else 2
     act_scale = 1.0 if half else 2.0
 
     # frozen text encoders stay on the GPU unless their outputs are cached; a trained one always does
     te_on_gpu = train_text_encoder or not cache_text_encoder_outputs
     weights = arch["unet"] + (arch["text_encoders"] if te_on_gpu else 0)
-    if not cache_latents:
-        weights += arch["vae"]
-    weights_gib = weights * weight_bytes / GIB
+    weights_gib = (weights * weight_bytes + (0 if cache_latents else arch["vae"] * vae_bytes)) / GIB
 
     lora_params = 0
     if train_unet:
@@ -150,9 +157,9 @@ def estimate_memory(
         unet_step = max(unet_step, vae_encode * batch_size)
     activations_gib = unet_step * act_scale
 
-    # setup: the models arrive on the GPU together, then latents are encoded one image at a time
-    all_weights = (arch["unet"] + arch["text_encoders"] + arch["vae"]) * weight_bytes / GIB
-    setup_gib = all_weights + (vae_encode * act_scale if cache_latents else 0.0)
+    # setup: the models arrive on the GPU together, then latents are encoded vae_batch_size at a time
+    all_weights = ((arch["unet"] + arch["text_encoders"]) * weight_bytes + arch["vae"] * vae_bytes) / GIB
+    setup_gib = all_weights + (vae_encode * act_scale * vae_batch_size if cache_latents else 0.0)
     return MemoryEstimate(
         weights_gib=weights_gib,
         lora_gib=lora_gib,
@@ -183,6 +190,8 @@ def estimate_for_config(cfg, family: str) -> MemoryEstimate:
         optimizer=cfg.training.optimizer_type,
         mixed_precision=cfg.training.mixed_precision,
         conv_dim=cfg.network.conv_dim,
+        vae_batch_size=cfg.dataset.vae_batch_size,
+        vae_fp32=cfg.model.no_half_vae or (cfg.training.mixed_precision == "fp16" and not cfg.model.vae),
     )
 
 

@@ -235,7 +235,10 @@ class Trainer:
 
         set_seed(seed)  # the LoRA's random init comes from the global generators
         try:
-            base = load_base_model(cfg.model.pretrained_model_name_or_path)
+            # straight into the compute dtype on the device (the .to() calls below are then no-ops)
+            base = load_base_model(
+                cfg.model.pretrained_model_name_or_path, self.weight_dtype, self.device, self._vae_dtype()
+            )
         except LoraFileAsBaseModel as e:
             raise ModelError(
                 f"pretrained_model_name_or_path: {e.path} is a LoRA file, not a base model. To start "
@@ -243,6 +246,9 @@ class Trainer:
                 "give the SD1.x/SDXL checkpoint it was trained on as --pretrained_model_name_or_path."
             ) from None
         self.base, self.family = base, base.spec
+        model_path = Path(cfg.model.pretrained_model_name_or_path)
+        if is_main_launch_process() and _family_from_header(model_path) is None:  # a .ckpt: known only now
+            _log_memory_estimate(cfg, self.family, model_path)
         check_family_options(cfg, self.family)
         log.info("base model: %s (%s)", base.family.label, base.kind.replace("_", " "))
         if base.family.v_pred and not cfg.model.v_parameterization:
@@ -355,7 +361,7 @@ class Trainer:
             self._park(list(self.text_encoders.values()), True)
             for dataset in self._datasets():
                 dataset.cache_latents(
-                    self._encode_pixels, self._vae_fingerprint(), d.cache_latents_to_disk, 1
+                    self._encode_pixels, self._vae_fingerprint(), d.cache_latents_to_disk, d.vae_batch_size
                 )
             self._unpark(list(self.text_encoders.values()))
             if not self.sample_prompts:
@@ -491,7 +497,15 @@ class Trainer:
         if pixels.device != self.device:  # the step's pixels are on the device already
             pixels = pixels.to(self.device)
         dist = vae.encode(pixels.to(dtype=vae.dtype)).latent_dist
-        latents = dist.sample(generator=generator).to(torch.float32) * vae.config.scaling_factor
+        if generator is None:  # caching: one draw per image, so vae_batch_size leaves the latents alone
+            one = (1, *dist.mean.shape[1:])  # as diffusers draws it: contiguous, in the VAE's dtype
+            noise = torch.cat(
+                [torch.randn(one, device=dist.mean.device, dtype=dist.mean.dtype) for _ in dist.mean]
+            )
+            sampled = dist.mean + dist.std * noise
+        else:
+            sampled = dist.sample(generator=generator)
+        latents = sampled.to(torch.float32) * vae.config.scaling_factor
         if vae.dtype == torch.float16 and not torch.isfinite(latents).all():
             raise TrainingError(
                 "the VAE made nan/inf latents in fp16 (SDXL's VAE overflows there): add no_half_vae = true, "

@@ -64,7 +64,8 @@ class ModelFamily:
     # kohya's UNet for this family has them; trained at network_dim (Linear) / conv_dim (3x3 conv)
     lycoris_full_unet_paths: tuple[str, ...] = ()
 
-    def load(self, path, dtype: torch.dtype, device) -> BaseModel:
+    def load(self, path, dtype: torch.dtype, device, vae_dtype: torch.dtype | None = None) -> BaseModel:
+        """The base in `dtype` (its VAE in `vae_dtype`, default `dtype`) on `device`."""
         raise NotImplementedError
 
     def text_encoders(self, base: BaseModel) -> dict[str, torch.nn.Module]:

@@ -18,10 +18,10 @@ class SD1Family(ModelFamily):
     # kohya's SD1 UNet keeps diffusers' names, so LyCORIS's name list matches there
     lycoris_full_unet_paths = ("conv_in", "conv_out", "time_embedding.linear_1", "time_embedding.linear_2")
 
-    def load(self, path, dtype, device):
+    def load(self, path, dtype, device, vae_dtype=None):
         from lorakit.models.loader import load_base_model
 
-        return load_base_model(path, dtype, device)
+        return load_base_model(path, dtype, device, vae_dtype)
 
     def encode(self, base, captions, clip_skip, max_token_length):
         from lorakit.models.text import encode_tokens, tokenize

@@ -17,7 +17,7 @@ import torch
 
 from lorakit.atomic import atomic_path
 from lorakit.errors import ModelError
-from lorakit.models.checkpoint import is_safetensors, read_state_dict
+from lorakit.models.checkpoint import is_safetensors, read_tensors
 from lorakit.models.families import sgm_layout
 from lorakit.models.families.base import Conditioning, ModelFamily
 from lorakit.models.families.detect import (
@@ -27,7 +27,14 @@ from lorakit.models.families.detect import (
     read_keys_and_shapes,
     unsupported_message,
 )
-from lorakit.models.loader import BaseModel, fit_state_dict, model_kind, move_model
+from lorakit.models.loader import (
+    BaseModel,
+    file_header,
+    fit_state_dict,
+    model_kind,
+    move_model,
+    part_dtypes,
+)
 from lorakit.models.tokenizer import load_tokenizer
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "sdxl"
@@ -120,17 +127,21 @@ def _check_sgm_keys(path: Path, keys, shapes: dict) -> Family:
     return family
 
 
-def _load_single_file(path: Path, dtype: torch.dtype, loaded: tuple | None = None):
+def _load_single_file(path: Path, dtype: torch.dtype, loaded: tuple | None, device, vae_dtype: torch.dtype):
     if loaded is None and is_safetensors(path):  # refuse from the header, before reading gigabytes
         _check_sgm_keys(path, *read_keys_and_shapes(path))
-    state_dict, metadata = loaded or read_state_dict(path)
-    family = _check_sgm_keys(path, state_dict, {k: v.shape for k, v in state_dict.items() if v.ndim})
+    keys, shapes, metadata = file_header(path, loaded)
+    family = _check_sgm_keys(path, keys, {k: v for k, v in shapes.items() if len(v)})
     arch = _arch_of(path, metadata)
+    # each tensor in its part's dtype on the device as it is read (no float32 model on the CPU)
+    dtype_of = part_dtypes(sgm_layout.PREFIXES, dtype, vae_dtype, sgm_layout.VAE_PREFIX)
+    state_dict = read_tensors(path, dtype_of, device, loaded)
     parts = sgm_layout.from_sgm_state_dict(state_dict, arch)
     del state_dict
     models = build_sdxl_empty(arch)
+    part_dtype = {"vae": vae_dtype}
     for what, model, sd in zip(PARTS, models, parts):
-        _assign(path, what, model, sd, dtype)
+        _assign(path, what, model, sd, part_dtype.get(what, dtype))
     return (*models, arch, family)
 
 
@@ -150,7 +161,7 @@ def scheduler_markers(path: Path, family: Family) -> Family:
     )
 
 
-def _load_diffusers(path: Path, dtype: torch.dtype, loaded=None):
+def _load_diffusers(path: Path, dtype: torch.dtype, loaded, device, vae_dtype: torch.dtype):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -164,7 +175,7 @@ def _load_diffusers(path: Path, dtype: torch.dtype, loaded=None):
     try:
         kw = {"local_files_only": True, "torch_dtype": dtype}
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **{**kw, "torch_dtype": vae_dtype})
         te1 = CLIPTextModel.from_pretrained(path / "text_encoder", **kw)
         te2 = CLIPTextModelWithProjection.from_pretrained(path / "text_encoder_2", **kw)
     except (OSError, ValueError, RuntimeError) as e:
@@ -187,14 +198,18 @@ def load_sdxl(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     loaded: tuple | None = None,
+    vae_dtype: torch.dtype | None = None,
 ) -> BaseModel:
     """Load an SDXL base: SGM .safetensors, .ckpt (weights only), or a diffusers folder. Never downloads.
-    `loaded`: the (state_dict, metadata) of a single file already read."""
+    `loaded`: the (state_dict, metadata) of a single file already read. The parts arrive in `dtype`
+    (the VAE in `vae_dtype`, default `dtype`) on `device`, as load_base_model's."""
     path = Path(path).expanduser()
+    vae_dtype = vae_dtype or dtype
     kind = model_kind(path, _EXPECTED)
     load = _load_diffusers if kind == "diffusers" else _load_single_file
-    *models, arch, family = load(path, dtype, loaded)
-    unet, vae, te1, te2 = (move_model(m, device, dtype).eval() for m in models)
+    *models, arch, family = load(path, dtype, loaded, device, vae_dtype)
+    dtypes = (dtype, vae_dtype, dtype, dtype)
+    unet, vae, te1, te2 = (move_model(m, device, d).eval() for m, d in zip(models, dtypes))
     return BaseModel(
         unet, vae, (te1, te2), sdxl_tokenizers(), source=path, arch=arch, kind=kind, family=family
     )
@@ -254,8 +269,8 @@ class SDXLFamily(ModelFamily):
     # SDXL UNet (input_blocks.0.0, out.2, time_embed.*), so `full` there is the LoCon targets only
     lycoris_full_unet_paths = ()
 
-    def load(self, path, dtype, device):
-        return load_sdxl(path, dtype, device)
+    def load(self, path, dtype, device, vae_dtype=None):
+        return load_sdxl(path, dtype, device, vae_dtype=vae_dtype)
 
     def encode(self, base, captions, clip_skip, max_token_length):
         from lorakit.models.families.sdxl_conditioning import encode_sdxl_captions
