@@ -205,8 +205,8 @@ def test_cached_and_uncached_latents_give_the_same_losses(train_config, tmp_path
 
     real_load = loader.load_base_model
 
-    def narrow_posterior(path):
-        base = real_load(path)
+    def narrow_posterior(path, *args, **kwargs):
+        base = real_load(path, *args, **kwargs)
         q = base.vae.quant_conv  # its second half of channels is the posterior's log-variance
         with torch.no_grad():
             half = q.out_channels // 2
