@@ -312,7 +312,8 @@ MEMORY_FIELDS = (
     "pretrained_model_name_or_path", "resolution", "train_batch_size", "network_dim", "conv_dim",
     "network_train_unet_only", "network_train_text_encoder_only", "unet_lr", "text_encoder_lr",
     "text_encoder_lr2", "gradient_checkpointing", "cache_text_encoder_outputs", "cache_latents",
-    "cache_latents_to_disk", "optimizer_type", "mixed_precision",
+    "cache_latents_to_disk", "optimizer_type", "mixed_precision", "vae_batch_size", "no_half_vae", "vae",
+    "cache_text_encoder_outputs_to_disk", "network_alpha", "conv_alpha",  # (the last two: the scale note)
 )  # fmt: skip
 CARD_SIZES = (4, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 80, 96, 141)
 DETECTED = "the detected GPU"
