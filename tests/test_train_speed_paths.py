@@ -263,6 +263,8 @@ def test_adamw_updates_all_lora_tensors_at_once():
     assert loop_many > 5 * loop_few  # what the test tells apart
     cuda_params = [type("P", (), {"device": torch.device("cuda")})()]
     assert adamw_speed_flags([{"params": cuda_params}]) == {"fused": True}
+    # fp16: the grad scaler's skipped steps must stay visible to accelerate (no fused AdamW)
+    assert adamw_speed_flags([{"params": cuda_params}], fp16=True) == {"foreach": True}
 
 
 def test_user_optimizer_args_win_and_metadata_names_only_them():

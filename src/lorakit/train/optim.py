@@ -86,7 +86,7 @@ def build_optimizer(cfg: TrainingConfig, param_groups: list[dict]) -> tuple[torc
         raise ConfigError(missing_package_message(cfg.optimizer_type, e.name)) from None
     args = ",".join(f"{k}={v}" for k, v in kwargs.items())  # ss_optimizer: what the user chose
     if cls is torch.optim.AdamW and "fused" not in kwargs and "foreach" not in kwargs:
-        kwargs.update(adamw_speed_flags(param_groups))
+        kwargs.update(adamw_speed_flags(param_groups, fp16=cfg.mixed_precision == "fp16"))
     try:
         opt = cls(param_groups, lr=cfg.learning_rate, **kwargs)
     except TypeError as e:
@@ -94,12 +94,14 @@ def build_optimizer(cfg: TrainingConfig, param_groups: list[dict]) -> tuple[torc
     return opt, f"{cls.__module__}.{cls.__name__}({args})"
 
 
-def adamw_speed_flags(param_groups: list[dict]) -> dict[str, bool]:
+def adamw_speed_flags(param_groups: list[dict], fp16: bool = False) -> dict[str, bool]:
     """AdamW over all LoRA tensors at once: `fused` (one kernel for the whole update) where every tensor
     is on a CUDA device, else `foreach` (a few multi-tensor ops, not several per tensor; on the CPU
-    the same numbers as the per-tensor loop)."""
+    the same numbers as the per-tensor loop). Not fused under fp16: the grad scaler hands a fused
+    AdamW the overflow flag and it skips the step itself, so accelerate would not see the skip and the
+    LR scheduler would step anyway."""
     devices = {p.device.type for g in param_groups for p in g["params"]}
-    return {"fused": True} if devices == {"cuda"} else {"foreach": True}
+    return {"fused": True} if devices == {"cuda"} and not fp16 else {"foreach": True}
 
 
 def warmup_steps(cfg: TrainingConfig, total_steps: int) -> int:
