@@ -144,22 +144,13 @@ class LoRANetwork:
 
     def load_kohya_state_dict(self, sd: dict[str, torch.Tensor], source: str = "network_weights") -> None:
         """Load a kohya file's weights into this network; every key must match in name and shape."""
-        own = self.kohya_state_dict()
-        missing = [k for k in own if k not in sd]
-        unexpected = [k for k in sd if k not in own]
-        if missing or unexpected:
-            raise ModelError(
-                f"{source}: the LoRA does not fit this network ({len(missing)} missing, {len(unexpected)} unexpected "
-                f"keys, e.g. {(missing + unexpected)[:3]}). Use the same network_dim/conv_dim and train targets "
-                "(network_train_unet_only / network_train_text_encoder_only) as the file."
-            )
+        check_file_fits(
+            self.kohya_state_dict(), sd, source, "the LoRA does not fit this network",
+            "Use the same network_dim/conv_dim and train targets (network_train_unet_only / "
+            "network_train_text_encoder_only) as the file.", "set network_dim/conv_dim to the file's rank",
+        )  # fmt: skip
         for name, a, b in self._pairs():
             for key, mod in ((f"{name}.lora_down.weight", a), (f"{name}.lora_up.weight", b)):
-                if sd[key].shape != mod.weight.shape:
-                    raise ModelError(
-                        f"{source}: {key} has shape {tuple(sd[key].shape)}, the network has "
-                        f"{tuple(mod.weight.shape)}: set network_dim/conv_dim to the file's rank"
-                    )
                 with torch.no_grad():
                     mod.weight.copy_(sd[key].to(mod.weight.dtype))
             alpha = float(sd[f"{name}.alpha"])
@@ -176,3 +167,23 @@ class LoRANetwork:
         """(text-encoder modules, UNet modules), as kohya logs them."""
         te = sum(t.is_te for t in self.targets)
         return te, len(self.targets) - te
+
+
+def check_file_fits(
+    own: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor], source: str, what: str, keys_hint: str,
+    shape_hint: str,
+) -> None:  # fmt: skip
+    """A file for network_weights must have exactly the network's keys, each in the network's shape."""
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    if missing or unexpected:
+        raise ModelError(
+            f"{source}: {what} ({len(missing)} missing, {len(unexpected)} unexpected keys, "
+            f"e.g. {(missing + unexpected)[:3]}). {keys_hint}"
+        )
+    for key, value in sd.items():
+        if tuple(value.shape) != tuple(own[key].shape):
+            raise ModelError(
+                f"{source}: {key} has shape {tuple(value.shape)}, the network has {tuple(own[key].shape)}: "
+                f"{shape_hint}"
+            )

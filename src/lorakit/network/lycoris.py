@@ -30,7 +30,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import ModelError
 from .targets import Target, unet_module_name
 
 
@@ -361,21 +360,13 @@ class LycorisNetwork:
 
     def load_kohya_state_dict(self, sd: dict[str, torch.Tensor], source: str = "network_weights") -> None:
         """Load a LyCORIS file written for this network; every key must match in name and shape."""
-        own = self.kohya_state_dict()
-        missing = [k for k in own if k not in sd]
-        unexpected = [k for k in sd if k not in own]
-        if missing or unexpected:
-            raise ModelError(
-                f"{source}: the file does not fit this {self.algo} network ({len(missing)} missing, "
-                f"{len(unexpected)} unexpected keys, e.g. {(missing + unexpected)[:3]}). Use the file's "
-                "algo, network_dim/conv_dim, preset, factor/decompose_both, dora_wd and train targets."
-            )
-        for key, value in sd.items():
-            if tuple(value.shape) != tuple(own[key].shape):
-                raise ModelError(
-                    f"{source}: {key} has shape {tuple(value.shape)}, the network has {tuple(own[key].shape)}: "
-                    "set network_dim/conv_dim (and factor for LoKr) to the file's"
-                )
+        from .lora import check_file_fits
+
+        check_file_fits(
+            self.kohya_state_dict(), sd, source, f"the file does not fit this {self.algo} network",
+            "Use the file's algo, network_dim/conv_dim, preset, factor/decompose_both, dora_wd and train targets.",
+            "set network_dim/conv_dim (and factor for LoKr) to the file's",
+        )  # fmt: skip
         with torch.no_grad():
             for name, m in self.modules.items():
                 for key, p in m.tensors().items():
