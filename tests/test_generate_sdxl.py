@@ -12,28 +12,9 @@ from lorakit.generate.params import GenerationParams
 from lorakit.generate.pipeline import Generator
 from lorakit.generate.pnginfo import parse_parameters, read_png_parameters
 from lorakit.generate.samplers import SAMPLERS
+from lorakit.testing import write_random_lora as random_lora
 
 SMALL = dict(steps=3, width=64, height=64, seed=7, sampler="Euler a")
-
-
-def random_lora(base, path, seed: int, scale: float = 0.2):
-    """A kohya LoRA file with random weights on every module of `base`'s family (UNet and text
-    encoders), with the family's ss_base_model_version."""
-    from safetensors.torch import save_file
-
-    spec = base.spec
-    parts = {"unet", *spec.text_encoder_parts}
-    g = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for t in spec.lora_targets(base, 4, 4.0, None, None, parts):
-        w = t.module.weight
-        tensors[f"{t.name}.lora_down.weight"] = torch.randn(4, w.shape[1], *w.shape[2:], generator=g) * scale
-        tensors[f"{t.name}.lora_up.weight"] = (
-            torch.randn(w.shape[0], 4, *([1] * (w.ndim - 2)), generator=g) * scale
-        )
-        tensors[f"{t.name}.alpha"] = torch.tensor(4.0)
-    save_file(tensors, str(path), metadata={"ss_base_model_version": spec.version_string(False)})
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ import torch
 from lorakit.generate.params import GenerationParams, ParamError
 from lorakit.generate.pipeline import Generator
 from lorakit.generate.pnginfo import parse_parameters, read_png_parameters, save_png_with_parameters
+from lorakit.testing import write_random_lora as random_lora
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,24 +33,6 @@ MAIN_THUMBS = {
     ('sdxl', 'DPM++ SDE', '', 0): "121.4 137.8 148.1 134.9 112.2 159.8 145.7 125.4 166.6 143.5 127.8 159.9 137.8 118.7 139.1 131.5 132.7 166.2 144.5 135.9 145.2 162.2 136.4 143.1 140.9 124.3 134.2 145.8 143.6 148.8 150.5 125.6 172.5 157.2 109.3 185.7 129.5 137.9 164.3 115.7 113.7 169.2 135.6 138.6 128.8 154.6 139.4 141.7",
 }  # fmt: skip
 BASELINE = dict(negative_prompt="blurry", steps=4, width=64, height=64, seed=11, batch_size=2)
-
-
-def random_lora(base, path, seed: int, scale: float = 0.2):
-    """A kohya LoRA with random factors on every module of `base`'s family (UNet and text encoders)."""
-    from safetensors.torch import save_file
-
-    spec = base.spec
-    g = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for t in spec.lora_targets(base, 4, 4.0, None, None, {"unet", *spec.text_encoder_parts}):
-        w = t.module.weight
-        tensors[f"{t.name}.lora_down.weight"] = torch.randn(4, w.shape[1], *w.shape[2:], generator=g) * scale
-        tensors[f"{t.name}.lora_up.weight"] = (
-            torch.randn(w.shape[0], 4, *([1] * (w.ndim - 2)), generator=g) * scale
-        )
-        tensors[f"{t.name}.alpha"] = torch.tensor(4.0)
-    save_file(tensors, str(path), metadata={"ss_base_model_version": spec.version_string(False)})
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -94,3 +94,25 @@ def make_tiny_tagger(folder: Path, tags=TINY_TAGGER_TAGS, size: int = 16) -> Pat
     rows = ["tag_id,name,category,count"] + [f"{i},{t[0]},{t[1]},{100 - i}" for i, t in enumerate(tags)]
     (folder / "selected_tags.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
     return folder
+
+
+def write_random_lora(base, path: Path, seed: int, scale: float = 0.2) -> Path:
+    """A kohya LoRA file (rank 4, alpha 4) with random factors on every module of `base`'s family (UNet
+    and text encoders), with the family's ss_base_model_version: what the drawing tests apply."""
+    import torch
+    from safetensors.torch import save_file
+
+    spec = base.spec
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for target in spec.lora_targets(base, 4, 4.0, None, None, {"unet", *spec.text_encoder_parts}):
+        w = target.module.weight
+        tensors[f"{target.name}.lora_down.weight"] = (
+            torch.randn(4, w.shape[1], *w.shape[2:], generator=g) * scale
+        )
+        tensors[f"{target.name}.lora_up.weight"] = (
+            torch.randn(w.shape[0], 4, *([1] * (w.ndim - 2)), generator=g) * scale
+        )
+        tensors[f"{target.name}.alpha"] = torch.tensor(4.0)
+    save_file(tensors, str(path), metadata={"ss_base_model_version": spec.version_string(False)})
+    return Path(path)
