@@ -15,6 +15,7 @@ A configuration is `family[:token...]`, family sd15 or sdxl; tokens:
     cte      cache_text_encoder_outputs
     8bit     optimizer AdamW8bit (Adafactor when bitsandbytes does not work here; the output says so)
     compile  torch_compile (when this lorakit has the option; else the row says "not available")
+    graph    cuda_graph: the whole step recorded as a CUDA graph per batch shape and replayed
     key=val  any other `lorakit train` option, e.g. torch_compile_mode=max-autotune, network_dim=16
 e.g. `sdxl:b4:gc:cte:8bit` is the "fits 12 GB" profile at batch 4. Or give a product with --family,
 --batch, --te, --checkpointing, --compile (each comma-separated).
@@ -70,15 +71,15 @@ ROOT = HERE.parent
 
 # The GPU suite, most wanted first (a spent --budget skips the rest); compiled ones last: they compile.
 GPU_SUITE = (
-    "sd15:b1", "sd15:b1:te", "sd15:b4", "sd15:b8", "sd15:b1:gc", "sd15:b8:gc",
-    "sdxl:b1:te", "sdxl:b1", "sdxl:b1:gc:cte:8bit", "sdxl:b4:gc:cte:8bit",
-    "sd15:b1:compile", "sd15:b8:compile", "sdxl:b1:compile",
+    "sd15:b1", "sd15:b1:graph", "sd15:b1:te", "sd15:b1:te:graph", "sd15:b4", "sd15:b8", "sd15:b8:graph",
+    "sd15:b1:gc", "sd15:b8:gc", "sdxl:b1:te", "sdxl:b1", "sdxl:b1:graph", "sdxl:b1:gc:cte:8bit",
+    "sdxl:b4:gc:cte:8bit", "sd15:b1:compile", "sd15:b8:compile", "sdxl:b1:compile",
 )  # fmt: skip
 TINY_SUITE = ("sd15:b1", "sd15:b2:te:gc", "sdxl:b1")
 RESOLUTION = {"sd15": 512, "sdxl": 1024}
 TINY_RESOLUTION = 64
 N_IMAGES = 8  # one batch of 8; 10 repeats make an epoch of 80 images
-FLAGS = {"te": "te", "gc": "gc", "cte": "cte", "8bit": "adam8bit", "compile": "compile"}
+FLAGS = {"te": "te", "gc": "gc", "cte": "cte", "8bit": "adam8bit", "compile": "compile", "graph": "graph"}
 
 # Peak dense bf16 tensor TFLOP/s (fp32 accumulate, no sparsity) from NVIDIA's spec sheets; the first
 # name found in the GPU's name wins, so the longer names come first.
@@ -90,6 +91,7 @@ PEAK_BF16_TFLOPS = (
 # options that change how the step runs, not what it computes: a compiled run's eager twin may differ in them
 HOW_IT_RUNS = (
     "torch_compile",
+    "cuda_graph",
     "dynamo_backend",
     "deterministic",
     "gradient_checkpointing",
@@ -121,6 +123,7 @@ class Spec:
     cte: bool = False
     adam8bit: bool = False
     compile: bool = False
+    graph: bool = False
     extra: dict[str, str] = field(default_factory=dict)
 
     def twin_key(self) -> tuple:
@@ -190,6 +193,10 @@ def config_options(spec: Spec, mixed_precision: str, rank: int) -> tuple[dict, s
         if "torch_compile" not in fields:
             return flat, "not available: this lorakit has no torch_compile option"
         flat["torch_compile"] = True
+    if spec.graph:
+        if "cuda_graph" not in fields:
+            return flat, "not available: this lorakit has no cuda_graph option"
+        flat["cuda_graph"] = True
     flat.update(spec.extra)
     unknown = [k for k in flat if k not in fields]
     if unknown:
@@ -421,8 +428,8 @@ def run_config(spec: Spec, args, work: Path, t_spawn: float) -> dict:
         sync()
         marks["cache_s"] = time.perf_counter() - t
 
-    def timed_step(self, params):
-        original_step(self, params)
+    def timed_step(self, *a, **k):  # Trainer._advance: after every optimizer step, eager or replayed
+        original_step(self, *a, **k)
         if cuda:
             ev = torch.cuda.Event(enable_timing=True)
             ev.record()
@@ -451,7 +458,7 @@ def run_config(spec: Spec, args, work: Path, t_spawn: float) -> dict:
         stack.enter_context(replaced(tqdm.auto, "tqdm", QuietBar))
         stack.enter_context(replaced(loader, "load_base_model", timed_load))
         original_caches = stack.enter_context(replaced(T.Trainer, "_prepare_caches", timed_caches))
-        original_step = stack.enter_context(replaced(T.Trainer, "_optimizer_step", timed_step))
+        original_step = stack.enter_context(replaced(T.Trainer, "_advance", timed_step))
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         t_build = time.perf_counter()
@@ -501,7 +508,9 @@ def run_config(spec: Spec, args, work: Path, t_spawn: float) -> dict:
             train_reserved_GiB=torch.cuda.max_memory_reserved() / GIB,
             used_GiB=(total - free) / GIB,
         )
-    if spec.compile:  # compiled kernels do not dispatch aten ops one by one: the eager twin's count
+    if (
+        spec.compile or spec.graph
+    ):  # compiled/replayed kernels are not dispatched one by one: the eager twin's
         result["flops_per_image"] = None
     else:
         result["flops_per_image"] = count_image_flops(trainer, cuda)

@@ -272,6 +272,11 @@ class TrainingConfig:
         "inductor's mode for torch_compile: the default, the reduce overhead mode (CUDA graphs: less "
         "launch overhead, more memory) or the max autotune mode (longer compile)",
     )
+    cuda_graph: bool = opt(
+        False,
+        "record the whole step (forward, backward, gradient clipping, AdamW) as one CUDA graph per batch "
+        "shape and replay it: one launch per step instead of thousands (CUDA, bf16 or fp32, AdamW)",
+    )
     deterministic: bool = opt(
         False,
         "bit-identical runs on CUDA too (deterministic algorithms, a fixed cuBLAS workspace): slower; "

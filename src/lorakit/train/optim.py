@@ -86,7 +86,11 @@ def build_optimizer(cfg: TrainingConfig, param_groups: list[dict]) -> tuple[torc
         raise ConfigError(missing_package_message(cfg.optimizer_type, e.name)) from None
     args = ",".join(f"{k}={v}" for k, v in kwargs.items())  # ss_optimizer: what the user chose
     if cls is torch.optim.AdamW and "fused" not in kwargs and "foreach" not in kwargs:
-        kwargs.update(adamw_speed_flags(param_groups, fp16=cfg.mixed_precision == "fp16"))
+        kwargs.update(
+            adamw_speed_flags(param_groups, fp16=cfg.mixed_precision == "fp16", graph=cfg.cuda_graph)
+        )
+    if cls is torch.optim.AdamW and cfg.cuda_graph:
+        kwargs["capturable"] = True  # its step count and lr live on the device, where a graph reads them
     try:
         opt = cls(param_groups, lr=cfg.learning_rate, **kwargs)
     except TypeError as e:
@@ -94,12 +98,15 @@ def build_optimizer(cfg: TrainingConfig, param_groups: list[dict]) -> tuple[torc
     return opt, f"{cls.__module__}.{cls.__name__}({args})"
 
 
-def adamw_speed_flags(param_groups: list[dict], fp16: bool = False) -> dict[str, bool]:
+def adamw_speed_flags(param_groups: list[dict], fp16: bool = False, graph: bool = False) -> dict[str, bool]:
     """AdamW over all LoRA tensors at once: `fused` (one kernel for the whole update) where every tensor
     is on a CUDA device, else `foreach` (a few multi-tensor ops, not several per tensor; on the CPU
     the same numbers as the per-tensor loop). Not fused under fp16: the grad scaler hands a fused
     AdamW the overflow flag and it skips the step itself, so accelerate would not see the skip and the
-    LR scheduler would step anyway."""
+    LR scheduler would step anyway. A recorded step (cuda_graph) is fused on any device: the tests'
+    CPU stand-in for a graph then runs the update a GPU records."""
+    if graph:
+        return {"fused": True}
     devices = {p.device.type for g in param_groups for p in g["params"]}
     return {"fused": True} if devices == {"cuda"} and not fp16 else {"foreach": True}
 
@@ -135,3 +142,25 @@ def steps_and_epochs(cfg: TrainingConfig, batches_per_epoch: int) -> tuple[int, 
     else:
         total = cfg.max_train_steps
     return per_epoch, total, math.ceil(total / per_epoch)
+
+
+SPEED_FLAGS = ("fused", "foreach", "capturable")
+
+
+def speed_flags(optimizer) -> list[dict]:
+    """Each group's fused/foreach/capturable settings (this run's choice)."""
+    return [{k: g[k] for k in SPEED_FLAGS if k in g} for g in optimizer.param_groups]
+
+
+def restore_speed_flags(optimizer, flags: list[dict]) -> None:
+    """After load_state_dict, which takes the saved run's settings: this run's again, each AdamW step
+    count moved where they want it (on the parameter's device when fused or capturable, else on the
+    CPU), so a state saved with cuda_graph resumes without it and the other way round."""
+    for group, chosen in zip(optimizer.param_groups, flags):
+        group.update(chosen)
+        on_device = group.get("fused") or group.get("capturable")
+        for p in group["params"]:
+            step = optimizer.state.get(p, {}).get("step")
+            if torch.is_tensor(step):
+                device = p.device if on_device else torch.device("cpu")
+                optimizer.state[p]["step"] = step.to(device=device, dtype=torch.float32)

@@ -29,6 +29,8 @@ from .optim import (
     build_optimizer,
     lora_param_groups,
     part_learning_rates,
+    restore_speed_flags,
+    speed_flags,
     steps_and_epochs,
 )
 from .output_lock import OutputLock, claim_output_name, is_main_launch_process, run_session_id
@@ -107,10 +109,12 @@ def _log_memory_estimate(cfg: TrainConfig, family, model_path: Path) -> None:
 
 def build_trainer(cfg: TrainConfig) -> Trainer:
     """Check the config, the base model path and the dataset (fast), then load the models."""
+    from .graph_step import check_graph_options
     from .speed import apply_deterministic, check_compile_options
 
     cfg.validate()
     check_compile_options(cfg.training)
+    check_graph_options(cfg)
     apply_deterministic(cfg.training.deterministic)  # before anything starts CUDA (the memory estimate)
     if cfg.dataset.cache_text_encoder_outputs and cfg.dataset.shuffle_caption:
         raise ConfigError(
@@ -318,9 +322,11 @@ class Trainer:
         if self.acc.is_main_process:  # temp files and set-aside states of a killed earlier run
             clean_output_folder(o.output_dir, o.output_name)
         if o.resume:
+            flags = speed_flags(self.optimizer.optimizer)
             self.pos = load_state(
                 o.resume, self.network, self.optimizer.optimizer, self.lr_scheduler, self.acc.scaler
             )
+            restore_speed_flags(self.optimizer.optimizer, flags)
             log.info("resumed at epoch %d, step %d", self.pos.epoch, self.pos.step)
 
         self._first_bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
@@ -333,6 +339,7 @@ class Trainer:
         self._loader = self._batch_loader()
         self._unet_compiled = self._compile()
         self._compiled_shapes: set = set()
+        self._graphs = self._step_graphs()
         self._metadata_cache: dict[str, str] | None = None
         self.session_id = self.session_id or new_session_id()
         self.pos.session_id = self.session_id  # the states it saves keep it for the resumed run
@@ -445,6 +452,23 @@ class Trainer:
         )  # fmt: skip
         return compile_unet(self.base.unet, t, shapes=max(64, 4 * buckets + 8))
 
+    def _step_graphs(self):
+        """The recorded steps (cuda_graph), or None."""
+        if not self.cfg.training.cuda_graph:
+            return None
+        from .graph_step import StepGraphs, recorder_for
+
+        return StepGraphs(self, recorder_for(self.device))
+
+    def _autocast(self):
+        """accelerate's autocast; under cuda_graph without its cast cache (a cast cached while
+        recording would outlive the graph's memory: torch.cuda.graph's docs ask for this)."""
+        if not self.cfg.training.cuda_graph:
+            return self.acc.autocast()
+        from accelerate.utils import AutocastKwargs
+
+        return self.acc.autocast(AutocastKwargs(cache_enabled=False))
+
     @contextlib.contextmanager
     def _compiled_unet(self):
         """The step's U-Net call goes through the compiled module; everything else (sampling, saving,
@@ -515,7 +539,7 @@ class Trainer:
 
     def _encode_captions(self, captions: list[str]) -> Conditioning:
         m = self.cfg.model
-        with torch.set_grad_enabled(self.train_te and torch.is_grad_enabled()), self.acc.autocast():
+        with torch.set_grad_enabled(self.train_te and torch.is_grad_enabled()), self._autocast():
             return self.family.encode(self.base, captions, m.clip_skip, m.max_token_length)
 
     def _conditioning(self, batch) -> Conditioning:
@@ -523,7 +547,7 @@ class Trainer:
             return batch.conditioning
         if batch.token_ids is not None:
             m = self.cfg.model
-            with torch.set_grad_enabled(self.train_te and torch.is_grad_enabled()), self.acc.autocast():
+            with torch.set_grad_enabled(self.train_te and torch.is_grad_enabled()), self._autocast():
                 return self.family.encode_ids(self.base, batch.token_ids, m.clip_skip)
         return self._encode_captions(batch.captions)
 
@@ -570,19 +594,35 @@ class Trainer:
         posterior: torch.Generator | None = None,
     ) -> torch.Tensor:
         """loss_of for a batch already on the device (device_batch): no host work, no host->device copy."""
-        cfg = self.cfg
+        if self._unet_compiled is not None and self.cfg.training.torch_compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are done with
+        return self._loss_from(batch, *self._draw(batch, step, generator, timestep, posterior))
+
+    def _draw(
+        self,
+        batch,
+        step: int,
+        generator: torch.Generator | None = None,
+        timestep: int | None = None,
+        posterior: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The step's random part: (latents, noisy latents, noise, timesteps). A recorded step
+        (cuda_graph) draws it eagerly before each replay."""
         rank = self.acc.process_index
         g = generator or N.reseed(self._noise, self.seed, step, rank)
-        if self._unet_compiled is not None and cfg.training.torch_compile_mode == "reduce-overhead":
-            torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are done with
         if batch.latents is not None:
             latents = batch.latents
         else:
             posterior = posterior or N.reseed(self._posterior, self.seed, step, rank, N.POSTERIOR)
             latents = self._encode_pixels(batch.pixels, posterior)
+        noise_offset = self.cfg.training.noise_offset
+        return (latents, *N.noisy_latents(self.scheduler, latents, g, noise_offset, timestep))
+
+    def _loss_from(self, batch, latents, noisy, noise, t) -> torch.Tensor:
+        """The batch's mean loss from _draw's tensors: what cuda_graph records."""
+        cfg = self.cfg
         cond = self._conditioning(batch).to(dtype=self.weight_dtype)
-        noisy, noise, t = N.noisy_latents(self.scheduler, latents, g, cfg.training.noise_offset, timestep)
-        with self.acc.autocast(), self._compiled_unet():
+        with self._autocast(), self._compiled_unet():
             pred = self.family.predict(self.base, noisy.to(self.weight_dtype), t, cond, batch.size_ids)
         v_pred = cfg.model.v_parameterization
         target = N.target_of(self.scheduler, latents, noise, t, v_pred)
@@ -728,21 +768,25 @@ class Trainer:
                 for batch in self._batches(epoch, skip=pos.batch_in_epoch):
                     micro = epoch * self.batches_per_epoch + pos.batch_in_epoch  # seeds this batch's noise
                     batch = self.device_batch(batch)  # before the step (loss_of's own call is then free)
-                    compiling = self._compiles_now(batch)
-                    started = time.perf_counter()
-                    loss = self.loss_of(batch, micro)
-                    self._note_finite(loss)
-                    acc.backward(loss / accum)
-                    if compiling:
-                        self._log_compile_time(batch, started)
-                    loss_sum += loss.detach()
-                    loss_n += 1
-                    pos.batch_in_epoch += 1
-                    if pos.batch_in_epoch % accum and pos.batch_in_epoch < self.batches_per_epoch:
-                        continue
-                    with interrupts_deferred():
-                        self._optimizer_step(params)
-                        boundary = replace(pos)
+                    if self._graphs is not None:
+                        with interrupts_deferred():  # the replay updates the LoRA: count it with it
+                            loss = self._graphs.step(batch, micro)  # forward, backward, clip, AdamW
+                            self._note_finite(loss)
+                            loss_sum += loss
+                            loss_n += 1
+                            pos.batch_in_epoch += 1
+                            self._advance()
+                            boundary = replace(pos)
+                    else:
+                        loss = self._eager_step(batch, micro, params)
+                        loss_sum += loss.detach()
+                        loss_n += 1
+                        pos.batch_in_epoch += 1
+                        if pos.batch_in_epoch % accum and pos.batch_in_epoch < self.batches_per_epoch:
+                            continue
+                        with interrupts_deferred():
+                            self._optimizer_step(params)
+                            boundary = replace(pos)
                     if stop_file is not None and stop_file.exists():  # one stat per step: cheap
                         log.warning("stop requested (%s) at step %d", stop_file.name, pos.step)
                         raise KeyboardInterrupt
@@ -831,14 +875,30 @@ class Trainer:
                 "--network_weights %s.", where, path, path,
             )  # fmt: skip
 
+    def _eager_step(self, batch, micro: int, params) -> torch.Tensor:
+        """Forward and backward of one batch (its gradients added to the accumulated ones)."""
+        compiling = self._compiles_now(batch)
+        started = time.perf_counter()
+        loss = self.loss_of(batch, micro)
+        self._note_finite(loss)
+        self.acc.backward(loss / self.cfg.training.gradient_accumulation_steps)
+        if compiling:
+            self._log_compile_time(batch, started)
+        return loss
+
     def _optimizer_step(self, params) -> None:
         self._sync_grads()
         if self.cfg.training.max_grad_norm:
             self.acc.clip_grad_norm_(params, self.cfg.training.max_grad_norm)
         self.optimizer.step()
-        if not self.acc.optimizer_step_was_skipped:  # fp16: the loss scaler skips inf/nan gradients
-            self.lr_scheduler.step()
+        skipped = self.acc.optimizer_step_was_skipped  # fp16: the loss scaler skips inf/nan gradients
         self.optimizer.zero_grad(set_to_none=True)
+        self._advance(schedule=not skipped)
+
+    def _advance(self, schedule: bool = True) -> None:
+        """An optimizer step is done: the LR schedule and the step count move on."""
+        if schedule:
+            self.lr_scheduler.step()
         self.pos.step += 1
 
     # --- non-finite loss or weights -------------------------------------------------
