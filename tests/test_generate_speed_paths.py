@@ -340,6 +340,38 @@ def test_compiled_unet_draws_the_same_image_and_sees_merged_loras(tiny_base, tmp
     assert np.abs(lora - gen_pixels(compiled, p)[0]).mean() > 1  # the merged weights reach the compiled graph
 
 
+def test_compile_mode_on_the_command_line_reaches_the_unet(tiny_base, tmp_path, monkeypatch):
+    """`--compile_mode reduce-overhead` compiles (no --compile needed) in that mode; a wrong mode is
+    refused by the parser."""
+    from lorakit.cli import build_parser
+    from lorakit.cli.draw import _generator
+
+    calls = []
+    monkeypatch.setattr(Generator, "optimize", lambda self, **k: calls.append(k) or self)
+    parser = build_parser()
+    base = [
+        "generate",
+        "--model",
+        str(tiny_base),
+        "--prompt",
+        "x",
+        "--device",
+        "cpu",
+        "--lora_dir",
+        str(tmp_path),
+    ]
+    _generator(parser.parse_args([*base, "--compile_mode", "reduce-overhead"]))
+    _generator(parser.parse_args([*base, "--compile"]))
+    _generator(parser.parse_args(base))
+    assert [(k["compile"], k["compile_mode"]) for k in calls] == [
+        (True, "reduce-overhead"),
+        (True, None),
+        (False, None),
+    ]
+    with pytest.raises(SystemExit):
+        parser.parse_args([*base, "--compile_mode", "fast"])
+
+
 # --- batch 4 ----------------------------------------------------------------------------------------
 
 

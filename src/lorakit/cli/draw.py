@@ -65,6 +65,12 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="torch.compile the UNet (faster steps; the first image of each size waits for the compile)",
     )
+    p.add_argument(
+        "--compile_mode",
+        choices=("default", "reduce-overhead", "max-autotune"),
+        default=None,
+        help="torch.compile's mode (implies --compile); reduce-overhead replays each step as a CUDA graph",
+    )
 
 
 def params_from_args(args: argparse.Namespace, base=None):
@@ -103,7 +109,12 @@ def _generator(args: argparse.Namespace):
     from ..generate.pipeline import Generator
 
     return Generator.from_path(
-        args.model, args.lora_dir, device=args.device, channels_last=args.channels_last, compile=args.compile
+        args.model,
+        args.lora_dir,
+        device=args.device,
+        channels_last=args.channels_last,
+        compile=args.compile or args.compile_mode is not None,
+        compile_mode=None if args.compile_mode == "default" else args.compile_mode,
     )
 
 

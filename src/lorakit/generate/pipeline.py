@@ -107,9 +107,10 @@ class Generator:
         dtype=None,
         channels_last: bool | None = None,
         compile: str | bool | None = None,
+        compile_mode: str | None = None,
     ):
         """Load an SD1.x or SDXL base (any file or folder load_base_model reads) to draw with.
-        channels_last / compile: see `optimize` (channels_last defaults to on for CUDA)."""
+        channels_last / compile / compile_mode: see `optimize` (channels_last defaults to on for CUDA)."""
         from ..models.loader import load_base_model
 
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -117,7 +118,7 @@ class Generator:
         base = load_base_model(model_path, dtype=dtype, device=device)
         base.vae.float()  # SD's and SDXL's VAEs overflow in fp16 (NaN images); fp32 costs ~160 MB
         gen = cls.from_base(base, model_path, lora_dir)
-        return gen.optimize(channels_last=channels_last, compile=compile)
+        return gen.optimize(channels_last=channels_last, compile=compile, compile_mode=compile_mode)
 
     def optimize(
         self,
