@@ -583,20 +583,14 @@ class Trainer:
         from `generator` at one fixed `timestep` (the validation loss). An uncached batch's VAE sample
         comes from `posterior`, or the step's own posterior stream: the noise and timesteps are those a
         run with cached latents draws."""
-        return self._loss(self.device_batch(batch), step, generator, timestep, posterior)
+        batch = self.device_batch(batch)
+        return self._loss(batch, step, generator=generator, timestep=timestep, posterior=posterior)
 
-    def _loss(
-        self,
-        batch,
-        step: int,
-        generator: torch.Generator | None = None,
-        timestep: int | None = None,
-        posterior: torch.Generator | None = None,
-    ) -> torch.Tensor:
+    def _loss(self, batch, step: int, **draw_args) -> torch.Tensor:
         """loss_of for a batch already on the device (device_batch): no host work, no host->device copy."""
         if self._unet_compiled is not None and self.cfg.training.torch_compile_mode == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are done with
-        return self._loss_from(batch, *self._draw(batch, step, generator, timestep, posterior))
+        return self._loss_from(batch, *self._draw(batch, step, **draw_args))
 
     def _draw(
         self,
