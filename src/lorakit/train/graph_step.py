@@ -10,9 +10,14 @@ So a graph run draws the same noise as an eager one, and its LoRA differs only b
 
 Recording a shape runs WARMUP eager steps first (cuBLAS, autograd and the optimizer's state must
 exist before a capture); the LoRA and the optimizer's state are put back afterwards, so the warm-up
-steps leave no trace in the result. Every graph shares one memory pool: nothing a replay leaves
-behind is read after the next one (the loss is copied out at once; the gradients are used inside
-the same graph), so the graphs of several bucket shapes may overwrite each other's scratch memory.
+steps leave no trace in the result. Every graph shares one memory pool, although bucket shapes
+come in any order (PyTorch's notes ask for replays in recording order): that is safe only because
+nothing a replay leaves in the pool is read after the next replay — the loss is copied out at once,
+the gradients are used inside the same graph and dropped (set to None) after recording, and the
+LoRA and AdamW's state live outside the pool. Keep it so: a reader of `p.grad` between steps would
+read another graph's scratch memory. The pool keeps each shape's activations reserved for the run,
+on top of what eager work (validation, samples, a new shape's warm-up) needs: more memory than an
+eager run.
 
 `Recorder` is the seam for tests: on a CPU an eager recorder runs the same step function on the
 same fixed tensors, which checks everything here but the capture itself (CUDA-only tests do that).
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 import warnings
 from dataclasses import dataclass, replace
@@ -42,7 +48,9 @@ def check_graph_options(cfg: TrainConfig) -> None:
     if not t.cuda_graph:
         return
     why = None
-    if t.mixed_precision == "fp16":
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        why = "it runs on one GPU (several processes average their gradients outside the step)"
+    elif t.mixed_precision == "fp16":
         why = "fp16's loss scaler checks every step for inf on the host: use mixed_precision = 'bf16'"
     elif t.optimizer_type.lower() != "adamw":
         why = f"it records torch's AdamW, not {t.optimizer_type}: use optimizer_type = 'AdamW'"
@@ -154,9 +162,42 @@ class StepGraphs:
         return loss.detach().clone()  # the next replay overwrites the graph's own
 
     def _record(self, batch, inputs: dict[str, torch.Tensor]) -> _Graph:
+        """Warm up, undo the warm-up, record. A step CUDA cannot record (an op that waits for the GPU,
+        say) is named in a warning and this run goes on eagerly, through the same step function."""
         started = time.perf_counter()
         fixed = {name: x.clone() for name, x in inputs.items()}
-        fixed_batch = _batch_of(batch, fixed)
+        one_step = self._step_function(_batch_of(batch, fixed), fixed)
+        kept = self._snapshot()
+        try:
+            self._warm_up(one_step)
+            self._restore(kept)
+            self.optimizer.zero_grad(set_to_none=True)  # recorded gradients are the graph's own
+            with self._lr_tensors():
+                replay = self.recorder.record(one_step)
+            self.recorder.synchronize()
+        except Exception as e:
+            self._restore(kept)
+            if isinstance(self.recorder, EagerRecorder):
+                raise
+            reason = (str(e).strip().splitlines() or [""])[0][:300]
+            log.warning(
+                "cuda_graph: the step could not be recorded (%s: %s); this run goes on with eager steps "
+                "(turn cuda_graph off to skip the attempt)", type(e).__name__, reason,
+            )  # fmt: skip
+            self.recorder = EagerRecorder()
+            return self._record(batch, inputs)
+        # nothing outside a replay reads the gradients: the memory is the graphs' to share (below)
+        self.optimizer.zero_grad(set_to_none=True)
+        b, _, h, w = inputs["latents"].shape
+        log.info(
+            "cuda_graph: recorded the step for %dx%d latents, batch %d, in %.1f s (%d warm-up steps, "
+            "undone); %d shape(s) recorded",
+            w, h, b, time.perf_counter() - started, WARMUP, len(self.graphs) + 1,
+        )  # fmt: skip
+        return _Graph(fixed, replay)
+
+    def _step_function(self, fixed_batch, fixed: dict[str, torch.Tensor]):
+        """The step that is recorded: it reads only `fixed` (and the LoRA, AdamW's state, the lrs)."""
 
         def one_step() -> torch.Tensor:
             # no kernel: while recording the gradients are None already, and the graph's backward
@@ -171,25 +212,15 @@ class StepGraphs:
             self.optimizer.step()
             return loss.detach()
 
-        kept = self._snapshot()
+        return one_step
+
+    def _warm_up(self, one_step) -> None:
         with self.recorder.warmup_stream(), warnings.catch_warnings():
             # capturable AdamW warns when it runs outside a graph: these steps are meant to
             warnings.filterwarnings("ignore", message=".*capturable=True.*")
             for _ in range(WARMUP):
                 with self._lr_tensors():
                     one_step()
-        self._restore(kept)
-        self.optimizer.zero_grad(set_to_none=True)  # the graph's backward makes its own gradients
-        with self._lr_tensors():
-            replay = self.recorder.record(one_step)
-        self.recorder.synchronize()
-        b, _, h, w = inputs["latents"].shape
-        log.info(
-            "cuda_graph: recorded the step for %dx%d latents, batch %d, in %.1f s (%d warm-up steps, "
-            "undone); %d shape(s) recorded",
-            w, h, b, time.perf_counter() - started, WARMUP, len(self.graphs) + 1,
-        )  # fmt: skip
-        return _Graph(fixed, replay)
 
     @contextlib.contextmanager
     def _lr_tensors(self):
