@@ -158,6 +158,8 @@ def restore_speed_flags(optimizer, flags: list[dict]) -> None:
     CPU), so a state saved with cuda_graph resumes without it and the other way round."""
     for group, chosen in zip(optimizer.param_groups, flags):
         group.update(chosen)
+        if not isinstance(optimizer, torch.optim.AdamW):  # others keep their step counts their way
+            continue
         on_device = group.get("fused") or group.get("capturable")
         for p in group["params"]:
             step = optimizer.state.get(p, {}).get("step")
