@@ -19,7 +19,7 @@ read another graph's scratch memory. The pool keeps each shape's activations res
 on top of what eager work (validation, samples, a new shape's warm-up) needs: more memory than an
 eager run.
 
-`Recorder` is the seam for tests: on a CPU an eager recorder runs the same step function on the
+The recorder is the seam for tests: on a CPU an EagerRecorder runs the same step function on the
 same fixed tensors, which checks everything here but the capture itself (CUDA-only tests do that).
 """
 
@@ -109,7 +109,8 @@ class CudaRecorder:
 
 
 class EagerRecorder:
-    """For tests on a CPU: "replaying" runs the function again on the same fixed tensors."""
+    """"Replaying" runs the function again, eagerly, on the same fixed tensors: the tests' CPU stand-in
+    for a CUDA graph, and what a run falls back to when CUDA cannot record its step."""
 
     def warmup_stream(self):
         return contextlib.nullcontext()
