@@ -68,6 +68,12 @@ def loras(tmp_path_factory, gen, model):
     }
 
 
+def reg_images(loras):
+    """The reg bears the "reg" run drew (the base model's `bear`, seeds 0..31): a later run with
+    reg images reuses them instead of drawing the same 32 pictures again."""
+    return loras["reg"].parent.parent / "data" / "reg"
+
+
 def rate(gen, prompt):
     images = W.draw(gen, prompt, *SEEDS)
     gen.restore_base()
@@ -120,7 +126,7 @@ def test_a_broken_trainer_fails_the_learning_threshold(gen, loras, model, limits
     assert rate(gen, f"usu bear {lora_tag(untrained)}")[0] < limits.learned
 
 
-def test_the_wrong_token_does_not_teach_usu(gen, model, limits, tmp_path):
+def test_the_wrong_token_does_not_teach_usu(gen, loras, model, limits, tmp_path):
     """Trained on a folder named '10_sks bear' (with reg bears), the LoRA has not learned 'usu'."""
     import shutil
 
@@ -128,12 +134,14 @@ def test_the_wrong_token_does_not_teach_usu(gen, model, limits, tmp_path):
 
     train_dir = make_instance_dataset(tmp_path / "data", n=16, repeats=10)
     shutil.move(train_dir / "10_usu bear", train_dir / "10_sks bear")
+    reg_dir = reg_images(loras)  # the same 32 bears train_demo_lora(with_reg=True) would draw
+    assert len(list((reg_dir / "1_bear").glob("*.png"))) == 32
     lora = W.train_demo_lora(
         tmp_path / "run",
-        with_reg=True,
-        gen=gen,
+        with_reg=False,
         model=model,
         train_data_dir=str(train_dir),
+        reg_data_dir=str(reg_dir),
         output_name="sks",
     )
     lora = renamed(lora, "sks-bear", gen.lora_dir)
