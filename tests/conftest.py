@@ -17,12 +17,12 @@ from lorakit.threads import ENV as THREADS_ENV  # noqa: E402
 from lorakit.threads import apply_threads, usable_cores  # noqa: E402
 
 _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-if _workers > 1 and not os.environ.get(THREADS_ENV):
-    # pytest-xdist: the workers share the cores. A fixed count (not each worker's own look at the
-    # load, which the other workers keep changing) also gives the in-process `lorakit` commands and
-    # the child processes the same count, so a redraw or rerun in a test is bit-identical. MKL's
-    # count too: the workers inherit the main process's (auto: all cores), and two workers with
-    # spare MKL threads spinning on the same cores run many times slower.
+if not os.environ.get(THREADS_ENV):
+    # A fixed count, not each command's own look at the load (which other pytest-xdist workers, or
+    # anything else on the machine, keep changing): the in-process `lorakit` commands and the child
+    # processes get the same count, so a redraw or rerun in a test is bit-identical. MKL's count
+    # too: workers inherit the main process's (auto: all cores), and two workers with spare MKL
+    # threads spinning on the same cores run many times slower.
     os.environ[THREADS_ENV] = os.environ["MKL_NUM_THREADS"] = str(max(1, usable_cores() // _workers))
     import torch  # noqa: F401  (so that apply_threads sets torch's own count as well)
 apply_threads()
