@@ -17,13 +17,16 @@ from lorakit.threads import ENV as THREADS_ENV  # noqa: E402
 from lorakit.threads import apply_threads, usable_cores  # noqa: E402
 
 _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-if not os.environ.get(THREADS_ENV):
+_SET_HERE = "LORAKIT_TESTS_SET_THREADS"  # the count below is ours, not the tester's: a worker redoes it
+if not os.environ.get(THREADS_ENV) or os.environ.get(_SET_HERE) == "1":
     # A fixed count, not each command's own look at the load (which other pytest-xdist workers, or
     # anything else on the machine, keep changing): the in-process `lorakit` commands and the child
     # processes get the same count, so a redraw or rerun in a test is bit-identical. MKL's count
     # too: workers inherit the main process's (auto: all cores), and two workers with spare MKL
     # threads spinning on the same cores run many times slower.
+    # (pytest-xdist's controller runs this file too, and its workers inherit what it sets here)
     os.environ[THREADS_ENV] = os.environ["MKL_NUM_THREADS"] = str(max(1, usable_cores() // _workers))
+    os.environ[_SET_HERE] = "1"
     import torch  # noqa: F401  (so that apply_threads sets torch's own count as well)
 apply_threads()
 
