@@ -82,3 +82,23 @@ def test_cli_sets_torch_threads(tmp_path):
         text=True,
     )
     assert bad.returncode == 2 and "threads: 'zero'" in bad.stderr
+
+
+def test_mkl_count_follows_lorakits_own_pick_but_not_the_users(monkeypatch):
+    """A child of a lorakit process inherits MKL_NUM_THREADS from the parent's automatic pick: it
+    follows the child's own pick. A count the user set stays."""
+    import torch
+
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # this test process keeps its count
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    monkeypatch.setenv(threads._AUTO_MARK, "2")
+    monkeypatch.setenv("MKL_NUM_THREADS", "2")  # the parent's pick, inherited
+    monkeypatch.setenv("LORAKIT_THREADS", "1")
+    assert threads.apply_threads() == 1
+    assert os.environ["MKL_NUM_THREADS"] == "1" and os.environ["OMP_NUM_THREADS"] == "1"
+    monkeypatch.setenv("MKL_NUM_THREADS", "5")  # the user's
+    threads.apply_threads()
+    assert os.environ["MKL_NUM_THREADS"] == "5"
+    monkeypatch.delenv("MKL_NUM_THREADS")
+    threads.apply_threads()
+    assert os.environ["MKL_NUM_THREADS"] == "1"

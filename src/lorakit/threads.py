@@ -94,9 +94,12 @@ def choose_threads(requested: str | int | None = None) -> tuple[int, str]:
 def apply_threads(requested: str | int | None = None) -> int:
     """Set torch's thread count (before or after torch is imported) and log it once."""
     n, why = choose_threads(requested)
+    # MKL's count is the user's unless it is unset or a lorakit parent's own earlier pick
+    mkl_ours = os.environ.get("MKL_NUM_THREADS") in (None, os.environ.get(_AUTO_MARK))
     # read by torch (and numpy's BLAS) when they start; covers a torch imported later
     os.environ["OMP_NUM_THREADS"] = os.environ[_AUTO_MARK] = str(n)
-    os.environ.setdefault("MKL_NUM_THREADS", str(n))
+    if mkl_ours:
+        os.environ["MKL_NUM_THREADS"] = str(n)
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(n)
     log.info("CPU threads: %d (%s; set --threads N to change)", n, why)

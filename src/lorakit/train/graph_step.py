@@ -109,7 +109,7 @@ class CudaRecorder:
 
 
 class EagerRecorder:
-    """"Replaying" runs the function again, eagerly, on the same fixed tensors: the tests' CPU stand-in
+    """ "Replaying" runs the function again, eagerly, on the same fixed tensors: the tests' CPU stand-in
     for a CUDA graph, and what a run falls back to when CUDA cannot record its step."""
 
     def warmup_stream(self):
