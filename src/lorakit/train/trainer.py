@@ -772,7 +772,7 @@ class Trainer:
                             self._advance()
                             boundary = replace(pos)
                     else:
-                        loss = self._eager_step(batch, micro, params)
+                        loss = self._eager_step(batch, micro)
                         loss_sum += loss.detach()
                         loss_n += 1
                         pos.batch_in_epoch += 1
@@ -869,7 +869,7 @@ class Trainer:
                 "--network_weights %s.", where, path, path,
             )  # fmt: skip
 
-    def _eager_step(self, batch, micro: int, params) -> torch.Tensor:
+    def _eager_step(self, batch, micro: int) -> torch.Tensor:
         """Forward and backward of one batch (its gradients added to the accumulated ones)."""
         compiling = self._compiles_now(batch)
         started = time.perf_counter()
