@@ -92,6 +92,13 @@ def test_the_preflight_line_only_for_full_size_bases(tmp_path):
     small.write_bytes(b"x" * 1000)  # the demo and test models: nothing fitted for them
     assert preflight_line(cfg, "sdxl", small, 8.0) is None
     assert preflight_line(cfg, "flux1_dev", folder, 8.0) is None
+    graphs = TrainConfig.from_dict({"resolution": "1024", "mixed_precision": "bf16", "cuda_graph": True})
+    est = estimate_for_config(graphs, "sdxl")
+    assert (
+        f"each recorded batch shape also keeps about {est.activations_gib:.1f} GB"
+        in (preflight_line(graphs, "sdxl", folder, None)[0])
+    )
+    assert "cuda_graph" not in preflight_line(cfg, "sdxl", folder, None)[0]
 
 
 def test_the_vae_counts_in_float32_under_fp16_and_vae_batches_raise_the_setup():

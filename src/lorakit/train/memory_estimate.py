@@ -224,6 +224,11 @@ def preflight_line(cfg, family_key: str | None, model_path, gpu_gib: float | Non
         return None
     est = estimate_for_config(cfg, family)
     line = "GPU memory estimate: " + describe(est, gpu_gib)
+    if cfg.training.cuda_graph:  # not fitted: each recorded shape's activations stay reserved
+        line += (
+            f"; with cuda_graph, each recorded batch shape also keeps about {est.activations_gib:.1f} GB "
+            "of activations reserved (not measured yet)"
+        )
     return (line + (f" (this GPU has {gpu_gib:.0f} GB)" if gpu_gib else "")), bool(
         gpu_gib and est.device_gib > gpu_gib
     )
