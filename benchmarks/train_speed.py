@@ -15,7 +15,7 @@ A configuration is `family[:token...]`, family sd15 or sdxl; tokens:
     cte      cache_text_encoder_outputs
     8bit     optimizer AdamW8bit (Adafactor when bitsandbytes does not work here; the output says so)
     compile  torch_compile (when this lorakit has the option; else the row says "not available")
-    graph    cuda_graph: the whole step recorded as a CUDA graph per batch shape and replayed
+    graph    cuda_graph: the step recorded as CUDA graphs (a pass per batch shape, the update) and replayed
     key=val  any other `lorakit train` option, e.g. torch_compile_mode=max-autotune, network_dim=16
 e.g. `sdxl:b4:gc:cte:8bit` is the "fits 12 GB" profile at batch 4. Or give a product with --family,
 --batch, --te, --checkpointing, --compile (each comma-separated).

@@ -79,7 +79,11 @@ def test_recorded_step_learns_what_the_eager_step_learns(
         graphed, tr = run(train_config(output_dir=str(tmp_path / "g"), cuda_graph=True, **common))
     assert graphed == pytest.approx(eager, rel=1e-6)
     assert_same_lora(tmp_path / "e" / "tiny.safetensors", tmp_path / "g" / "tiny.safetensors")
-    assert len(tr._graphs.graphs) == 1 and caplog.text.count("cuda_graph: recorded the step") == 1
+    assert len(tr._graphs.passes) == 1 and tr._graphs.recorded == 2  # the pass and the update
+    assert caplog.text.count("cuda_graph: recorded the pass for 8x8 latents, batch 2") == 1
+    assert caplog.text.count("cuda_graph: recorded the update") == 1
+    # the gradients are the run's own tensors, zeroed by the last update
+    assert all(p.grad is g and not g.any() for p, g in zip(tr._graphs.params, tr._graphs.grads))
     groups = tr.optimizer.optimizer.param_groups
     assert all(isinstance(g["lr"], float) for g in groups)  # what the scheduler and states see
 
@@ -97,12 +101,27 @@ def test_each_batch_shape_gets_its_graph(train_config, tmp_path, eager_recorder,
     eager, _ = run(train_config(output_dir=str(tmp_path / "e"), optimizer_args=SAME_OPTIMIZER, **common))
     with caplog.at_level(logging.INFO, logger="lorakit"):
         graphed, tr = run(train_config(output_dir=str(tmp_path / "g"), cuda_graph=True, **common))
-    shapes = sorted(key[0][1][0] for key in tr._graphs.graphs)  # ("latents", shape, dtype) first
+    shapes = sorted(key[0][1][0] for key in tr._graphs.passes)  # ("latents", shape, dtype) first
     assert shapes == [2, 3]
     # AdamW counted 6 steps, not 6 + 2 x 3 warm-up steps
     assert {float(s["step"]) for s in tr.optimizer.optimizer.state.values()} == {6.0}
-    assert "batch 3" in caplog.text and "batch 2" in caplog.text and "2 shape(s) recorded" in caplog.text
+    assert "batch 3" in caplog.text and "batch 2" in caplog.text and "3 graph(s) recorded" in caplog.text
     assert graphed == eager
+    assert_same_lora(tmp_path / "e" / "tiny.safetensors", tmp_path / "g" / "tiny.safetensors", rtol=0, atol=0)
+
+
+def test_gradient_accumulation_replays_the_update_every_n_passes(train_config, tmp_path, eager_recorder):
+    """gradient_accumulation_steps = 2, 8 images in batches of 3 (shapes 3, 3, 2 per epoch): passes add
+    into the gradients, the update replays every second pass and at an epoch's end, bit for bit the
+    eager run."""
+    common = dict(
+        max_train_steps=4, train_batch_size=3, gradient_accumulation_steps=2, save_precision="float",
+        reg_data_dir=None, learning_rate=EXACT_LR,
+    )  # fmt: skip
+    eager, _ = run(train_config(output_dir=str(tmp_path / "e"), optimizer_args=SAME_OPTIMIZER, **common))
+    graphed, tr = run(train_config(output_dir=str(tmp_path / "g"), cuda_graph=True, **common))
+    assert graphed == eager and len(tr._graphs.passes) == 2
+    assert {float(s["step"]) for s in tr.optimizer.optimizer.state.values()} == {4.0}
     assert_same_lora(tmp_path / "e" / "tiny.safetensors", tmp_path / "g" / "tiny.safetensors", rtol=0, atol=0)
 
 
@@ -132,7 +151,6 @@ def test_recorded_run_resumes_to_the_uninterrupted_one(train_config, tmp_path, e
     [
         ({"mixed_precision": "fp16"}, "bf16"),
         ({"optimizer_type": "Lion"}, "AdamW"),
-        ({"gradient_accumulation_steps": 2}, "gradient_accumulation_steps = 1"),
         ({"gradient_checkpointing": True}, "gradient_checkpointing = false"),
         ({"torch_compile": True}, "reduce-overhead"),
         ({"network_module": "lycoris.kohya", "network_args": ["module_dropout=0.1"]}, "module_dropout"),
@@ -168,8 +186,8 @@ def test_cuda_recorded_step_matches_eager(train_config, tiny_sdxl_base, tmp_path
     with caplog.at_level(logging.INFO, logger="lorakit"):
         graphed, tr = run(train_config(output_dir=str(tmp_path / "g"), cuda_graph=True, **common))
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "cuda_graph" in r.getMessage()]
-    assert isinstance(tr._graphs.recorder, graph_step.CudaRecorder) and len(tr._graphs.graphs) >= 1
-    assert all(p.grad is None for p in tr._graphs.params)  # the graphs' gradients are not left to read
+    assert isinstance(tr._graphs.recorder, graph_step.CudaRecorder) and len(tr._graphs.passes) >= 1
+    assert all(p.grad is g and not g.any() for p, g in zip(tr._graphs.params, tr._graphs.grads))
     assert graphed == pytest.approx(eager, rel=2e-3)
     assert_same_lora(
         tmp_path / "e" / "tiny.safetensors", tmp_path / "g" / "tiny.safetensors", rtol=2e-2, atol=1e-4

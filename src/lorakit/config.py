@@ -274,8 +274,8 @@ class TrainingConfig:
     )
     cuda_graph: bool = opt(
         False,
-        "record the whole step (forward, backward, gradient clipping, AdamW) as one CUDA graph per batch "
-        "shape and replay it: one launch per step instead of thousands (CUDA, bf16 or fp32, AdamW)",
+        "record the step as CUDA graphs and replay them (forward-backward per batch shape; clipping and "
+        "AdamW once): two launches per step instead of thousands (CUDA, bf16 or fp32, AdamW)",
     )
     deterministic: bool = opt(
         False,

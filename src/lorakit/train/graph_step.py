@@ -1,26 +1,26 @@
-"""`cuda_graph = true`: the whole training step — U-Net (and trained text-encoder) forward, loss,
-backward, gradient clipping and AdamW — recorded once per batch shape as a CUDA graph and replayed,
-so a step is one launch instead of thousands of small kernel launches (at SD1.5 512² batch 1 the
-eager step waits on the host, not on the GPU's arithmetic).
+"""`cuda_graph = true`: the training step — U-Net (and trained text-encoder) forward, loss, backward,
+gradient clipping and AdamW — recorded as CUDA graphs and replayed, so a step is two launches instead
+of thousands of small kernel launches (at SD1.5 512² batch 1 the eager step waits on the host, not
+on the GPU's arithmetic). Two graphs: per batch shape the forward-backward pass, which adds the
+batch's gradients into the LoRA's, and once the update (clip, AdamW, zero the gradients), replayed
+every gradient_accumulation_steps passes.
 
 What stays eager, before each replay: the step's random numbers (noise and timesteps from the run's
 generator, exactly as an eager step draws them; an uncached batch's VAE encode), copied into the
-graph's fixed input tensors, and the learning rate, copied into the tensor the recorded AdamW reads.
+pass's fixed input tensors, and the learning rate, copied into the tensor the recorded AdamW reads.
 So a graph run draws the same noise as an eager one, and its LoRA differs only by kernel rounding.
 
-Recording a shape runs WARMUP eager steps first (cuBLAS, autograd and the optimizer's state must
-exist before a capture); the LoRA and the optimizer's state are put back afterwards, so the warm-up
-steps leave no trace in the result. Every graph shares one memory pool, although bucket shapes
+Recording runs WARMUP eager runs first (cuBLAS, autograd and the optimizer's state must exist before
+a capture); the LoRA, its gradients and the optimizer's state are put back afterwards, so the
+warm-up leaves no trace in the result. Every graph shares one memory pool, although bucket shapes
 come in any order (PyTorch's notes ask for replays in recording order): that is safe only because
 nothing a replay leaves in the pool is read after the next replay — the loss is copied out at once,
-the gradients are used inside the same graph and dropped (set to None) after recording, and the
-LoRA and AdamW's state live outside the pool. Keep it so: a reader of `p.grad` between steps would
-read another graph's scratch memory. The pool keeps each shape's activations reserved for the run,
-on top of what eager work (validation, samples, a new shape's warm-up) needs: more memory than an
-eager run.
+and the LoRA, its gradients and AdamW's state live outside the pool, for the run. Keep it so. The
+pool keeps each shape's activations reserved for the run, on top of what eager work (validation,
+samples, a new shape's warm-up) needs: more memory than an eager run.
 
-The recorder is the seam for tests: on a CPU an EagerRecorder runs the same step function on the
-same fixed tensors, which checks everything here but the capture itself (CUDA-only tests do that).
+The recorder is the seam for tests: on a CPU an EagerRecorder runs the same functions on the same
+fixed tensors, which checks everything here but the capture itself (CUDA-only tests do that).
 """
 
 from __future__ import annotations
@@ -54,8 +54,6 @@ def check_graph_options(cfg: TrainConfig) -> None:
         why = "fp16's loss scaler checks every step for inf on the host: use mixed_precision = 'bf16'"
     elif t.optimizer_type.lower() != "adamw":
         why = f"it records torch's AdamW, not {t.optimizer_type}: use optimizer_type = 'AdamW'"
-    elif t.gradient_accumulation_steps != 1:
-        why = "it records one optimizer step per batch: use gradient_accumulation_steps = 1"
     elif t.gradient_checkpointing:
         why = "checkpointing saves the random state on the host while recording: use gradient_checkpointing = false"
     elif t.torch_compile:
@@ -124,12 +122,14 @@ class EagerRecorder:
 
 @dataclass
 class _Graph:
-    inputs: dict[str, torch.Tensor]  # the fixed tensors the recorded step reads
+    inputs: dict[str, torch.Tensor]  # the fixed tensors the recorded pass reads
     replay: object  # () -> the loss (a fixed tensor on CUDA)
 
 
 class StepGraphs:
-    """One recorded step per batch shape, for one trainer.
+    """The recorded step for one trainer, in two parts: per batch shape a forward-backward pass that
+    adds the batch's gradients (/ gradient_accumulation_steps) into the LoRA's, and once the update
+    (clipping, AdamW, zeroing the gradients), replayed every gradient_accumulation_steps passes.
 
     The trainer provides `_draw(batch, step)` (the eager part: latents, noisy latents, noise, t) and
     `_loss_from(batch, latents, noisy, noise, t)` (the part that is recorded)."""
@@ -143,38 +143,83 @@ class StepGraphs:
         self.lrs = [
             torch.zeros((), dtype=torch.float32, device=trainer.device) for _ in self.optimizer.param_groups
         ]
-        self.max_grad_norm = trainer.cfg.training.max_grad_norm
-        self.graphs: dict[tuple, _Graph] = {}
+        t = trainer.cfg.training
+        self.max_grad_norm, self.accumulation = t.max_grad_norm, t.gradient_accumulation_steps
+        # the gradients live for the run, outside the graphs' pool: a recorded backward adds into
+        # them in place, the recorded update reads and zeroes them
+        with torch.no_grad():
+            for p in self.params:
+                p.grad = torch.zeros_like(p)
+        self.grads = [p.grad for p in self.params]
+        self.passes: dict[tuple, _Graph] = {}
+        self._update = None
 
-    def step(self, batch, step: int) -> torch.Tensor:
-        """One optimizer step on `batch` (already on the device); returns its loss (a new tensor)."""
+    @property
+    def recorded(self) -> int:
+        """How many graphs: forward-backward passes (one per batch shape) and the update."""
+        return len(self.passes) + (self._update is not None)
+
+    def forward_backward(self, batch, step: int) -> torch.Tensor:
+        """`batch`'s gradients (on the device already) added to the LoRA's; returns its loss (a new
+        tensor: the next replay overwrites the graph's own)."""
         latents, noisy, noise, t = self.trainer._draw(batch, step)
         inputs = _inputs(batch, latents, noisy, noise, t)
         key = tuple((name, tuple(x.shape), x.dtype) for name, x in inputs.items())
-        graph = self.graphs.get(key)
+        graph = self.passes.get(key)
         if graph is None:
-            graph = self.graphs[key] = self._record(batch, inputs)
+            graph = self.passes[key] = self._record_pass(batch, inputs)
         for name, x in inputs.items():
             graph.inputs[name].copy_(x, non_blocking=True)
+        return graph.replay().detach().clone()
+
+    def update(self) -> None:
+        """Clip, step AdamW at the optimizer's current lr, zero the gradients."""
+        if self._update is None:
+            self._update = self._record("the update", self._update_function())
         for lr, group in zip(self.lrs, self.optimizer.param_groups):
             lr.fill_(float(group["lr"]))  # a launch, not a sync: the value is the host's own
-        with self._lr_tensors():  # only the eager recorder reads them here; a CUDA graph has them
-            loss = graph.replay()
-        return loss.detach().clone()  # the next replay overwrites the graph's own
+        with self._lr_tensors():  # only an eager replay reads them here; a CUDA graph has them
+            self._update()
 
-    def _record(self, batch, inputs: dict[str, torch.Tensor]) -> _Graph:
-        """Warm up, undo the warm-up, record. A step CUDA cannot record (an op that waits for the GPU,
-        say) is named in a warning and this run goes on eagerly, through the same step function."""
-        started = time.perf_counter()
+    def _record_pass(self, batch, inputs: dict[str, torch.Tensor]) -> _Graph:
         fixed = {name: x.clone() for name, x in inputs.items()}
-        one_step = self._step_function(_batch_of(batch, fixed), fixed)
+        fixed_batch = _batch_of(batch, fixed)
+
+        def forward_backward() -> torch.Tensor:
+            loss = self.trainer._loss_from(
+                fixed_batch, fixed["latents"], fixed["noisy"], fixed["noise"], fixed["t"]
+            )
+            (loss / self.accumulation).backward()  # adds into the LoRA's gradients, in place
+            return loss.detach()
+
+        b, _, h, w = inputs["latents"].shape
+        return _Graph(fixed, self._record(f"the pass for {w}x{h} latents, batch {b},", forward_backward))
+
+    def _update_function(self):
+        def update() -> None:
+            if self.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm, foreach=True)
+            self.optimizer.step()
+            torch._foreach_zero_(self.grads)
+
+        return update
+
+    def _record(self, what: str, fn):
+        """Warm up, undo the warm-up, record `fn`; returns its replay. A function CUDA cannot record
+        (an op that waits for the GPU, say) is named in a warning and this run goes on eagerly, through
+        the same functions."""
+        started = time.perf_counter()
         kept = self._snapshot()
         try:
-            self._warm_up(one_step)
+            with self.recorder.warmup_stream(), warnings.catch_warnings():
+                # capturable AdamW warns when it runs outside a graph: these steps are meant to
+                warnings.filterwarnings("ignore", message=".*capturable=True.*")
+                for _ in range(WARMUP):
+                    with self._lr_tensors():
+                        fn()
             self._restore(kept)
-            self.optimizer.zero_grad(set_to_none=True)  # recorded gradients are the graph's own
             with self._lr_tensors():
-                replay = self.recorder.record(one_step)
+                replay = self.recorder.record(fn)
             self.recorder.synchronize()
         except Exception as e:
             self._restore(kept)
@@ -186,42 +231,12 @@ class StepGraphs:
                 "(turn cuda_graph off to skip the attempt)", type(e).__name__, reason,
             )  # fmt: skip
             self.recorder = EagerRecorder()
-            return self._record(batch, inputs)
-        # nothing outside a replay reads the gradients: the memory is the graphs' to share (below)
-        self.optimizer.zero_grad(set_to_none=True)
-        b, _, h, w = inputs["latents"].shape
+            return self._record(what, fn)
         log.info(
-            "cuda_graph: recorded the step for %dx%d latents, batch %d, in %.1f s (%d warm-up steps, "
-            "undone); %d shape(s) recorded",
-            w, h, b, time.perf_counter() - started, WARMUP, len(self.graphs) + 1,
+            "cuda_graph: recorded %s in %.1f s (%d warm-up runs, undone); %d graph(s) recorded",
+            what, time.perf_counter() - started, WARMUP, self.recorded + 1,
         )  # fmt: skip
-        return _Graph(fixed, replay)
-
-    def _step_function(self, fixed_batch, fixed: dict[str, torch.Tensor]):
-        """The step that is recorded: it reads only `fixed` (and the LoRA, AdamW's state, the lrs)."""
-
-        def one_step() -> torch.Tensor:
-            # no kernel: while recording the gradients are None already, and the graph's backward
-            # writes fresh ones on every replay; an eager replay must not add to the last step's
-            self.optimizer.zero_grad(set_to_none=True)
-            loss = self.trainer._loss_from(
-                fixed_batch, fixed["latents"], fixed["noisy"], fixed["noise"], fixed["t"]
-            )
-            loss.backward()
-            if self.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm, foreach=True)
-            self.optimizer.step()
-            return loss.detach()
-
-        return one_step
-
-    def _warm_up(self, one_step) -> None:
-        with self.recorder.warmup_stream(), warnings.catch_warnings():
-            # capturable AdamW warns when it runs outside a graph: these steps are meant to
-            warnings.filterwarnings("ignore", message=".*capturable=True.*")
-            for _ in range(WARMUP):
-                with self._lr_tensors():
-                    one_step()
+        return replay
 
     @contextlib.contextmanager
     def _lr_tensors(self):
@@ -236,23 +251,27 @@ class StepGraphs:
             for g, value in zip(groups, floats):
                 g["lr"] = value
 
-    def _snapshot(self) -> tuple[list[torch.Tensor], dict]:
+    def _snapshot(self) -> tuple[list[torch.Tensor], list[torch.Tensor], dict]:
         with torch.no_grad():
             params = [p.detach().clone() for p in self.params]
+            grads = [g.clone() for g in self.grads]
             state = {
                 p: {k: v.clone() for k, v in self.optimizer.state[p].items() if torch.is_tensor(v)}
                 for p in self.params
                 if self.optimizer.state.get(p)
             }
-        return params, state
+        return params, grads, state
 
     def _restore(self, kept) -> None:
-        """In place (a graph records addresses): the LoRA and AdamW's state as before the warm-up. A
-        state the warm-up created is zeroed: AdamW's fresh state is zeros (step 0, no moments)."""
-        params, state = kept
+        """In place (a graph records addresses): the LoRA, its gradients and AdamW's state as before
+        the warm-up. A state the warm-up created is zeroed: AdamW's fresh state is zeros (step 0, no
+        moments)."""
+        params, grads, state = kept
         with torch.no_grad():
             for p, saved in zip(self.params, params):
                 p.copy_(saved)
+            for g, saved in zip(self.grads, grads):
+                g.copy_(saved)
             for p in self.params:
                 before = state.get(p, {})
                 for k, v in self.optimizer.state.get(p, {}).items():

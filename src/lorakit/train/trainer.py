@@ -762,25 +762,16 @@ class Trainer:
                 for batch in self._batches(epoch, skip=pos.batch_in_epoch):
                     micro = epoch * self.batches_per_epoch + pos.batch_in_epoch  # seeds this batch's noise
                     batch = self.device_batch(batch)  # before the step (loss_of's own call is then free)
-                    if self._graphs is not None:
-                        with interrupts_deferred():  # the replay updates the LoRA: count it with it
-                            loss = self._graphs.step(batch, micro)  # forward, backward, clip, AdamW
-                            self._note_finite(loss)
-                            loss_sum += loss
-                            loss_n += 1
-                            pos.batch_in_epoch += 1
-                            self._advance()
-                            boundary = replace(pos)
-                    else:
-                        loss = self._eager_step(batch, micro)
-                        loss_sum += loss.detach()
-                        loss_n += 1
-                        pos.batch_in_epoch += 1
-                        if pos.batch_in_epoch % accum and pos.batch_in_epoch < self.batches_per_epoch:
-                            continue
-                        with interrupts_deferred():
-                            self._optimizer_step(params)
-                            boundary = replace(pos)
+                    loss = self._forward_backward(batch, micro)
+                    self._note_finite(loss)
+                    loss_sum += loss.detach()
+                    loss_n += 1
+                    pos.batch_in_epoch += 1
+                    if pos.batch_in_epoch % accum and pos.batch_in_epoch < self.batches_per_epoch:
+                        continue
+                    with interrupts_deferred():
+                        self._optimizer_step(params)
+                        boundary = replace(pos)
                     if stop_file is not None and stop_file.exists():  # one stat per step: cheap
                         log.warning("stop requested (%s) at step %d", stop_file.name, pos.step)
                         raise KeyboardInterrupt
@@ -869,18 +860,24 @@ class Trainer:
                 "--network_weights %s.", where, path, path,
             )  # fmt: skip
 
-    def _eager_step(self, batch, micro: int) -> torch.Tensor:
-        """Forward and backward of one batch (its gradients added to the accumulated ones)."""
+    def _forward_backward(self, batch, micro: int) -> torch.Tensor:
+        """Forward and backward of one batch (its gradients added to the accumulated ones), recorded
+        and replayed under cuda_graph; returns its loss."""
+        if self._graphs is not None:
+            return self._graphs.forward_backward(batch, micro)
         compiling = self._compiles_now(batch)
         started = time.perf_counter()
         loss = self.loss_of(batch, micro)
-        self._note_finite(loss)
         self.acc.backward(loss / self.cfg.training.gradient_accumulation_steps)
         if compiling:
             self._log_compile_time(batch, started)
         return loss
 
     def _optimizer_step(self, params) -> None:
+        if self._graphs is not None:  # clip, AdamW and zeroed gradients: replayed
+            self._graphs.update()
+            self._advance()
+            return
         self._sync_grads()
         if self.cfg.training.max_grad_norm:
             self.acc.clip_grad_norm_(params, self.cfg.training.max_grad_norm)
