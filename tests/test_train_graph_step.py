@@ -46,6 +46,14 @@ def run(cfg, stop_at: int | None = None):
     return losses, tr
 
 
+def assert_run_long_zeroed_gradients(graphs) -> None:
+    """The gradients are the run's own tensors, one per LoRA tensor the loss reaches, zeroed by the
+    last update."""
+    grads = [p.grad for p in graphs.params if p.grad is not None]
+    assert len(grads) == len(graphs.grads) and all(a is b for a, b in zip(grads, graphs.grads))
+    assert not any(g.any() for g in grads)
+
+
 def assert_same_lora(a, b, rtol=1e-4, atol=1e-6):
     ta, tb = load_file(str(a)), load_file(str(b))
     assert ta.keys() == tb.keys()
@@ -83,7 +91,7 @@ def test_recorded_step_learns_what_the_eager_step_learns(
     assert caplog.text.count("cuda_graph: recorded the pass for 8x8 latents, batch 2") == 1
     assert caplog.text.count("cuda_graph: recorded the update") == 1
     # the gradients are the run's own tensors, zeroed by the last update
-    assert all(p.grad is g and not g.any() for p, g in zip(tr._graphs.params, tr._graphs.grads))
+    assert_run_long_zeroed_gradients(tr._graphs)
     groups = tr.optimizer.optimizer.param_groups
     assert all(isinstance(g["lr"], float) for g in groups)  # what the scheduler and states see
 
@@ -122,6 +130,21 @@ def test_gradient_accumulation_replays_the_update_every_n_passes(train_config, t
     graphed, tr = run(train_config(output_dir=str(tmp_path / "g"), cuda_graph=True, **common))
     assert graphed == eager and len(tr._graphs.passes) == 2
     assert {float(s["step"]) for s in tr.optimizer.optimizer.state.values()} == {4.0}
+    assert_same_lora(tmp_path / "e" / "tiny.safetensors", tmp_path / "g" / "tiny.safetensors", rtol=0, atol=0)
+
+
+def test_lora_tensors_the_loss_does_not_reach_are_left_alone(train_config, tmp_path, eager_recorder):
+    """clip_skip = 2 with the text encoder trained: its last layer's LoRA gets no gradient. As in an
+    eager run AdamW skips it (with a zero gradient it would still decay it): bit for bit the eager
+    run, and that layer's LoRA unchanged from its start."""
+    common = dict(
+        max_train_steps=3, save_precision="float", reg_data_dir=None, learning_rate=EXACT_LR, clip_skip=2
+    )
+    eager, _ = run(train_config(output_dir=str(tmp_path / "e"), optimizer_args=SAME_OPTIMIZER, **common))
+    graphed, tr = run(train_config(output_dir=str(tmp_path / "g"), cuda_graph=True, **common))
+    unreached = [p for p in tr._graphs.params if p.grad is None]
+    assert unreached and len(tr._graphs.grads) == len(tr._graphs.params) - len(unreached)
+    assert graphed == eager
     assert_same_lora(tmp_path / "e" / "tiny.safetensors", tmp_path / "g" / "tiny.safetensors", rtol=0, atol=0)
 
 
@@ -187,7 +210,7 @@ def test_cuda_recorded_step_matches_eager(train_config, tiny_sdxl_base, tmp_path
         graphed, tr = run(train_config(output_dir=str(tmp_path / "g"), cuda_graph=True, **common))
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "cuda_graph" in r.getMessage()]
     assert isinstance(tr._graphs.recorder, graph_step.CudaRecorder) and len(tr._graphs.passes) >= 1
-    assert all(p.grad is g and not g.any() for p, g in zip(tr._graphs.params, tr._graphs.grads))
+    assert_run_long_zeroed_gradients(tr._graphs)
     assert graphed == pytest.approx(eager, rel=2e-3)
     assert_same_lora(
         tmp_path / "e" / "tiny.safetensors", tmp_path / "g" / "tiny.safetensors", rtol=2e-2, atol=1e-4

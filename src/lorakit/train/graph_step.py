@@ -85,9 +85,11 @@ class CudaRecorder:
         """Eager steps before a capture run on a side stream, as torch.cuda.graph's docs require."""
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            yield
-        torch.cuda.current_stream(self.device).wait_stream(side)
+        try:
+            with torch.cuda.stream(side):
+                yield
+        finally:  # also after an error: what the warm-up queued finishes before anything else
+            torch.cuda.current_stream(self.device).wait_stream(side)
 
     def record(self, fn):
         """fn() -> tensor, recorded; returns replay() -> that (fixed) tensor, refilled."""
@@ -145,12 +147,7 @@ class StepGraphs:
         ]
         t = trainer.cfg.training
         self.max_grad_norm, self.accumulation = t.max_grad_norm, t.gradient_accumulation_steps
-        # the gradients live for the run, outside the graphs' pool: a recorded backward adds into
-        # them in place, the recorded update reads and zeroes them
-        with torch.no_grad():
-            for p in self.params:
-                p.grad = torch.zeros_like(p)
-        self.grads = [p.grad for p in self.params]
+        self.grads: list[torch.Tensor] | None = None  # made by the first pass (_give_gradients)
         self.passes: dict[tuple, _Graph] = {}
         self._update = None
 
@@ -192,8 +189,24 @@ class StepGraphs:
             (loss / self.accumulation).backward()  # adds into the LoRA's gradients, in place
             return loss.detach()
 
+        if self.grads is None:
+            self._give_gradients(forward_backward)
         b, _, h, w = inputs["latents"].shape
         return _Graph(fixed, self._record(f"the pass for {w}x{h} latents, batch {b},", forward_backward))
+
+    def _give_gradients(self, forward_backward) -> None:
+        """Run-long gradient tensors, outside the graphs' pool (a recorded backward adds into them in
+        place, the recorded update reads and zeroes them), for the LoRA tensors the loss reaches. One
+        eager pass finds those; the others (a text-encoder layer past clip_skip, say) keep no
+        gradient, so AdamW leaves them alone as in an eager run (a zero gradient would still decay
+        them)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.recorder.warmup_stream():
+            forward_backward()
+        with torch.no_grad():
+            for p in self.params:
+                p.grad = None if p.grad is None else torch.zeros_like(p)
+        self.grads = [p.grad for p in self.params if p.grad is not None]
 
     def _update_function(self):
         def update() -> None:
@@ -222,6 +235,8 @@ class StepGraphs:
                 replay = self.recorder.record(fn)
             self.recorder.synchronize()
         except Exception as e:
+            with contextlib.suppress(Exception):  # nothing the warm-up queued runs on while restoring
+                self.recorder.synchronize()
             self._restore(kept)
             if isinstance(self.recorder, EagerRecorder):
                 raise
