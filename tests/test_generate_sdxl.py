@@ -12,6 +12,7 @@ from lorakit.generate.params import GenerationParams
 from lorakit.generate.pipeline import Generator
 from lorakit.generate.pnginfo import parse_parameters, read_png_parameters
 from lorakit.generate.samplers import SAMPLERS
+from lorakit.testing import cpu_generator_with_random_lora
 from lorakit.testing import write_random_lora as random_lora
 
 SMALL = dict(steps=3, width=64, height=64, seed=7, sampler="Euler a")
@@ -19,10 +20,7 @@ SMALL = dict(steps=3, width=64, height=64, seed=7, sampler="Euler a")
 
 @pytest.fixture(scope="module")
 def xl_gen(tiny_sdxl_base, tmp_path_factory):
-    lora_dir = tmp_path_factory.mktemp("xl_loras")
-    gen = Generator.from_path(tiny_sdxl_base, lora_dir, device="cpu")
-    random_lora(gen.base, lora_dir / "xl_style.safetensors", seed=1)
-    return gen
+    return cpu_generator_with_random_lora(tiny_sdxl_base, tmp_path_factory.mktemp("xl_loras"), "xl_style")
 
 
 def pixels(item):

@@ -16,6 +16,7 @@ import torch
 from lorakit.generate.params import GenerationParams, ParamError
 from lorakit.generate.pipeline import Generator
 from lorakit.generate.pnginfo import parse_parameters, read_png_parameters, save_png_with_parameters
+from lorakit.testing import cpu_generator_with_random_lora
 from lorakit.testing import write_random_lora as random_lora
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -37,18 +38,12 @@ BASELINE = dict(negative_prompt="blurry", steps=4, width=64, height=64, seed=11,
 
 @pytest.fixture(scope="module")
 def sd1(tiny_base, tmp_path_factory):
-    lora_dir = tmp_path_factory.mktemp("sd1_loras")
-    gen = Generator.from_path(tiny_base, lora_dir, device="cpu")
-    random_lora(gen.base, lora_dir / "style.safetensors", seed=1)
-    return gen
+    return cpu_generator_with_random_lora(tiny_base, tmp_path_factory.mktemp("sd1_loras"), "style")
 
 
 @pytest.fixture(scope="module")
 def sdxl(tiny_sdxl_base, tmp_path_factory):
-    lora_dir = tmp_path_factory.mktemp("sdxl_loras")
-    gen = Generator.from_path(tiny_sdxl_base, lora_dir, device="cpu")
-    random_lora(gen.base, lora_dir / "style.safetensors", seed=1)
-    return gen
+    return cpu_generator_with_random_lora(tiny_sdxl_base, tmp_path_factory.mktemp("sdxl_loras"), "style")
 
 
 def pixels(item) -> np.ndarray:

@@ -116,3 +116,13 @@ def write_random_lora(base, path: Path, seed: int, scale: float = 0.2) -> Path:
         tensors[f"{target.name}.alpha"] = torch.tensor(4.0)
     save_file(tensors, str(path), metadata={"ss_base_model_version": spec.version_string(False)})
     return Path(path)
+
+
+def cpu_generator_with_random_lora(base_path: Path, lora_dir: Path, lora_name: str, seed: int = 1):
+    """A CPU Generator over `base_path` whose `lora_dir` holds one random LoRA, `<lora_name>.safetensors`
+    (write_random_lora): the drawing tests' model with a LoRA to call by name."""
+    from .generate.pipeline import Generator
+
+    gen = Generator.from_path(base_path, lora_dir, device="cpu")
+    write_random_lora(gen.base, Path(lora_dir) / f"{lora_name}.safetensors", seed=seed)
+    return gen

@@ -136,9 +136,9 @@ class StepGraphs:
     The trainer provides `_draw(batch, step)` (the eager part: latents, noisy latents, noise, t) and
     `_loss_from(batch, latents, noisy, noise, t)` (the part that is recorded)."""
 
-    def __init__(self, trainer, recorder=None):
+    def __init__(self, trainer, recorder):
         self.trainer = trainer
-        self.recorder = recorder or CudaRecorder(trainer.device)
+        self.recorder = recorder  # recorder_for(device): CUDA graphs, or the eager stand-in
         self.optimizer = trainer.optimizer.optimizer  # torch's AdamW, not accelerate's wrapper
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         # what the recorded AdamW reads as its learning rate (fused AdamW takes it as an fp32 tensor)
